@@ -1,0 +1,1 @@
+"""afs-kit: Adversarial Feature Stacking."""

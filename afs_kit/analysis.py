@@ -1,0 +1,574 @@
+"""Analysis: Delta-z and the selection rule (sec. 2.4, 3.1), t-SNE (fig. 4), the merger's weights
+(fig. 5b, 6), parameter and MAC counts (table 6), and the paper's published numbers for reference.
+
+Everything returns arrays, small dataclasses or dicts; `afs_kit.plots` turns them into figures.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from numbers import Real
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .attacks import pgd
+
+__all__ = [
+    "delta_z", "delta_z_curve", "Selection", "select_extractors", "Eq10Check", "check_eq10",
+    "tsne_embedding", "trustworthiness_score", "importance_ratio", "weight_stats", "model_cost",
+    "ReferenceRow", "ExtractorRow", "CostRow",
+    "TABLE1_EXTRACTORS", "TABLE4_CIFAR10", "TABLE5_CIFAR100", "TABLE6_ABLATION", "PAPER_SELECTED_EPS",
+]
+
+_P_OF_NORM = {"Linf": math.inf, "L2": 2.0}
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration, then every module's own training flag back (as the attacks do)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _as_1d_float(values, name: str) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a sequence of numbers, got {name}={values!r}") from err
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got {name} with shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite, got {name}={arr.tolist()}")
+    return arr
+
+
+def _check_curve(eps, values, values_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Budgets and one value per budget: same length, >= 3 budgets, strictly increasing budgets."""
+    e = _as_1d_float(eps, "eps")
+    v = _as_1d_float(values, values_name)
+    if len(e) != len(v):
+        raise ValueError(f"{values_name} must hold one value per budget (len(eps)={len(e)}), "
+                         f"got len({values_name})={len(v)}")
+    if len(e) < 3:
+        raise ValueError(f"eps must hold at least 3 budgets (a second difference needs three), got eps={e.tolist()}")
+    if not np.all(np.diff(e) > 0):
+        raise ValueError(f"eps must be sorted in strictly increasing order, got eps={e.tolist()}")
+    return e, v
+
+
+def _to_numpy_2d(x, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array [N, D], got {name} with shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"{name} must be numeric, got {name}.dtype={arr.dtype}")
+    return arr
+
+
+# ------------------------------------------------------------------------------------ Delta-z (eq. 8)
+
+def delta_z(model: nn.Module, x: torch.Tensor, Delta: float, norm: str = "Linf", p: float | None = None,
+            steps: int = 10, alpha: float | None = None, restarts: int = 1,
+            generator: torch.Generator | None = None, batch_size: int = 500,
+            precision: str = "fp32") -> torch.Tensor:
+    """Eq. 8 per example: max over ||x_adv - x||_norm <= Delta of ||z(x_adv) - z(x)||_p, found by PGD.
+
+    The attack maximizes the logit change itself (not the cross-entropy), through
+    `afs_kit.attacks.pgd` with a callable loss, always from a uniform random start: at x_adv = x the
+    gradient of a norm of z(x_adv) - z(x) is degenerate (zero change, undefined direction).
+    PGD gives a lower bound of the maximum; more steps and restarts tighten it.
+
+    Args:
+        model: images in [0, 1] -> logits [N, K]; run in eval mode, training flags restored after.
+        x: images [N, C, H, W] in [0, 1], on the model's device.
+        Delta: the evaluation attack strength (a budget in `norm`, e.g. 8/255).
+        norm: the attack norm, "Linf" or "L2".
+        p: the norm of the logit change; None uses the attack's (Linf -> inf, L2 -> 2), as eq. 8
+           writes one p for both.
+        steps, alpha, restarts: PGD steps, step size (None: Delta / 4, 2/255 at 8/255) and restarts
+           (per example the restart with the largest change is kept).
+        generator: torch.Generator on x's device for the random starts (None: the global RNG).
+        batch_size: examples per attack batch.
+        precision: "fp32" or "bf16" autocast of the attack's forward passes (the reported change
+           itself is always measured in fp32).
+
+    Returns a float tensor [N] on x's device; exactly zero where Delta = 0.
+    """
+    if norm not in _P_OF_NORM:
+        raise ValueError(f"norm must be one of {tuple(_P_OF_NORM)}, got norm={norm!r}")
+    if isinstance(Delta, bool) or not isinstance(Delta, Real) or not math.isfinite(Delta) or Delta < 0:
+        raise ValueError(f"Delta must be a finite number >= 0, got Delta={Delta!r}")
+    p = _P_OF_NORM[norm] if p is None else p
+    if isinstance(p, bool) or not isinstance(p, Real) or not p >= 1:
+        raise ValueError(f"p must be a number >= 1 (or math.inf), got p={p!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got batch_size={batch_size!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a batch of images [N,C,H,W], got x.shape={shape}")
+    Delta, p = float(Delta), float(p)
+    alpha = Delta / 4 if alpha is None else alpha
+    out = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    if Delta == 0 or x.shape[0] == 0:
+        return out  # no perturbation, no change: exactly zero, without running the model
+
+    x = x.detach()
+    with _eval_mode(model):
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[start:start + batch_size]
+            with torch.no_grad():
+                z0 = model(xb).float()
+            # pgd hands the callable its y; the example's index, so each row compares with its own z0
+            idx = torch.arange(xb.shape[0], device=xb.device)
+
+            def logit_change(z: torch.Tensor, i: torch.Tensor, z0: torch.Tensor = z0) -> torch.Tensor:
+                return torch.linalg.vector_norm(z - z0[i], ord=p, dim=1)
+
+            x_adv = pgd(model, xb, idx, eps=Delta, alpha=alpha, steps=steps, norm=norm, random_start=True,
+                        restarts=restarts, loss=logit_change, precision=precision, generator=generator)
+            with torch.no_grad():
+                out[start:start + xb.shape[0]] = logit_change(model(x_adv).float(), idx)
+    return out
+
+
+def delta_z_curve(models: Sequence[nn.Module], x: torch.Tensor, Deltas: Sequence[float], norm: str = "Linf",
+                  p: float | None = None, steps: int = 10, alpha: float | None = None, restarts: int = 1,
+                  seed: int = 0, batch_size: int = 500, precision: str = "fp32",
+                  reduce: str = "none") -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Delta-z of every model at every attack strength on the same images (fig. 3).
+
+    Each (model, Delta) pair gets a fresh generator seeded with `seed`, so all models see the same
+    random starts and the curve is reproducible. `alpha` None means Delta / 4 for each Delta.
+
+    Returns with reduce="none" an array [n_models, n_Deltas, N]; with reduce="mean_std" the pair
+    (mean, std) over the examples, each [n_models, n_Deltas] (std with ddof=0).
+    """
+    if reduce not in ("none", "mean_std"):
+        raise ValueError(f"reduce must be 'none' or 'mean_std', got reduce={reduce!r}")
+    models = list(models)
+    if not models:
+        raise ValueError("models must hold at least one network, got an empty sequence")
+    deltas = _as_1d_float(Deltas, "Deltas")
+    if len(deltas) == 0:
+        raise ValueError(f"Deltas must hold at least one attack strength, got Deltas={list(Deltas)!r}")
+    values = np.zeros((len(models), len(deltas), x.shape[0]), dtype=np.float64)
+    for i, model in enumerate(models):
+        for j, Delta in enumerate(deltas):
+            gen = torch.Generator(device=x.device).manual_seed(seed)
+            values[i, j] = delta_z(model, x, float(Delta), norm=norm, p=p, steps=steps, alpha=alpha,
+                                   restarts=restarts, generator=gen, batch_size=batch_size,
+                                   precision=precision).cpu().numpy()
+    if reduce == "mean_std":
+        return values.mean(axis=2), values.std(axis=2)
+    return values
+
+
+# ------------------------------------------------------------------------------------ the selection rule
+
+@dataclass(frozen=True)
+class Selection:
+    """The concavity rule's verdict: `selected` budgets, and per budget its second difference and why."""
+    eps: list[float]
+    delta_z: list[float]
+    second_difference: list[float | None]  # None at the two end budgets
+    reasons: list[str]
+    selected: list[float]
+    tol: float = 0.0
+
+    def as_rows(self) -> list[dict]:
+        """One dict per budget (eps, delta_z, d2, selected, reason), e.g. for a pandas DataFrame."""
+        chosen = set(self.selected)
+        return [{"eps": e, "delta_z": v, "d2": d2, "selected": e in chosen, "reason": r}
+                for e, v, d2, r in zip(self.eps, self.delta_z, self.second_difference, self.reasons)]
+
+
+def _second_divided_differences(e: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """f[e-, e, e+] times 2 at every interior budget: the discrete second derivative on an uneven grid.
+
+    2 * ((v+ - v)/(e+ - e) - (v - v-)/(e - e-)) / (e+ - e-); on an even grid of step h it is
+    (v- - 2v + v+) / h^2, the usual second difference scaled by 1/h^2 (same sign).
+    """
+    slopes = np.diff(v) / np.diff(e)
+    return 2.0 * np.diff(slopes) / (e[2:] - e[:-2])
+
+
+def select_extractors(eps: Sequence[float], delta_z: Sequence[float], tol: float = 0.0) -> Selection:
+    """The budget-selection standard of sections 2.4 and 3.1, made precise.
+
+    Eq. 10 (sum_i lambda_i Delta_z_i < Delta_z of the middle network) holds when Delta_z is concave
+    in the training budget eps (Jensen). The paper picks the budgets where the measured curve is
+    concave; here a budget is a candidate where the curve is *locally* concave there: the second
+    divided difference over it and its two neighbours (exact for uneven spacing) is <= `tol`
+    (default 0). The two end budgets have no second difference and are never candidates. On the
+    paper's grid 0..9/255, a curve convex below 3/255 gives 3/255..8/255, the paper's choice.
+
+    Args:
+        eps: training budgets, strictly increasing, at least 3.
+        delta_z: Delta_z of the network trained at each budget (usually the mean over examples at one
+            evaluation strength Delta, e.g. 8/255 as in fig. 3).
+        tol: the largest second difference still counted as concave (in delta_z per eps^2), to
+            absorb measurement noise; 0 is the rule as stated.
+    """
+    if isinstance(tol, bool) or not isinstance(tol, Real) or not math.isfinite(tol):
+        raise ValueError(f"tol must be a finite number, got tol={tol!r}")
+    e, v = _check_curve(eps, delta_z, "delta_z")
+    d2 = _second_divided_differences(e, v)
+    second: list[float | None] = [None, *d2.tolist(), None]
+    reasons, selected = [], []
+    for k, (budget, d) in enumerate(zip(e.tolist(), second)):
+        if d is None:
+            reasons.append("end budget" + (" (smallest)" if k == 0 else " (largest)"))
+        elif d <= tol:
+            reasons.append(f"locally concave (d2={d:.4g})")
+            selected.append(budget)
+        else:
+            reasons.append(f"locally convex (d2={d:.4g})")
+    return Selection(eps=e.tolist(), delta_z=v.tolist(), second_difference=second, reasons=reasons,
+                     selected=selected, tol=float(tol))
+
+
+@dataclass(frozen=True)
+class Eq10Check:
+    """Eq. 10 for the logit-averaging model: lhs = sum_i lambda_i Delta_z_i, rhs = Delta_z of one network."""
+    lhs: float
+    rhs: float
+    holds: bool              # lhs < rhs (strict, as eq. 10)
+    reference_eps: float     # budget of the single network compared with (nearest the weighted mean budget)
+    reference_index: int
+    mean_eps: float          # sum_i lambda_i eps_i
+    lambdas: tuple[float, ...]
+
+
+def check_eq10(eps: Sequence[float], delta_z: Sequence[float], lambdas: Sequence[float] | None = None) -> Eq10Check:
+    """Check eq. 10: does averaging the logits (weights `lambdas`) shrink the largest logit change?
+
+    The single network compared with is the one whose budget is nearest the weighted mean budget
+    sum_i lambda_i eps_i (the paper's "second network" of three; on a tie the smaller budget).
+    `lambdas`: positive, summing to 1 (within 1e-6); None = uniform.
+    """
+    e, v = _check_curve(eps, delta_z, "delta_z")
+    if lambdas is None:
+        lam = np.full(len(e), 1.0 / len(e))
+    else:
+        lam = _as_1d_float(lambdas, "lambdas")
+        if len(lam) != len(e):
+            raise ValueError(f"lambdas must hold one weight per budget (len(eps)={len(e)}), got len(lambdas)={len(lam)}")
+        if not np.all(lam > 0) or abs(lam.sum() - 1) > 1e-6:
+            raise ValueError(f"lambdas must be positive and sum to 1, got lambdas={lam.tolist()}")
+    mean_eps = float(lam @ e)
+    ref = int(np.argmin(np.abs(e - mean_eps)))
+    lhs, rhs = float(lam @ v), float(v[ref])
+    return Eq10Check(lhs=lhs, rhs=rhs, holds=lhs < rhs, reference_eps=float(e[ref]), reference_index=ref,
+                     mean_eps=mean_eps, lambdas=tuple(lam.tolist()))
+
+
+# ------------------------------------------------------------------------------------ t-SNE (fig. 4)
+
+TSNE_METHODS = ("auto", "opentsne", "sklearn")
+
+
+def tsne_embedding(features, n_components: int = 2, perplexity: float = 30.0, seed: int = 0,
+                   pca_dim: int | None = 50, method: str = "auto", n_jobs: int = -1,
+                   early_iter: int = 250, n_iter: int = 250) -> np.ndarray:
+    """A seeded t-SNE embedding [N, n_components] of `features` [N, D] (numpy or tensor).
+
+    Where D > pca_dim the features are first reduced to `pca_dim` principal components (scikit-learn
+    PCA, seeded); t-SNE's perplexity neighbourhoods barely change, and the neighbour search gets much
+    cheaper. The embedding starts from the (seeded) PCA layout, which keeps the global arrangement.
+
+    method: "opentsne" (openTSNE, Barnes-Hut below 10,000 points and FFT-interpolation above, learning
+    rate N/12, `early_iter` iterations with exaggeration 12 then `n_iter` without; about 5x faster than
+    scikit-learn's TSNE on 5,000 points with the same trustworthiness), "sklearn" (scikit-learn's
+    Barnes-Hut TSNE on the reduced features with max_iter = early_iter + n_iter, at least 250), or
+    "auto": openTSNE when it is installed, else scikit-learn.
+    n_jobs: threads (-1: all cores). Same inputs and seed give the same embedding.
+    """
+    if method not in TSNE_METHODS:
+        raise ValueError(f"method must be one of {TSNE_METHODS}, got method={method!r}")
+    x = _to_numpy_2d(features, "features").astype(np.float32, copy=False)
+    n, d = x.shape
+    if not np.all(np.isfinite(x)):
+        raise ValueError("features must be finite, got NaN or inf entries")
+    if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components not in (1, 2, 3):
+        raise ValueError(f"n_components must be 1, 2 or 3, got n_components={n_components!r}")
+    if isinstance(perplexity, bool) or not isinstance(perplexity, Real) or not perplexity > 0:
+        raise ValueError(f"perplexity must be > 0, got perplexity={perplexity!r}")
+    if n < 3 * perplexity + 1:
+        raise ValueError(f"perplexity must be below (N - 1) / 3 = {(n - 1) / 3:.4g} for N={n} points, "
+                         f"got perplexity={perplexity}")
+    if pca_dim is not None and (isinstance(pca_dim, bool) or not isinstance(pca_dim, int) or pca_dim < n_components):
+        raise ValueError(f"pca_dim must be None or an integer >= n_components, got pca_dim={pca_dim!r}")
+    for name, value, lo in (("seed", seed, 0), ("early_iter", early_iter, 0), ("n_iter", n_iter, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {name}={value!r}")
+
+    from sklearn.decomposition import PCA  # heavy imports only when used
+
+    if pca_dim is not None and d > pca_dim and n > pca_dim:
+        x = PCA(n_components=pca_dim, random_state=seed).fit_transform(x).astype(np.float32)
+    if method == "auto":
+        method = "opentsne" if importlib.util.find_spec("openTSNE") is not None else "sklearn"
+
+    if method == "opentsne":
+        from openTSNE import TSNEEmbedding, affinity, initialization
+
+        gradient = "bh" if n < 10_000 else "fft"
+        # exact neighbours are cheap at these sizes and keep the result independent of Annoy's trees
+        knn = "exact" if n <= 20_000 else "annoy"
+        aff = affinity.PerplexityBasedNN(x, perplexity=float(perplexity), method=knn, n_jobs=n_jobs,
+                                         random_state=seed, verbose=False)
+        init = initialization.pca(x, n_components=n_components, random_state=seed)
+        emb = TSNEEmbedding(init, aff, negative_gradient_method=gradient, n_jobs=n_jobs, random_state=seed,
+                            verbose=False)
+        if early_iter:
+            emb = emb.optimize(early_iter, exaggeration=12, momentum=0.5)
+        emb = emb.optimize(n_iter, momentum=0.8)
+        return np.asarray(emb, dtype=np.float64).copy()
+
+    from sklearn.manifold import TSNE
+
+    tsne = TSNE(n_components=n_components, perplexity=float(perplexity), init="pca", random_state=seed,
+                max_iter=max(250, early_iter + n_iter), n_jobs=n_jobs,
+                method="barnes_hut" if n_components < 4 else "exact")
+    return np.asarray(tsne.fit_transform(x), dtype=np.float64)
+
+
+def trustworthiness_score(features, embedding, n_neighbors: int = 10, max_points: int | None = 2000,
+                          seed: int = 0) -> float:
+    """scikit-learn's trustworthiness (1 = every embedding neighbour is a true neighbour).
+
+    Its cost grows with N^2, so above `max_points` it is computed on a seeded random subsample of
+    `max_points` rows (neighbours then taken within the subsample, in both spaces); None: all rows.
+    """
+    from sklearn.manifold import trustworthiness
+
+    x = _to_numpy_2d(features, "features")
+    e = _to_numpy_2d(embedding, "embedding")
+    if len(x) != len(e):
+        raise ValueError(f"embedding must have one row per feature row ({len(x)}), got {len(e)} rows")
+    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int) or not 1 <= n_neighbors < len(x) / 2:
+        raise ValueError(f"n_neighbors must be an integer in [1, N/2) for N={len(x)}, got n_neighbors={n_neighbors!r}")
+    if max_points is not None and len(x) > max_points:
+        if max_points <= 2 * n_neighbors:
+            raise ValueError(f"max_points must exceed 2 * n_neighbors, got max_points={max_points}")
+        rows = np.sort(np.random.default_rng(seed).choice(len(x), size=max_points, replace=False))
+        x, e = x[rows], e[rows]
+    return float(trustworthiness(x, e, n_neighbors=n_neighbors))
+
+
+# ------------------------------------------------------------------------------------ the merger's weights
+
+def _weight_array(weight, name: str = "weight") -> np.ndarray:
+    w = getattr(weight, "weight", weight)  # nn.Linear, LinearMerger, or the matrix itself
+    if isinstance(w, torch.Tensor):
+        w = w.detach().float().cpu().numpy()
+    w = np.asarray(w, dtype=np.float64)
+    if w.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D matrix [classes, features], got {name} with shape {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"{name} must be finite, got NaN or inf entries")
+    return w
+
+
+def importance_ratio(merger, feature_dims: Sequence[int]) -> np.ndarray:
+    """Fig. 5b: per extractor, the sum of |W| over its block of columns, divided by the sum of all |W|.
+
+    `merger`: anything with a `.weight` of shape [classes, sum(feature_dims)] (nn.Linear, the AFS
+    merger) or that matrix itself. Returns one float per extractor, summing to 1.
+    """
+    w = _weight_array(merger, "merger.weight")
+    dims = list(feature_dims)
+    if not dims or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1 for d in dims):
+        raise ValueError(f"feature_dims must be positive integers, got feature_dims={dims!r}")
+    if sum(dims) != w.shape[1]:
+        raise ValueError(f"feature_dims must sum to the merger's input width {w.shape[1]}, "
+                         f"got feature_dims={dims} (sum {sum(dims)})")
+    mass = np.abs(w).sum(axis=0)
+    bounds = np.cumsum([0, *dims])
+    blocks = np.array([mass[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
+    total = blocks.sum()
+    if total == 0:
+        raise ValueError("merger.weight must not be all zeros (the ratios would be 0/0)")
+    return blocks / total
+
+
+def weight_stats(weight) -> dict[str, float]:
+    """Sparsity statistics of a weight matrix (fig. 6): how much the classifier leans on a few entries.
+
+    Returns a dict of floats:
+      n: entries; mean_abs, std: of the entries;
+      top10_mass: share of sum |W| held by the largest 10% of |W| (0.1 for equal magnitudes, -> 1 sparse);
+      gini: Gini coefficient of |W| (0 for equal magnitudes, -> 1 when one entry holds everything);
+      kurtosis: excess kurtosis of W (0 for a Gaussian; heavy tails, i.e. a few large weights, > 0);
+      hoyer: Hoyer's sparsity (sqrt(n) - ||W||_1/||W||_2) / (sqrt(n) - 1) in [0, 1].
+    """
+    w = _weight_array(weight).ravel()
+    n = w.size
+    a = np.sort(np.abs(w))
+    total = a.sum()
+    if n < 2 or total == 0:
+        raise ValueError(f"weight must have at least 2 entries and not be all zeros, got shape {w.shape}, sum |W|={total}")
+    k = max(1, int(math.ceil(0.1 * n)))
+    top10 = a[-k:].sum() / total
+    # Gini of sorted magnitudes: 1 - 2 * (area under the Lorenz curve)
+    cum = np.cumsum(a)
+    gini = float((n + 1 - 2 * (cum / total).sum()) / n)
+    centered = w - w.mean()
+    var = np.mean(centered ** 2)
+    kurt = float(np.mean(centered ** 4) / var ** 2 - 3) if var > 0 else 0.0
+    hoyer = float((math.sqrt(n) - total / np.sqrt((a ** 2).sum())) / (math.sqrt(n) - 1))
+    return {"n": float(n), "mean_abs": float(a.mean()), "std": float(w.std()), "top10_mass": float(top10),
+            "gini": gini, "kurtosis": kurt, "hoyer": hoyer}
+
+
+# ------------------------------------------------------------------------------------ cost (table 6)
+
+def _single_cost(model: nn.Module, input_shape: tuple[int, ...], on_meta: bool) -> dict[str, int]:
+    from torch.func import functional_call
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = sum(p.numel() for p in model.parameters())
+    counter = FlopCounterMode(display=False)
+    with _eval_mode(model), torch.no_grad():
+        if on_meta:
+            # shape-only twins of every parameter and buffer: no weights are read or allocated, so even
+            # WRN-28-30 (328 M parameters) costs nothing; the model itself is untouched
+            state = {k: torch.empty_like(v, device="meta") for k, v in
+                     [*model.named_parameters(), *model.named_buffers()]}
+            x = torch.empty((1, *input_shape), device="meta")
+            with counter:
+                functional_call(model, state, (x,), strict=False)
+        else:
+            ref = next(iter([*model.parameters(), *model.buffers()]), None)
+            device = ref.device if ref is not None else torch.device("cpu")
+            x = torch.zeros((1, *input_shape), device=device)
+            with counter:
+                model(x)
+    flops = int(counter.get_total_flops())
+    return {"params": int(params), "flops": flops, "macs": flops // 2}
+
+
+def model_cost(model: nn.Module | Sequence[nn.Module], input_shape: Sequence[int],
+               on_meta: bool = True) -> dict[str, int]:
+    """Parameters and multiply-accumulates of one forward pass of ONE example (table 6).
+
+    MACs = flops / 2 with flops from `torch.utils.flop_counter.FlopCounterMode` (convolutions and
+    matrix products; normalization, activations and pooling are not counted, as in the paper's
+    numbers). With on_meta=True the pass runs on the meta device (shapes only), so it needs neither
+    memory nor time; on_meta=False runs a real zero input on the model's device (for models whose
+    forward does something the meta device cannot). A list of models (e.g. the extractors of a
+    stack) gives the sum. For an AFS model itself, `params` counts every registered parameter,
+    including the extractors' own (unused) classifiers.
+
+    input_shape: (C, H, W) of one image, e.g. (3, 32, 32).
+    Returns {"params", "macs", "flops"} as ints.
+    """
+    shape = tuple(input_shape)
+    if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in shape):
+        raise ValueError(f"input_shape must be (C, H, W) of positive integers, got input_shape={input_shape!r}")
+    shape = tuple(int(s) for s in shape)
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if not models or not all(isinstance(m, nn.Module) for m in models):
+        raise ValueError(f"model must be an nn.Module or a non-empty list of them, got model={model!r}")
+    total = {"params": 0, "macs": 0, "flops": 0}
+    for m in models:
+        for k, v in _single_cost(m, shape, on_meta).items():
+            total[k] += v
+    return total
+
+
+# ------------------------------------------------------------------------------------ the paper's numbers
+
+_PAPER = "Liu & Zhao, Towards Both Accurate and Robust Neural Networks without Extra Data"
+
+
+@dataclass(frozen=True)
+class ReferenceRow:
+    """One method's published numbers (%). None where the paper gives no value; nothing is derived."""
+    method: str
+    dataset: str
+    clean: float | None
+    pgd: float | None
+    aa: float | None
+    tradeoff: float | None  # mean of clean and AA, as the paper computes it
+    source: str
+
+
+@dataclass(frozen=True)
+class ExtractorRow:
+    """Table 1: one WRN-28-10 adversarially trained at `eps` on CIFAR-10 (%)."""
+    name: str
+    eps: float
+    clean: float
+    pgd10: float
+    pgd20: float
+    source: str = f"quoted: {_PAPER}, table 1"
+
+
+@dataclass(frozen=True)
+class CostRow:
+    """Table 6: one ablation setting on CIFAR-10 (parameters in M, MACs in G, accuracies %)."""
+    setting: str
+    params_m: float
+    macs_g: float
+    clean: float
+    pgd20: float
+    source: str = f"quoted: {_PAPER}, table 6"
+
+
+_T4 = f"quoted: {_PAPER}, table 4"
+_T5 = f"quoted: {_PAPER}, table 5"
+
+#: Table 4, CIFAR-10, WRN-34-10 (PGD at 8/255; AA = AutoAttack). Quoted, not recomputed.
+TABLE4_CIFAR10: tuple[ReferenceRow, ...] = (
+    ReferenceRow("FAT", "cifar10", 84.39, 57.12, 53.51, 68.95, _T4),
+    ReferenceRow("TLA", "cifar10", 86.21, 50.03, 47.41, 66.81, _T4),
+    ReferenceRow("TRADES", "cifar10", 84.92, 56.43, 53.08, 69.0, _T4),
+    ReferenceRow("LBGAT+TRADES", "cifar10", 81.98, 57.78, 53.14, 67.56, _T4),
+    ReferenceRow("PGD-AT", "cifar10", 85.77, 55.53, 52.08, 68.92, _T4),
+    ReferenceRow("AFS(ours)", "cifar10", 90.93, 54.70, 53.05, 71.99, _T4),
+)
+
+#: Table 5, CIFAR-100. The PGD-AT row gives only PGD and the trade-off; the rest stays None.
+TABLE5_CIFAR100: tuple[ReferenceRow, ...] = (
+    ReferenceRow("LBGAT+TRADES", "cifar100", 60.43, 35.50, 29.34, 44.88, _T5),
+    ReferenceRow("PGD-AT", "cifar100", None, 30.45, None, 43.63, _T5),
+    ReferenceRow("AFS(ours)", "cifar100", 70.54, 29.03, 27.36, 48.95, _T5),
+)
+
+#: Table 1, CIFAR-10: network-k trained with PGD-AT at k/255.
+TABLE1_EXTRACTORS: tuple[ExtractorRow, ...] = tuple(
+    ExtractorRow(f"network-{k}", k / 255, clean, pgd10, pgd20)
+    for k, (clean, pgd10, pgd20) in enumerate([
+        (94.62, 0.0, 0.0), (93.92, 15.10, 10.71), (93.50, 31.48, 27.41), (92.16, 39.12, 36.64),
+        (91.17, 44.63, 42.65), (90.21, 47.76, 46.12), (88.52, 50.16, 48.76), (87.30, 52.88, 51.74),
+        (85.15, 54.76, 54.06), (83.85, 55.02, 54.37),
+    ])
+)
+
+#: Table 6, CIFAR-10 ablations.
+TABLE6_ABLATION: tuple[CostRow, ...] = (
+    CostRow("Baseline", 36.47, 5.24, 85.15, 54.06),
+    CostRow("Rand.pert.", 36.47, 5.24, 89.02, 49.73),
+    CostRow("Large model", 328.0, 47.04, 87.67, 54.08),
+    CostRow("AFS", 218.82, 31.44, 91.01, 53.94),
+)
+
+#: Section 3.1: the budgets the paper selects from 0/255..9/255 (networks 3 to 8).
+PAPER_SELECTED_EPS: tuple[float, ...] = tuple(k / 255 for k in range(3, 9))

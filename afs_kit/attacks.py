@@ -1,0 +1,298 @@
+"""Attacks: PGD (Linf and L2, uniform random start, restarts, CE / CW / custom losses) and AutoAttack.
+
+Everything lives in pixel space [0, 1]; `eps` is a float such as 8/255. Both attacks put the model in
+eval mode while they run and restore every module's own training flag afterwards (an AFS model keeps
+frozen extractors in eval mode inside a merger that trains, so one top-level flag is not enough).
+
+PGD here is Madry et al.'s: a uniform random start in the eps-ball, then after the start and after
+every step a projection onto the eps-ball and onto [0, 1]. This is NOT what the AFS authors' code does:
+it starts from a triangular random point (the sum of two uniforms) and clamps to [0, 1] only after the
+last step, so its intermediate points may leave the image domain.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from numbers import Real
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pyautoattack import AutoAttack
+
+from .device import autocast, check_precision, resolve_device
+
+NORMS = ("Linf", "L2")
+LOSSES = ("ce", "cw")
+AA_VERSIONS = ("standard", "plus", "rand")
+# fewest classes each AutoAttack version works with: the targeted attacks of "standard" and "plus"
+# use the 9 runner-up classes as targets, and the DLR loss of "rand" reads the 3rd-largest logit
+AA_MIN_CLASSES = {"standard": 10, "plus": 10, "rand": 3}
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------- helpers
+
+def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    return [(m, m.training) for m in model.modules()]
+
+
+def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for m, training in modes:
+        m.training = training
+
+
+def _check_images(x: torch.Tensor, y: torch.Tensor, need_int_labels: bool = True) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a batch of images [N,C,H,W], got x.shape={shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a float tensor in [0, 1], got x.dtype={x.dtype}")
+    if not isinstance(y, torch.Tensor) or tuple(y.shape) != (x.shape[0],):
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"y must hold one label per image of x ({x.shape[0]}), got y.shape={shape}")
+    if need_int_labels and (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
+        raise ValueError(f"y must hold integer class labels, got y.dtype={y.dtype}")
+    if x.numel():
+        lo, hi = torch.aminmax(x.detach())
+        lo, hi = lo.item(), hi.item()
+        if not (lo >= 0 and hi <= 1):  # also catches NaN
+            raise ValueError(f"x must lie in [0, 1], got x.min()={lo:.4g}, x.max()={hi:.4g}")
+
+
+def _check_eps(eps: float, norm: str, image_shape: tuple[int, ...]) -> float:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got norm={norm!r}")
+    if isinstance(eps, bool) or not isinstance(eps, Real):
+        raise ValueError(f"eps must be a float, got eps={eps!r}")
+    eps = float(eps)
+    # the largest distance between two images in [0,1]^d: 1 in Linf, sqrt(d) in L2
+    top = 1.0 if norm == "Linf" else math.sqrt(math.prod(image_shape))
+    if not 0 <= eps <= top:
+        raise ValueError(f"eps must be in [0, {top:.4g}] for {norm}, got eps={eps}")
+    return eps
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
+    return value
+
+
+def _cw_loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Carlini-Wagner margin max_{j != y} z_j - z_y, per example (> 0 means misclassified)."""
+    z_y = z.gather(1, y[:, None]).squeeze(1)
+    z_other = z.masked_fill(F.one_hot(y, z.shape[1]).bool(), float("-inf")).amax(1)
+    return z_other - z_y
+
+
+def _per_example_loss(loss: str | LossFn, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if loss == "ce":
+        return F.cross_entropy(z, y, reduction="none")
+    if loss == "cw":
+        return _cw_loss(z, y)
+    out = loss(z, y)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (z.shape[0],):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"loss must return one value per example ({z.shape[0]}), got shape={shape}")
+    return out
+
+
+def _random_start(x: torch.Tensor, eps: float, norm: str, generator) -> torch.Tensor:
+    """A point drawn uniformly from the eps-ball around x (then clipped to [0, 1] by the caller)."""
+    if norm == "Linf":
+        return x + torch.empty_like(x).uniform_(-eps, eps, generator=generator)
+    # L2: uniform over the ball's volume: a uniform direction (normalized Gaussian) and radius
+    # eps * u^(1/d), the exact analogue of U(-eps, eps)^d for Linf (in high d most starts lie near
+    # the sphere, as they should)
+    d = x[0].numel()
+    direction = torch.empty_like(x).normal_(generator=generator)
+    direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    u = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
+    return x + direction * (eps * u.pow(1.0 / d)).view(-1, 1, 1, 1)
+
+
+def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Onto the eps-ball around x, then onto [0, 1].
+
+    Clipping to [0, 1] only moves each pixel towards x (x itself lies in [0, 1]), so the result stays
+    inside the ball; in the same order as torchattacks, so the two agree bit for bit.
+    """
+    if norm == "Linf":
+        delta = torch.clamp(x_adv - x, min=-eps, max=eps)
+    else:
+        delta = x_adv - x
+        scale = (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+        delta = delta * scale.view(-1, 1, 1, 1)
+    return torch.clamp(x + delta, min=0.0, max=1.0)
+
+
+def _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, loss, precision, generator):
+    """One PGD run; no host-device synchronization inside the loop."""
+    x_adv = _project(_random_start(x, eps, norm, generator), x, eps, norm) if random_start else x.clone()
+    for _ in range(steps):
+        # differentiate w.r.t. the adversarial input only (x is constant, so this is the gradient
+        # w.r.t. the perturbation): parameter .grad is never written
+        x_adv.requires_grad_(True)
+        with autocast(precision, x.device):
+            z = model(x_adv)
+        # the loss in fp32; summed so each example's gradient does not depend on the batch size
+        total = _per_example_loss(loss, z.float(), y).sum()
+        (grad,) = torch.autograd.grad(total, x_adv)
+        grad = grad.to(x_adv.dtype)
+        x_adv = x_adv.detach()
+        if norm == "Linf":
+            x_adv = x_adv + alpha * grad.sign()
+        else:
+            g_norm = grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            x_adv = x_adv + alpha * grad / (g_norm + 1e-12)
+        x_adv = _project(x_adv, x, eps, norm)
+    return x_adv.detach()
+
+
+# ---------------------------------------------------------------- PGD
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
+        norm: str = "Linf", random_start: bool = True, restarts: int = 1, loss: str | LossFn = "ce",
+        precision: str = "fp32", generator: torch.Generator | None = None,
+        train_mode: bool = False) -> torch.Tensor:
+    """Projected gradient ascent on the loss (Madry et al., 2018); returns x_adv, detached.
+
+    Args:
+        model: maps images in [0, 1] to logits [N, K].
+        x: images [N, C, H, W] in [0, 1] (float); y: labels [N].
+        eps: budget in the chosen norm (8/255 for Linf; at most sqrt(C*H*W) for L2).
+        alpha: the PGD step size (the paper's eta; not the merger's alpha of eq. 5).
+        steps: gradient steps per restart.
+        norm: "Linf" (step alpha * sign(grad)) or "L2" (step alpha * grad / ||grad||_2 per example).
+        random_start: start from a point drawn uniformly from the eps-ball (Linf: U(-eps, eps) per
+            pixel; L2: uniform over the ball's volume), clipped to [0, 1]; else start at x.
+        restarts: independent runs; per example the worst case is kept: a run that misclassifies it
+            (the first such run), else the run with the highest loss. For a callable loss, where
+            "misclassified" means nothing, the highest loss alone.
+        loss: "ce" (cross-entropy, summed over the batch), "cw" (max_{j != y} z_j - z_y), or a
+            callable (logits [N, K] in fp32, y) -> per-example loss [N], maximized.
+        precision: "fp32" or "bf16" (forward under torch.autocast in bf16; the gradient is taken
+            outside autocast as PyTorch recommends; perturbation and x_adv stay in x's dtype).
+        generator: torch.Generator on x's device for the random start (None: the global RNG).
+        train_mode: run the model in training mode (e.g. batch statistics); default eval mode.
+
+    The model's (and every submodule's) training flag is restored afterwards, even on errors.
+    After the start and every step x_adv is projected onto the eps-ball and [0, 1] (the authors'
+    code clamps to [0, 1] only after the last step and starts from a triangular random point).
+    eps = 0 returns a copy of x.
+
+    Example:
+        >>> x_adv = pgd(model, x, y, eps=8/255, alpha=2/255, steps=10)
+    """
+    _check_images(x, y, need_int_labels=not callable(loss))
+    eps = _check_eps(eps, norm, tuple(x.shape[1:]))
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not alpha > 0:
+        raise ValueError(f"alpha (the PGD step size) must be > 0, got alpha={alpha!r}")
+    alpha = float(alpha)
+    _check_int("steps", steps, 1)
+    _check_int("restarts", restarts, 1)
+    if not callable(loss) and loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES} or a callable (logits, y) -> [N], got loss={loss!r}")
+    check_precision(precision)
+    if generator is not None and generator.device.type != x.device.type:
+        raise ValueError(f"generator must live on x's device ({x.device}), got generator.device={generator.device}")
+    if eps == 0 or x.shape[0] == 0:
+        return x.detach().clone()
+
+    x = x.detach()
+    modes = _modes(model)
+    model.train(train_mode)
+    try:
+        best = best_loss = best_fooled = None
+        for r in range(restarts):
+            x_adv = _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, loss, precision, generator)
+            if restarts == 1:
+                return x_adv
+            with torch.no_grad(), autocast(precision, x.device):
+                z = model(x_adv)
+            z = z.float()
+            per_loss = _per_example_loss(loss, z, y).detach()
+            # "misclassified" is defined for the label losses only; a callable keeps the highest loss
+            fooled = z.argmax(1) != y if not callable(loss) else torch.zeros_like(per_loss, dtype=torch.bool)
+            if r == 0:
+                best, best_loss, best_fooled = x_adv, per_loss, fooled
+                continue
+            take = (fooled & ~best_fooled) | (~fooled & ~best_fooled & (per_loss > best_loss))
+            best = torch.where(take.view(-1, 1, 1, 1), x_adv, best)
+            best_loss = torch.where(take, per_loss, best_loss)
+            best_fooled = best_fooled | fooled
+        return best
+    finally:
+        _restore_modes(modes)
+
+
+# ---------------------------------------------------------------- AutoAttack
+
+def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "Linf",
+               version: str = "standard", seed: int = 0, batch_size: int = 500, verbose: bool = False,
+               device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """AutoAttack (Croce & Hein, 2020) through the authors' package `pyautoattack`.
+
+    Returns `(robust, x_adv)`: `robust` a BoolTensor [N] on y's device, True where the example is
+    classified correctly both clean and after every attack of the version, which is how AutoAttack
+    counts robust accuracy (`y_adv == y`, with `y_adv` the clean prediction, replaced by the
+    adversarial prediction wherever an attack succeeded); `x_adv` [N, C, H, W] on x's device, equal
+    to x where no attack succeeded.
+
+    Args:
+        eps: budget (Linf or L2). eps = 0 skips the attacks: robust = clean-correct, x_adv = x.
+        version: "standard" (APGD-CE, APGD-T, FAB-T, Square; needs >= 10 classes), "plus" (>= 10
+            classes) or "rand" (for randomized models; >= 3 classes).
+        seed: passed to every attack (pyautoattack reseeds the global RNG with it before each attack;
+            the caller's global RNG state is saved and restored around the call).
+        batch_size: examples per forward/backward batch.
+        verbose: show pyautoattack's progress log (robust accuracy after each attack).
+        device: where the attacks run (the model must already be there); None: x's device.
+
+    The model is in eval mode during the call; every module's training flag is restored afterwards.
+    """
+    _check_images(x, y)
+    eps = _check_eps(eps, norm, tuple(x.shape[1:]))
+    if version not in AA_VERSIONS:
+        raise ValueError(f"version must be one of {AA_VERSIONS}, got version={version!r}")
+    _check_int("seed", seed, 0)
+    _check_int("batch_size", batch_size, 1)
+    dev = x.device if device is None else resolve_device(device)
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.bool, device=y.device), x.detach().clone()
+    # pyautoattack's flattening uses .view, which fails on channels_last and other strided tensors
+    x = x.detach().contiguous()
+    modes = _modes(model)
+    model.eval()
+    logger = logging.getLogger("auto-attack")
+    handler, old_level = None, logger.level
+    try:
+        with torch.no_grad():
+            num_classes = model(x[:1].to(dev)).shape[1]
+        if num_classes < AA_MIN_CLASSES[version]:
+            raise ValueError(f"AutoAttack version={version!r} needs at least {AA_MIN_CLASSES[version]} classes "
+                             f"(its targeted attacks use the runner-up classes as targets), got a model with "
+                             f"{num_classes} classes; use pgd(..., loss='cw') or version='rand' instead")
+        if eps == 0:
+            with torch.no_grad():
+                pred = torch.cat([model(x[i:i + batch_size].to(dev)).argmax(1).to(y.device)
+                                  for i in range(0, x.shape[0], batch_size)])
+            return pred == y, x.clone()
+        if verbose:
+            handler = logging.StreamHandler()
+            logger.addHandler(handler)
+            logger.setLevel(logging.DEBUG)
+        adversary = AutoAttack(model, norm=norm, eps=eps, version=version, seed=seed, device=dev)
+        fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] \
+            if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices):
+            x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+    finally:
+        _restore_modes(modes)
+        if handler is not None:
+            logger.removeHandler(handler)
+            logger.setLevel(old_level)
+    return (y_adv.to(y.device) == y), x_adv

@@ -1,0 +1,194 @@
+"""The `afs-kit` command: train extractors, train a merger, evaluate, render reports.
+
+Every argument is validated before the run directory is locked or anything is written; bad input
+exits with status 2 and one line on stderr naming the value.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import PRESETS, format_budget, get_preset, override, parse_eps_list, parse_unit, preset_from_dict
+from .runs import RunDir, read_json
+
+
+class UsageError(ValueError):
+    """Bad input on the command line (exit status 2)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="afs-kit", description="Adversarial Feature Stacking (Liu & Zhao): train "
+                                "extractors at several budgets, stack them, train the merger, attack the whole model.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, needs_run=False):
+        sp.add_argument("--run", required=needs_run, help="run directory (default runs/<preset>)")
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a preset field, e.g. --set extractor.epochs=3 (repeatable)")
+        sp.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+
+    sp = sub.add_parser("train-extractors", help="PGD-AT one extractor per budget (resumes, skips finished ones)")
+    sp.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (required for a new run)")
+    sp.add_argument("--eps", help="comma-separated budgets in [0,1], decimals or k/255 (default: the preset's)")
+    sp.add_argument("--ablation", action="store_true", help="also train the random-budget network of table 6")
+    common(sp)
+
+    sp = sub.add_parser("train-merger", help="train the linear merger over a subset of the run's extractors")
+    sp.add_argument("--subset", help="'all', 'selected', a binary vector (leftmost = smallest budget) or budgets")
+    sp.add_argument("--alpha", help="weight of the clean loss in eq. 5, in [0,1] (default: the preset's)")
+    sp.add_argument("--mix", choices=("loss", "split"), help="loss: eq. 5; split: authors' clean/adv batch split")
+    common(sp, needs_run=True)
+
+    sp = sub.add_parser("evaluate", help="clean, PGD-10, PGD-20 and AutoAttack; writes metrics.json")
+    sp.add_argument("--model", action="append", default=[], metavar="MODEL",
+                    help="afs (every trained AFS model; the default), afs:<merger folder>, extractors, "
+                         "extractor:<budget>, avg:<subset> (logit averaging, eq. 9); repeatable")
+    sp.add_argument("--attacks", help="comma-separated subset of clean,pgd10,pgd20,aa")
+    sp.add_argument("--n", type=int, help="number of test examples (default: the preset's, all if unset)")
+    sp.add_argument("--sanity", action="store_true", help="also run the gradient-masking sanity checks")
+    common(sp, needs_run=True)
+
+    sp = sub.add_parser("report", help="execute the notebook sequence with papermill into reports/<preset>/")
+    sp.add_argument("--preset", required=True, help=f"one of {', '.join(PRESETS)}")
+    sp.add_argument("--out", help="report folder (default reports/<preset>)")
+    sp.add_argument("--run", help="run directory (default runs/<preset>)")
+    sp.add_argument("-p", dest="params", action="append", default=[], metavar="NAME=VALUE",
+                    help="notebook parameter override (repeatable)")
+    sp.add_argument("--device", default="auto")
+
+    sub.add_parser("presets", help="list the presets")
+    return p
+
+
+def _preset_for(args):
+    """The preset of a new run (--preset) or of an existing one (run.json), with --set applied."""
+    run_dir = Path(args.run) if args.run else None
+    stored = None
+    if run_dir is not None and RunDir(run_dir).info_path.is_file():
+        stored = preset_from_dict(read_json(RunDir(run_dir).info_path)["preset"])
+    name = getattr(args, "preset", None)
+    if name is not None:
+        preset = get_preset(name)
+        if stored is not None and stored.name != preset.name:
+            raise UsageError(f"run {run_dir} was made with preset={stored.name!r}, not preset={name!r}")
+        preset = stored or preset
+    elif stored is not None:
+        preset = stored
+    else:
+        raise UsageError(f"run={str(run_dir)!r} holds no run.json; give --preset to start a new run")
+    preset = override(preset, args.overrides)
+    return preset, run_dir or Path("runs") / preset.name
+
+
+def _models_to_evaluate(run, specs: list[str]):
+    """(name, model, info) for each --model; validated before anything is written."""
+    out = []
+    for spec in specs or ["afs"]:
+        kind, _, arg = spec.partition(":")
+        if kind == "afs" and not arg:
+            names = run.merger_names()
+            if not names:
+                raise UsageError(f"run {run.dir.root} has no trained merger; run train-merger first")
+            out += [("afs-" + n, ("merger", n)) for n in names]
+        elif kind == "afs":
+            if arg not in run.merger_names():
+                raise UsageError(f"model={spec!r}: no merger folder {arg!r} in {run.dir.root / 'mergers'}")
+            out.append(("afs-" + arg, ("merger", arg)))
+        elif kind == "extractors":
+            out += [(f"extractor-{format_budget(b).replace('/', '-')}", ("extractor", b)) for b in run.budgets()]
+        elif kind == "extractor":
+            eps = parse_unit(arg, "model")
+            run.extractor(eps)  # raises a ValueError naming the budget when missing
+            out.append((f"extractor-{format_budget(eps).replace('/', '-')}", ("extractor", eps)))
+        elif kind == "avg":
+            indices = run.subset_indices(arg or "all")
+            out.append((f"avg-{''.join('1' if i in indices else '0' for i in range(len(run.budgets())))}",
+                        ("avg", arg or "all")))
+        else:
+            raise UsageError(f"unknown model={spec!r}; use afs, afs:<folder>, extractors, extractor:<budget>, "
+                             f"avg:<subset>")
+    return out
+
+
+def _build(run, what):
+    from .stacking import AFSModel, FeatureStack, LinearMerger
+    from .runs import load_checkpoint
+    kind, arg = what
+    if kind == "extractor":
+        return run.extractor(arg)[0]
+    if kind == "avg":
+        return run.logit_average(arg)
+    ckpt = load_checkpoint(run.dir.merger_dir(arg) / "merger.pt")
+    budgets = run.budgets()
+    names = [p.parent.name for _, p in run.extractor_checkpoints()]
+    stack = FeatureStack([run.extractor(budgets[names.index(n)])[0] for n in ckpt["extractors"]])
+    merger = LinearMerger(stack.feature_dim, run.data.num_classes)
+    merger.load_state_dict(ckpt["state_dict"], strict=True)
+    return AFSModel(stack, merger).eval()
+
+
+def run_command(argv: list[str]) -> int:
+    from .pipeline import Run
+
+    args = _parser().parse_args(argv)
+    if args.command == "presets":
+        for name, p in PRESETS.items():
+            print(f"{name:15s} data={p.data.spec} model={p.extractor.model} budgets="
+                  f"{','.join(format_budget(b) for b in p.budgets)} eval eps={format_budget(p.evaluation.eps)}")
+        return 0
+    if args.command == "report":
+        from .reports import run_report
+        return run_report(args.preset, out=args.out, run_dir=args.run, params=args.params, device=args.device)
+
+    preset, run_dir = _preset_for(args)
+    run = Run(run_dir, preset, device=args.device, progress=not args.quiet)
+    if args.command == "train-extractors":
+        budgets = parse_eps_list(args.eps) if args.eps else preset.budgets
+        run.data  # a missing data set fails here, before anything is written
+        with run.dir.lock():
+            run.train_extractors(budgets)
+            if args.ablation:
+                run.train_ablation()
+        return 0
+    if args.command == "train-merger":
+        alpha = parse_unit(args.alpha, "alpha") if args.alpha is not None else None
+        subset = args.subset or preset.default_subset
+        if subset != "selected":
+            run.subset_indices(subset)  # validates the subset against the run's extractors
+        with run.dir.lock():
+            run.afs_model(subset, alpha=alpha, mix=args.mix)
+        return 0
+    if args.command == "evaluate":
+        attacks = None
+        if args.attacks:
+            attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
+            override(preset, [f"evaluation.attacks={','.join(attacks)}"])  # validates the names
+        if args.n is not None and args.n < 1:
+            raise UsageError(f"--n must be >= 1, got n={args.n}")
+        targets = _models_to_evaluate(run, args.model)
+        with run.dir.lock():
+            for name, what in targets:
+                run.evaluate(name, _build(run, what), attacks=attacks, n_examples=args.n, sanity=args.sanity,
+                             model_info={"kind": what[0], "name": str(what[1])})
+        return 0
+    raise UsageError(f"unknown command {args.command!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run_command(argv)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"afs-kit: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        if "in use by" in str(err):
+            print(f"afs-kit: error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""Frozen configuration: data, extractor training, merger training, evaluation, and named presets.
+
+Every field carries a comment with its unit. `asdict(cfg)` goes into every checkpoint and results
+file, so a result can always be traced to the settings that made it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass
+
+TRAINERS = ("pgd", "fgsm", "trades")
+MIXES = ("loss", "split")
+ATTACKS = ("clean", "pgd10", "pgd20", "aa")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    spec: str = "digits"              # load_dataset spec: digits, cifar10, cifar100, fashion-mnist, npz:PATH, folder:PATH
+    root: str | None = None           # folder of torchvision files (None: $AFS_KIT_DATA or the cache folder)
+    val_fraction: float = 0.1         # share of the training set held out for early stopping (never the test set)
+    crop_padding: int = 0             # random-crop padding in pixels (4 for CIFAR), 0 = no crop
+    flip: bool = False                # random horizontal flip (CIFAR yes; digits and clothes no)
+    train_limit: int | None = None    # use only the first N training images (tiny presets); None = all
+
+
+@dataclass(frozen=True)
+class ExtractorConfig:
+    model: str = "cnn-tiny"           # build_model name
+    trainer: str = "pgd"              # pgd (Madry PGD-AT), fgsm (FGSM with random start), trades
+    eps: float = 0.0                  # training budget (Linf, pixel scale [0,1]); 0 = standard training
+    eps_range: tuple[float, float] | None = None  # draw a budget per batch from [lo, hi] (table 6 "Rand.pert.")
+    attack_steps: int = 10            # PGD steps while training
+    step_size: float | None = None    # PGD step (eta); None = eps / 4
+    trades_beta: float = 6.0          # TRADES weight of the KL term
+    epochs: int = 65                  # passes over the training split
+    batch_size: int = 128             # examples per SGD step
+    lr: float = 0.1                   # initial SGD learning rate
+    momentum: float = 0.9             # SGD momentum
+    weight_decay: float = 5e-4        # L2 penalty
+    lr_milestones: tuple[int, ...] = (50, 60)  # epochs where the learning rate drops
+    lr_gamma: float = 0.1             # factor of each drop
+    val_attack_steps: int = 10        # PGD steps of the early-stopping check on the validation split
+    val_examples: int = 1000          # validation examples checked each epoch (at most)
+    seed: int = 0                     # seeds weights, data order, augmentation and random starts
+    precision: str = "bf16"           # bf16 autocast (fp32 master weights) or fp32
+
+
+@dataclass(frozen=True)
+class MergerConfig:
+    alpha: float = 0.5                # weight of the clean loss in eq. 5 (1 - alpha on the adversarial loss)
+    mix: str = "loss"                 # loss: eq. 5 on every example; split: first alpha share clean (authors' code)
+    eps: float = 8 / 255              # budget of the PGD examples the merger trains on
+    attack_steps: int = 10            # PGD steps against the whole stacked model
+    step_size: float | None = None    # PGD step; None = eps / 4 (2/255 at 8/255)
+    epochs: int = 5                   # the paper trains the merger 5 epochs
+    batch_size: int = 100             # the authors' merger batch
+    lr: float = 0.1                   # SGD learning rate of the first `lr_drop_epoch` epochs
+    lr_drop_epoch: int = 2            # from this epoch on the rate is lr * 0.1 (authors: 0.1 for two epochs, then 0.01)
+    momentum: float = 0.9             # SGD momentum
+    weight_decay: float = 5e-4        # L2 penalty on the merger
+    seed: int = 0                     # seeds the merger's init, data order and random starts
+    precision: str = "bf16"           # autocast of the attack and forward passes while training
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    eps: float = 8 / 255              # evaluation budget (Linf)
+    step_size: float | None = None    # PGD step; None = eps / 4 (2/255 at 8/255, the paper's protocol)
+    attacks: tuple[str, ...] = ATTACKS  # which of clean, pgd10, pgd20, aa to run
+    n_examples: int | None = None     # first N test examples; None = all
+    batch_size: int = 200             # examples per attack batch
+    budgets: tuple[float, ...] = ()   # robustness-vs-budget curve (fig. 5a); () = a default grid up to 2x eps
+    seed: int = 0                     # seeds PGD random starts and AutoAttack
+    precision: str = "fp32"           # reported robust accuracies come from fp32 attacks
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str                          # preset name, used for reports/<name>/
+    data: DataConfig                   # which data and how it is augmented
+    extractor: ExtractorConfig         # template for each extractor; eps is set per budget
+    budgets: tuple[float, ...]         # training budgets eps_i, one extractor each
+    merger: MergerConfig               # merger training
+    evaluation: EvalConfig             # evaluation protocol
+    alphas: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)  # table 2 alpha sweep
+    subsets: tuple[str, ...] = ("all",)  # table 3 subsets (binary vectors or "all")
+    default_subset: str = "all"        # subset of the main AFS model (selection rule: "selected")
+    ablation_budget_range: tuple[float, float] | None = None  # table 6 random-budget network; None = skip
+    tsne_examples: int = 1000          # test examples embedded for fig. 4
+    delta_z_examples: int = 200        # test examples for Delta-z (fig. 3)
+
+
+def k255(k: float) -> float:
+    return k / 255
+
+
+_CIFAR_DATA = dict(crop_padding=4, flip=True)
+
+PRESETS: dict[str, Preset] = {
+    # tests: seconds per stage; the AFS model still learns
+    "smoke": Preset(
+        name="smoke",
+        data=DataConfig(spec="digits"),
+        extractor=ExtractorConfig(model="cnn-tiny", epochs=2, batch_size=64, lr=0.05, lr_milestones=(),
+                                  attack_steps=5, val_attack_steps=5, val_examples=200),
+        budgets=(0.0, 0.1, 0.2),
+        merger=MergerConfig(eps=0.1, epochs=2, attack_steps=5, batch_size=100, lr=0.05),
+        evaluation=EvalConfig(eps=0.1, n_examples=100, batch_size=100, budgets=(0.0, 0.05, 0.1, 0.2, 0.3)),
+        alphas=(0.0, 0.5, 1.0),
+        subsets=("101", "all"),
+        ablation_budget_range=(0.1, 0.2),
+        tsne_examples=200,
+        delta_z_examples=50,
+    ),
+    # make demo: the whole pipeline on digits in a few minutes on 2 CPU cores
+    "demo": Preset(
+        name="demo",
+        data=DataConfig(spec="digits"),
+        extractor=ExtractorConfig(model="cnn-tiny", epochs=15, batch_size=64, lr=0.05, lr_milestones=(12,),
+                                  attack_steps=7, val_attack_steps=7, val_examples=200),
+        budgets=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3),
+        merger=MergerConfig(eps=0.15, epochs=4, attack_steps=7, lr=0.05),
+        evaluation=EvalConfig(eps=0.15, budgets=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)),
+        subsets=("1000001", "1001001", "1010101", "all"),
+        default_subset="selected",
+        ablation_budget_range=(0.05, 0.3),
+        tsne_examples=360,
+        delta_z_examples=200,
+    ),
+    # real Fashion-MNIST, small CNN, CPU, about 15-30 minutes
+    "fashion-mnist": Preset(
+        name="fashion-mnist",
+        data=DataConfig(spec="fashion-mnist", train_limit=20000),
+        extractor=ExtractorConfig(model="cnn-small", epochs=6, batch_size=128, lr=0.05, lr_milestones=(5,),
+                                  attack_steps=5, val_attack_steps=7, val_examples=500),
+        budgets=(0.0, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15),
+        merger=MergerConfig(eps=0.1, epochs=3, attack_steps=7),
+        evaluation=EvalConfig(eps=0.1, n_examples=1000, budgets=(0.0, 0.025, 0.05, 0.1, 0.15, 0.2)),
+        subsets=("1000001", "1001001", "1010101", "all"),
+        default_subset="selected",
+        ablation_budget_range=(0.025, 0.15),
+        tsne_examples=1000,
+    ),
+    # real CIFAR-10 (lossless 4,000 train / 1,000 test) on CPU within an hour
+    "cifar10-mini": Preset(
+        name="cifar10-mini",
+        data=DataConfig(spec="npz:../shared/data/cifar10-mini.npz", **_CIFAR_DATA),
+        extractor=ExtractorConfig(model="cnn-cifar", epochs=15, batch_size=128, lr=0.05, lr_milestones=(10, 13),
+                                  attack_steps=5, step_size=k255(2), val_attack_steps=10, val_examples=400),
+        budgets=tuple(k255(k) for k in range(0, 9)),
+        merger=MergerConfig(eps=k255(8), epochs=5, attack_steps=10),
+        evaluation=EvalConfig(eps=k255(8), budgets=tuple(k255(k) for k in (0, 2, 4, 6, 8, 10, 12, 16))),
+        subsets=("100000001", "100010001", "101010101", "000111111", "111111111"),
+        default_subset="selected",
+        ablation_budget_range=(k255(3), k255(8)),
+        tsne_examples=1000,
+    ),
+    # the paper, WRN-28-10, authors' schedule: a GPU job
+    "paper-cifar10": Preset(
+        name="paper-cifar10",
+        data=DataConfig(spec="cifar10", val_fraction=0.02, **_CIFAR_DATA),
+        extractor=ExtractorConfig(model="wrn-28-10", step_size=k255(2)),
+        budgets=tuple(k255(k) for k in range(0, 10)),
+        merger=MergerConfig(),
+        evaluation=EvalConfig(budgets=tuple(k255(k) for k in (0, 2, 4, 6, 8, 10, 12, 16))),
+        subsets=("100000001", "100010001", "101010101", "111111111"),
+        default_subset="0001111110",
+        ablation_budget_range=(k255(3), k255(8)),
+        tsne_examples=2000,
+    ),
+    "paper-cifar100": Preset(
+        name="paper-cifar100",
+        data=DataConfig(spec="cifar100", val_fraction=0.02, **_CIFAR_DATA),
+        extractor=ExtractorConfig(model="wrn-28-10", step_size=k255(2)),
+        budgets=tuple(k255(k) for k in range(0, 10)),
+        merger=MergerConfig(),
+        evaluation=EvalConfig(budgets=tuple(k255(k) for k in (0, 2, 4, 6, 8, 10, 12, 16))),
+        subsets=("100000001", "100010001", "101010101", "111111111"),
+        default_subset="0001111110",
+        ablation_budget_range=(k255(3), k255(8)),
+        tsne_examples=2000,
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset={name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+# ---------------------------------------------------------------- parsing values without eval
+
+_FRACTION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*/\s*([0-9]*\.?[0-9]+)\s*$")
+
+
+def parse_float(text: str, name: str = "value") -> float:
+    """A decimal (`0.031`) or a fraction (`8/255`), parsed without eval."""
+    s = str(text).strip()
+    m = _FRACTION.match(s)
+    try:
+        value = float(m.group(1)) / float(m.group(2)) if m else float(s)
+    except (ValueError, ZeroDivisionError) as err:
+        raise ValueError(f"{name} must be a number like 0.03 or 8/255, got {name}={text!r}") from err
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {name}={text!r}")
+    return value
+
+
+def parse_unit(text: str, name: str) -> float:
+    value = parse_float(text, name)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {name}={text!r}")
+    return value
+
+
+def parse_eps_list(text: str, name: str = "eps") -> tuple[float, ...]:
+    """Comma-separated budgets in [0,1], each a decimal or `k/255`."""
+    parts = [p for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"{name} must list at least one budget, got {name}={text!r}")
+    return tuple(parse_unit(p, name) for p in parts)
+
+
+def _parse_field(text: str, tp, name: str):
+    """Turn command-line text into the dataclass field's type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if text.strip().lower() == "none" and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse_field(text, inner[0], name)
+    if tp is bool:
+        low = text.strip().lower()
+        if low in ("1", "true", "yes"):
+            return True
+        if low in ("0", "false", "no"):
+            return False
+        raise ValueError(f"{name} must be true or false, got {name}={text!r}")
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError as err:
+            raise ValueError(f"{name} must be an integer, got {name}={text!r}") from err
+    if tp is float:
+        return parse_float(text, name)
+    if tp is str:
+        return text
+    if origin is tuple:
+        items = [p for p in text.split(",") if p.strip()]
+        inner = args[0]
+        return tuple(_parse_field(p.strip(), inner, name) for p in items)
+    raise ValueError(f"{name}: cannot parse a value of type {tp}")
+
+
+def override(preset: Preset, assignments: list[str] | tuple[str, ...]) -> Preset:
+    """Apply `section.field=value` (or a top-level `field=value`) overrides to a preset."""
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"override must look like section.field=value, got {item!r}")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        section, _, fname = key.rpartition(".")
+        target = getattr(preset, section) if section else preset
+        if section and (section not in {f.name for f in dataclasses.fields(preset)}
+                        or not dataclasses.is_dataclass(target)):
+            raise ValueError(f"unknown config section in override {key!r}; sections: data, extractor, merger, evaluation")
+        hints = typing.get_type_hints(type(target))
+        if fname not in hints:
+            raise ValueError(f"unknown config field {key!r}; {type(target).__name__} has: {', '.join(hints)}")
+        value = _parse_field(text, hints[fname], key)
+        new = dataclasses.replace(target, **{fname: value})
+        preset = dataclasses.replace(preset, **{section: new}) if section else new
+    validate_preset(preset)
+    return preset
+
+
+def _check_unit(value: float, name: str) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {name}={value!r}")
+
+
+def validate_preset(p: Preset) -> None:
+    """Every check that can be made before anything is written."""
+    if not p.budgets:
+        raise ValueError("budgets must list at least one training budget, got budgets=()")
+    for eps in p.budgets:
+        _check_unit(eps, "eps")
+    if len(set(p.budgets)) != len(p.budgets):
+        raise ValueError(f"budgets must be distinct, got budgets={p.budgets}")
+    for a in p.alphas:
+        _check_unit(a, "alpha")
+    e, m, v = p.extractor, p.merger, p.evaluation
+    if e.trainer not in TRAINERS:
+        raise ValueError(f"unknown trainer={e.trainer!r}; known: {', '.join(TRAINERS)}")
+    if m.mix not in MIXES:
+        raise ValueError(f"unknown mix={m.mix!r}; known: {', '.join(MIXES)}")
+    for a in v.attacks:
+        if a not in ATTACKS:
+            raise ValueError(f"unknown attack={a!r}; known: {', '.join(ATTACKS)}")
+    _check_unit(m.alpha, "alpha")
+    for name, value in (("merger.eps", m.eps), ("evaluation.eps", v.eps), ("data.val_fraction", p.data.val_fraction)):
+        _check_unit(value, name)
+    if e.eps_range is not None:
+        lo, hi = e.eps_range
+        if not (0 <= lo <= hi <= 1):
+            raise ValueError(f"eps_range must satisfy 0 <= lo <= hi <= 1, got eps_range={e.eps_range}")
+    for name, value in (("extractor.epochs", e.epochs), ("extractor.batch_size", e.batch_size),
+                        ("extractor.attack_steps", e.attack_steps), ("merger.epochs", m.epochs),
+                        ("merger.batch_size", m.batch_size), ("merger.attack_steps", m.attack_steps),
+                        ("evaluation.batch_size", v.batch_size), ("extractor.val_attack_steps", e.val_attack_steps)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {name}={value}")
+    for name, value in (("extractor.step_size", e.step_size), ("merger.step_size", m.step_size),
+                        ("evaluation.step_size", v.step_size)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} (the PGD step size) must be > 0, got {name}={value}")
+    if v.n_examples is not None and v.n_examples < 1:
+        raise ValueError(f"evaluation.n_examples must be >= 1 or None, got evaluation.n_examples={v.n_examples}")
+    for name, value in (("extractor.lr", e.lr), ("merger.lr", m.lr)):
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0, got {name}={value}")
+
+
+def step_size(eps: float, step: float | None) -> float:
+    """The PGD step: the given one, else a quarter of the budget (2/255 at 8/255)."""
+    return step if step is not None else eps / 4
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(*parts) -> str:
+    """A short stable hash of configs (dataclasses or plain containers), keying what a stage made."""
+    blob = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def budget_name(eps: float) -> str:
+    """`eps-8-255` for multiples of 1/255, else `eps-0.1000`: the extractor's folder name."""
+    k = eps * 255
+    if abs(k - round(k)) < 1e-6 and k <= 32:
+        return f"eps-{round(k)}-255"
+    return f"eps-{eps:.4f}"
+
+
+def format_budget(eps: float) -> str:
+    k = eps * 255
+    if abs(k - round(k)) < 1e-6 and eps != 0 and eps < 0.2:
+        return f"{round(k)}/255"
+    return f"{eps:g}"
+
+
+
+def _from_fields(cls, values: dict):
+    """Rebuild a dataclass from JSON, where tuples came back as lists."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, list):
+            v = tuple(v)
+        sub = hints[k]
+        if dataclasses.is_dataclass(sub) and isinstance(v, dict):
+            v = _from_fields(sub, v)
+        out[k] = v
+    return cls(**out)
+
+
+def preset_from_dict(values: dict) -> Preset:
+    return _from_fields(Preset, values)

@@ -1,0 +1,540 @@
+"""Data sets as uint8 tensors in memory, batched augmentation on the device, a fixed validation split.
+
+The whole data set is held as tensors (airbench style): images uint8 ``[N, C, H, W]``, labels int64 ``[N]``.
+``to_float`` / ``augment`` turn a batch into float32 pixels in [0, 1] on whatever device the batch lives on.
+
+Specs understood by :func:`load_dataset`:
+
+- ``"digits"``: scikit-learn's 8x8 digits, always offline (1,797 images, 1 channel). scikit-learn has no
+  official split, so a fixed one is used: a stratified 80/20 split with ``random_state=0``.
+- ``"cifar10"``, ``"cifar100"``: torchvision's files under ``root``; downloaded where the internet answers.
+- ``"fashion-mnist"``: torchvision's files (``root/FashionMNIST/raw``) or the four IDX ``.gz`` files directly
+  in ``root`` (the layout of Debian's ``dataset-fashion-mnist`` package, /usr/share/datasets/fashion-mnist).
+- ``"npz:PATH"``: arrays ``x_train, y_train, x_test, y_test`` (images HWC, CHW or [N, H, W]), optional ``classes``.
+- ``"folder:PATH"``: ``PATH/train/<class>/*`` and ``PATH/test/<class>/*`` (torchvision ImageFolder layout).
+
+``root`` defaults to ``$AFS_KIT_DATA``, else ``~/.cache/afs-kit/data``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import numbers
+import os
+import socket
+import threading
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DATASET_SPECS",
+    "Dataset",
+    "augment",
+    "default_root",
+    "iterate_batches",
+    "load_dataset",
+    "to_float",
+    "validation_split",
+]
+
+DATASET_SPECS = ("digits", "cifar10", "cifar100", "fashion-mnist", "npz:PATH", "folder:PATH")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+_REACH_TIMEOUT_S = 3.0  # the download check must fail fast on machines without internet
+
+_FASHION_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing tensors field by field has no single truth value
+class Dataset:
+    """A data set with its official train/test split, held in memory."""
+
+    name: str
+    x_train: torch.Tensor  # uint8 [N, C, H, W]
+    y_train: torch.Tensor  # int64 [N]
+    x_test: torch.Tensor  # uint8 [M, C, H, W]
+    y_test: torch.Tensor  # int64 [M]
+    classes: tuple[str, ...]  # class names in label order
+
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if x.dtype != torch.uint8 or x.dim() != 4:
+                raise ValueError(f"x_{split} must be uint8 [N, C, H, W], got dtype={x.dtype}, shape={tuple(x.shape)}")
+            if y.dtype != torch.int64 or y.dim() != 1:
+                raise ValueError(f"y_{split} must be int64 [N], got dtype={y.dtype}, shape={tuple(y.shape)}")
+            if len(x) != len(y):
+                raise ValueError(f"x_{split} has {len(x)} images but y_{split} has {len(y)} labels")
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(self.classes)):
+                raise ValueError(
+                    f"y_{split} must be in [0, {len(self.classes) - 1}] for {len(self.classes)} classes, "
+                    f"got labels in [{int(y.min())}, {int(y.max())}]"
+                )
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise ValueError(
+                f"train and test images differ in shape: {tuple(self.x_train.shape[1:])} vs "
+                f"{tuple(self.x_test.shape[1:])}"
+            )
+        # a list would make the frozen dataclass unhashable and mutable from outside
+        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.x_train.shape[1:]
+        return (int(c), int(h), int(w))
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset(name={self.name!r}, train={len(self.x_train)}, test={len(self.x_test)}, "
+            f"image_shape={self.image_shape}, num_classes={self.num_classes})"
+        )
+
+
+def default_root() -> Path:
+    """Where torchvision-style files live when no root is given: ``$AFS_KIT_DATA``, else ``~/.cache/afs-kit/data``."""
+    env = os.environ.get("AFS_KIT_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "afs-kit" / "data"
+
+
+def load_dataset(spec: str, root: str | Path | None = None) -> Dataset:
+    """Load a data set by spec (see the module docstring) with its official train/test split unchanged.
+
+    ``root`` is used by ``cifar10``, ``cifar100`` and ``fashion-mnist`` only; ``npz:`` and ``folder:`` carry
+    their own path. Where a source gives no class names, the classes are named by number ("0", "1", ...).
+    """
+    if not isinstance(spec, str):
+        raise ValueError(f"spec must be a string, one of {', '.join(DATASET_SPECS)}; got spec={spec!r}")
+    root_path = Path(root).expanduser() if root is not None else None
+    if spec == "digits":
+        return _load_digits()
+    if spec in ("cifar10", "cifar100"):
+        return _load_cifar(spec, root_path or default_root())
+    if spec == "fashion-mnist":
+        return _load_fashion_mnist(root_path)
+    kind, sep, path = spec.partition(":")
+    if sep and kind in ("npz", "folder"):
+        if not path:
+            raise ValueError(f"spec {kind}:PATH needs a path, got spec={spec!r}")
+        loader = _load_npz if kind == "npz" else _load_folder
+        return loader(spec, Path(path).expanduser())
+    raise ValueError(f"unknown data set spec={spec!r}; known specs: {', '.join(DATASET_SPECS)}")
+
+
+# ----------------------------------------------------------------------------------------------- loaders
+
+
+def _load_digits() -> Dataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    # values 0..16 -> 0..255, rounded half up (8 -> 128)
+    images = np.floor(bunch.images * (255.0 / 16.0) + 0.5).astype(np.uint8)[:, None]
+    labels = bunch.target.astype(np.int64)
+    idx = np.arange(len(labels))
+    # scikit-learn ships no split: a fixed stratified 80/20 one, in the original order within each part
+    train_idx, test_idx = train_test_split(idx, test_size=0.2, random_state=0, stratify=labels)
+    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
+    return Dataset(
+        name="digits",
+        x_train=torch.from_numpy(images[train_idx]),
+        y_train=torch.from_numpy(labels[train_idx]),
+        x_test=torch.from_numpy(images[test_idx]),
+        y_test=torch.from_numpy(labels[test_idx]),
+        classes=tuple(str(c) for c in bunch.target_names),
+    )
+
+
+def _host_reachable(url: str, timeout: float = _REACH_TIMEOUT_S) -> tuple[bool, str]:
+    """Whether the host of ``url`` accepts a TCP connection within ``timeout`` s, and why not.
+
+    Runs in a daemon thread because name resolution ignores socket timeouts and can hang far longer.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    result: list[str] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append("")
+        except OSError as err:  # reported to the caller through `result`
+            result.append(f"{type(err).__name__}: {err}")
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    if not result:
+        return False, f"{host}:{port} did not answer within {timeout:g} s"
+    if result[0]:
+        return False, f"{host}:{port} is unreachable ({result[0]})"
+    return True, ""
+
+
+def _load_cifar(spec: str, root: Path) -> Dataset:
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if spec == "cifar10" else torchvision.datasets.CIFAR100
+    folder = root / cls.base_folder
+    if not folder.is_dir():
+        ok, reason = _host_reachable(cls.url)
+        if not ok:
+            raise FileNotFoundError(
+                f"{spec} files not found under root={str(root)!r} (expected the folder {str(folder)!r}) and the "
+                f"download failed: {reason}. Put {cls.filename} extracted (the folder {cls.base_folder}) "
+                f"under {str(root)!r}, or pass root= / set AFS_KIT_DATA to where the files are."
+            )
+        try:
+            cls(str(root), train=True, download=True)
+        except (OSError, RuntimeError) as err:
+            raise RuntimeError(
+                f"{spec}: download into root={str(root)!r} failed ({err}). Put {cls.filename} extracted "
+                f"(the folder {cls.base_folder}) under {str(root)!r}."
+            ) from err
+    try:
+        train, test = cls(str(root), train=True), cls(str(root), train=False)
+    except RuntimeError as err:  # torchvision's message names no path; say which files failed
+        raise RuntimeError(
+            f"{spec} files in {str(folder)!r} are incomplete or corrupted ({err}). Replace them with "
+            f"{cls.filename} extracted under root={str(root)!r}."
+        ) from err
+    return Dataset(
+        name=spec,
+        x_train=torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous(),
+        y_train=torch.tensor(train.targets, dtype=torch.int64),
+        x_test=torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous(),
+        y_test=torch.tensor(test.targets, dtype=torch.int64),
+        classes=tuple(train.classes),
+    )
+
+
+def _fashion_files(folder: Path) -> dict[str, Path] | None:
+    """The four IDX files in ``folder``, plain or gzipped, or None when any is missing."""
+    found = {}
+    for key, stem in _FASHION_FILES.items():
+        for candidate in (folder / stem, folder / f"{stem}.gz"):
+            if candidate.is_file():
+                found[key] = candidate
+                break
+        else:
+            return None
+    return found
+
+
+def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
+    """Read an unsigned-byte IDX file (the MNIST format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    # header: two zero bytes, type code (0x08 = unsigned byte), number of dimensions, then big-endian sizes
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != expected_dims:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file with {expected_dims} dimensions")
+    shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=expected_dims, offset=4))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * expected_dims)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says shape {shape} but holds {data.size} bytes")
+    return data.reshape(shape)
+
+
+def _load_fashion_mnist(root: Path | None) -> Dataset:
+    import torchvision
+
+    cls = torchvision.datasets.FashionMNIST
+    roots = [root] if root is not None else [default_root(), DEBIAN_FASHION_MNIST]
+    # torchvision's layout first, then the gz files directly in the root (Debian's package)
+    candidates = [folder for r in roots for folder in (r / cls.__name__ / "raw", r)]
+    files = next((f for f in map(_fashion_files, candidates) if f is not None), None)
+    if files is None:
+        target = roots[0]
+        url = cls.mirrors[0] + cls.resources[0][0]
+        ok, reason = _host_reachable(url)
+        if not ok:
+            raise FileNotFoundError(
+                f"fashion-mnist files not found in {', '.join(repr(str(c)) for c in candidates)} and the download "
+                f"failed: {reason}. Put the four files {', '.join(s + '.gz' for s in _FASHION_FILES.values())} "
+                f"in {str(target)!r} (or install Debian's dataset-fashion-mnist), or pass root=."
+            )
+        try:
+            cls(str(target), train=True, download=True)
+        except (OSError, RuntimeError) as err:
+            raise RuntimeError(f"fashion-mnist: download into root={str(target)!r} failed ({err})") from err
+        files = _fashion_files(target / cls.__name__ / "raw")
+        if files is None:
+            raise RuntimeError(f"fashion-mnist: download into root={str(target)!r} left no IDX files")
+    arrays = {key: _read_idx(path, 3 if key.startswith("x") else 1) for key, path in files.items()}
+    return Dataset(
+        name="fashion-mnist",
+        x_train=torch.from_numpy(arrays["x_train"].copy())[:, None],
+        y_train=torch.from_numpy(arrays["y_train"].astype(np.int64)),
+        x_test=torch.from_numpy(arrays["x_test"].copy())[:, None],
+        y_test=torch.from_numpy(arrays["y_test"].astype(np.int64)),
+        classes=tuple(cls.classes),
+    )
+
+
+def _images_to_nchw(x: np.ndarray, what: str) -> torch.Tensor:
+    """uint8 images [N,H,W], [N,H,W,C] or [N,C,H,W] -> uint8 tensor [N,C,H,W]."""
+    in_range = x.size == 0 or (x.min() >= 0 and x.max() <= 255)
+    if not (x.dtype == np.uint8 or (np.issubdtype(x.dtype, np.integer) and in_range)):
+        raise ValueError(f"{what} must hold uint8 pixels 0..255, got dtype={x.dtype}")
+    x = x.astype(np.uint8, copy=False)
+    if x.ndim == 3:
+        return torch.from_numpy(np.ascontiguousarray(x[:, None]))
+    if x.ndim != 4:
+        raise ValueError(f"{what} must have shape [N,H,W], [N,H,W,C] or [N,C,H,W], got shape={x.shape}")
+    # channels last when the last axis looks like channels, else channels first
+    if x.shape[-1] in (1, 3, 4):
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    if x.shape[1] in (1, 3, 4):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    raise ValueError(f"{what} has no channel axis of size 1, 3 or 4 (first or last), got shape={x.shape}")
+
+
+def _labels(y: np.ndarray, n_images: int, what: str) -> torch.Tensor:
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or y.dtype == bool):
+        raise ValueError(f"{what} must be a 1-D integer array, got dtype={y.dtype}, shape={y.shape}")
+    if len(y) != n_images:
+        raise ValueError(f"{what} has {len(y)} labels but there are {n_images} images")
+    if len(y) and y.min() < 0:
+        raise ValueError(f"{what} must be >= 0, got a label {int(y.min())}")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def _classes_or_numbers(
+    classes: tuple[str, ...] | None, y_train: torch.Tensor, y_test: torch.Tensor, where: str
+) -> tuple[str, ...]:
+    top = max([int(y.max()) for y in (y_train, y_test) if len(y)], default=-1)
+    if classes is None:
+        return tuple(str(i) for i in range(top + 1))
+    if top >= len(classes):
+        raise ValueError(f"{where}: labels must be < len(classes)={len(classes)}, got a label {top}")
+    return classes
+
+
+def _load_npz(spec: str, path: Path) -> Dataset:
+    if not path.is_file():
+        raise FileNotFoundError(f"npz file not found: {str(path)!r} (from spec={spec!r})")
+    # allow_pickle=False: an npz is data, never code; class names must be a string array
+    with np.load(path, allow_pickle=False) as npz:
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in npz.files]
+        if missing:
+            raise ValueError(
+                f"{str(path)!r} lacks the array(s) {', '.join(missing)}; it has {', '.join(npz.files) or 'none'}"
+            )
+        x_train = _images_to_nchw(npz["x_train"], f"x_train in {str(path)!r}")
+        x_test = _images_to_nchw(npz["x_test"], f"x_test in {str(path)!r}")
+        y_train = _labels(npz["y_train"], len(x_train), f"y_train in {str(path)!r}")
+        y_test = _labels(npz["y_test"], len(x_test), f"y_test in {str(path)!r}")
+        classes = tuple(str(c) for c in npz["classes"].reshape(-1)) if "classes" in npz.files else None
+    classes = _classes_or_numbers(classes, y_train, y_test, repr(str(path)))
+    return Dataset(name=spec, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, classes=classes)
+
+
+def _read_bytes(path: str) -> torch.Tensor:
+    with open(path, "rb") as f:
+        return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)  # bytearray: a writable buffer
+
+
+def _decode_images(paths: list[str], where: Path) -> torch.Tensor:
+    """Decode image files into one uint8 tensor [N,C,H,W]; all images must have the same size.
+
+    torchvision's decoders: about 3x faster than PIL on small JPEGs (60,000 CIFAR-10 JPEGs in a few seconds).
+    torchvision 0.29 deprecates them in favour of TorchCodec, which this project does not depend on; the
+    deprecation warning (one per image) is silenced here only.
+    """
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    datas = [_read_bytes(p) for p in paths]
+    images: list[torch.Tensor] = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"The image decoding .* TorchVision are deprecated", category=DeprecationWarning
+        )
+        # JPEGs (magic bytes FF D8) in one call of the list form of decode_jpeg; other formats one by one
+        is_jpeg = [len(d) > 2 and d[:2].tolist() == [0xFF, 0xD8] for d in datas]
+        jpeg_datas = [d for d, j in zip(datas, is_jpeg) if j]
+        jpegs = iter(decode_jpeg(jpeg_datas, mode=ImageReadMode.UNCHANGED) if jpeg_datas else [])
+        for d, j in zip(datas, is_jpeg):
+            images.append(next(jpegs) if j else decode_image(d, mode=ImageReadMode.UNCHANGED))
+    # one channel count for all: grey when every image is grey, else RGB (grey repeated, alpha dropped)
+    target_c = 1 if {int(img.shape[0]) for img in images} <= {1, 2} else 3
+    for i, img in enumerate(images):
+        if img.shape[0] != target_c:
+            images[i] = img[:1].expand(3, -1, -1) if (target_c == 3 and img.shape[0] < 3) else img[:target_c]
+    size = images[0].shape[1:]
+    for p, img in zip(paths, images):
+        if img.shape[1:] != size:
+            raise ValueError(
+                f"images in {str(where)!r} must share one size (no resizing is done): {p} is "
+                f"{tuple(img.shape[1:])}, {paths[0]} is {tuple(size)}"
+            )
+    return torch.stack(images)
+
+
+def _check_split_dir(split_dir: Path) -> None:
+    layout = "(layout PATH/train/<class>/*, PATH/test/<class>/*)"
+    if not split_dir.is_dir():
+        raise ValueError(f"folder data set needs {str(split_dir)!r} {layout}")
+    if not any(p.is_dir() for p in split_dir.iterdir()):
+        raise ValueError(f"no class folders in {str(split_dir)!r} {layout}")
+
+
+def _image_folder(split_dir: Path) -> tuple[list[str], list[int], list[str]]:
+    from torchvision.datasets import ImageFolder
+
+    # ImageFolder for the listing and the class names only (the loader is never called); decoding is ours
+    folder = ImageFolder(str(split_dir), loader=str, allow_empty=True)
+    empty = sorted(set(folder.classes) - {folder.classes[t] for _, t in folder.samples})
+    if empty:
+        raise ValueError(f"class folders without images in {str(split_dir)!r}: {empty}")
+    return [p for p, _ in folder.samples], [t for _, t in folder.samples], list(folder.classes)
+
+
+def _load_folder(spec: str, path: Path) -> Dataset:
+    if not path.is_dir():
+        raise FileNotFoundError(f"image folder not found: {str(path)!r} (from spec={spec!r})")
+    _check_split_dir(path / "train")
+    _check_split_dir(path / "test")
+    train_paths, train_labels, classes = _image_folder(path / "train")
+    test_paths, test_labels, test_classes = _image_folder(path / "test")
+    if test_classes != classes:
+        # ImageFolder numbers classes by sorted folder name per split: different folders would shift labels
+        raise ValueError(
+            f"class folders differ between {str(path / 'train')!r} and {str(path / 'test')!r}: "
+            f"{sorted(set(classes) ^ set(test_classes))}"
+        )
+    x_train = _decode_images(train_paths, path / "train")
+    x_test = _decode_images(test_paths, path / "test")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise ValueError(
+            f"train and test images in {str(path)!r} differ in shape: {tuple(x_train.shape[1:])} vs "
+            f"{tuple(x_test.shape[1:])}"
+        )
+    return Dataset(
+        name=spec,
+        x_train=x_train,
+        y_train=torch.tensor(train_labels, dtype=torch.int64),
+        x_test=x_test,
+        y_test=torch.tensor(test_labels, dtype=torch.int64),
+        classes=tuple(classes),
+    )
+
+
+# ------------------------------------------------------------------------------------- splits and batches
+
+
+def validation_split(data: Dataset, fraction: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the training set into (train_idx, val_idx): disjoint, together all of range(len(x_train)), sorted.
+
+    Stratified (``round(fraction * n_c)`` of each class, at least one kept on each side) when every class present
+    has at least 2 images; otherwise a plain seeded split, with a warning.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got fraction={fraction!r}")
+    y = data.y_train
+    n = len(y)
+    if n < 2:
+        raise ValueError(f"validation_split needs at least 2 training images, got {n} in data set {data.name!r}")
+    gen = torch.Generator().manual_seed(int(seed))
+    counts = torch.bincount(y, minlength=data.num_classes)
+    present = counts[counts > 0]
+    if bool((present >= 2).all()):
+        val_parts = []
+        for c in torch.nonzero(counts).flatten().tolist():
+            idx = torch.nonzero(y == c).flatten()
+            n_val = min(max(round(fraction * len(idx)), 1), len(idx) - 1)
+            val_parts.append(idx[torch.randperm(len(idx), generator=gen)[:n_val]])
+        val_idx = torch.cat(val_parts)
+    else:
+        small = [data.classes[c] for c in torch.nonzero(counts == 1).flatten().tolist()]
+        warnings.warn(
+            f"validation_split: classes {small} have a single training image, so the split is not stratified",
+            stacklevel=2,
+        )
+        n_val = min(max(round(fraction * n), 1), n - 1)
+        val_idx = torch.randperm(n, generator=gen)[:n_val]
+    in_val = torch.zeros(n, dtype=torch.bool)
+    in_val[val_idx] = True
+    return torch.nonzero(~in_val).flatten(), torch.nonzero(in_val).flatten()
+
+
+def iterate_batches(
+    n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None = None, drop_last: bool = False
+) -> Iterator[torch.Tensor]:
+    """Yield CPU LongTensor index batches over range(n), shuffled with ``generator`` when ``shuffle``."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got n={n!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got batch_size={batch_size!r}")
+    n, batch_size = int(n), int(batch_size)
+    if shuffle:
+        device = generator.device if generator is not None else "cpu"
+        order = torch.randperm(n, generator=generator, device=device).cpu()
+    else:
+        order = torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    # a plain function returning a generator, so bad arguments fail at the call, not at the first next()
+    return (order[start : start + batch_size] for start in range(0, stop, batch_size))
+
+
+# ------------------------------------------------------------------------------------------ augmentation
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [0, 1], on the same device."""
+    if x.dtype != torch.uint8:
+        raise ValueError(f"x must be a uint8 tensor, got dtype={x.dtype}")
+    return x.to(torch.float32).div_(255.0)
+
+
+def augment(
+    x: torch.Tensor, crop_padding: int = 4, flip: bool = True, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random crop with ``crop_padding`` pixels of zero padding and random horizontal flip, float32 in [0, 1].
+
+    One random offset and one flip decision per image, as a single gather on the device of ``x``. Random
+    numbers are drawn on the generator's device (CPU when ``generator`` is None: the global CPU generator),
+    so a seeded CPU generator gives the same batch on every device. ``crop_padding=0, flip=False`` is
+    exactly ``to_float(x)``.
+    """
+    if x.dtype != torch.uint8 or x.dim() != 4:
+        raise ValueError(f"x must be uint8 [B, C, H, W], got dtype={x.dtype}, shape={tuple(x.shape)}")
+    if isinstance(crop_padding, bool) or not isinstance(crop_padding, numbers.Integral) or crop_padding < 0:
+        raise ValueError(f"crop_padding must be an int >= 0, got crop_padding={crop_padding!r}")
+    if crop_padding == 0 and not flip:
+        return to_float(x)
+    b, c, h, w = x.shape
+    p = int(crop_padding)
+    rng_device = generator.device if generator is not None else torch.device("cpu")
+    offsets = torch.randint(0, 2 * p + 1, (2, b), generator=generator, device=rng_device).to(x.device)
+    flips = (
+        torch.rand(b, generator=generator, device=rng_device).lt(0.5).to(x.device)
+        if flip
+        else torch.zeros(b, dtype=torch.bool, device=x.device)
+    )
+    padded = torch.nn.functional.pad(x, (p, p, p, p)) if p else x
+    rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # [B, H] rows of the padded image
+    cols = offsets[1, :, None] + torch.arange(w, device=x.device)  # [B, W]
+    cols = torch.where(flips[:, None], cols.flip(1), cols)  # a flip reads the columns backwards
+    out = padded[
+        torch.arange(b, device=x.device)[:, None, None, None],
+        torch.arange(c, device=x.device)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
+    return to_float(out)

@@ -1,0 +1,196 @@
+"""The run directory: atomic writes, the one checkpoint format, config keys and a writer's lock.
+
+Layout of a run directory::
+
+    RUN/run.json                            preset, data spec, classes (written once)
+    RUN/extractors/eps-8-255/last.pt        resume point, rewritten after every epoch
+    RUN/extractors/eps-8-255/extractor.pt   the early-stopped weights + config + metrics
+    RUN/mergers/<subset>-alpha-0.5/merger.pt
+    RUN/eval/<model>/metrics.json, flags.pt
+    RUN/figures/*.png, RUN/summary.json
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "afs-kit/1"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: a kill leaves old or new."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    data = json.dumps(obj, indent=2, sort_keys=False, default=_json_default).encode()
+    _atomic_write(Path(path), lambda f: f.write(data + b"\n"))
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"cannot write {type(o).__name__} to JSON")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); it may be truncated or foreign") from err
+
+
+def save_checkpoint(path: str | Path, obj: dict) -> None:
+    """The one checkpoint writer: a dict of tensors and plain containers, tagged and written atomically."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"a checkpoint must be a dict, got {type(obj).__name__}")
+    payload = {"format": FORMAT, "torch_version": str(torch.__version__), **obj}
+    _atomic_write(Path(path), lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """The one reader. `weights_only=True`: a pickle payload that would run code is refused, never run."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"checkpoint {path} is not a torch zip archive (truncated or foreign file); "
+                         f"expected an afs-kit checkpoint written by afs_kit.runs.save_checkpoint")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError depending on damage
+        raise ValueError(f"checkpoint {path} could not be read safely as an afs-kit checkpoint "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                         f"refusing to load it") from err
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"checkpoint {path} has format {found!r}, expected {FORMAT!r}")
+    return obj
+
+
+def expect(ckpt: dict, path: str | Path, **wanted) -> None:
+    """Refuse a checkpoint made for other data, class count or architecture than the run asks for."""
+    for key, value in wanted.items():
+        if ckpt.get(key) != value:
+            raise ValueError(f"checkpoint {path} was made for {key}={ckpt.get(key)!r}, "
+                             f"but this run needs {key}={value!r}; refusing to use it")
+
+
+class RunLock:
+    """One writer per run directory: a second run is refused with the holder named."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / ".lock"
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = f"pid {os.getpid()} on {socket.gethostname()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.path.read_text().strip() if self.path.exists() else "?"
+                if self._stale(holder):
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise RuntimeError(f"run directory {self.path.parent} is in use by {holder}; "
+                                   f"wait for it or remove {self.path} if that process is gone") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self.held = True
+            return self
+        raise RuntimeError(f"could not take the lock {self.path}")
+
+    @staticmethod
+    def _stale(holder: str) -> bool:
+        """A lock left by a killed process on this host is stale."""
+        parts = holder.split()
+        if len(parts) != 4 or parts[0] != "pid" or parts[3] != socket.gethostname():
+            return False
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            return False
+        return False
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+class RunDir:
+    """Paths inside one run directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def info_path(self) -> Path:
+        return self.root / "run.json"
+
+    def extractor_dir(self, name: str) -> Path:
+        return self.root / "extractors" / name
+
+    def merger_dir(self, name: str) -> Path:
+        return self.root / "mergers" / name
+
+    def eval_dir(self, name: str) -> Path:
+        return self.root / "eval" / name
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.root / "summary.json"
+
+    def lock(self) -> RunLock:
+        return RunLock(self.root)
+
+    def extractor_names(self) -> list[str]:
+        """Names of the extractors that finished training."""
+        base = self.root / "extractors"
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if (p / "extractor.pt").is_file())
+
+    def update_summary(self, key: str, value: Any) -> None:
+        """Each notebook or stage writes its part of summary.json."""
+        summary = read_json(self.summary_path) if self.summary_path.is_file() else {}
+        summary[key] = value
+        write_json(self.summary_path, summary)

@@ -1,0 +1,244 @@
+"""Adversarial feature stacking: frozen extractors, concatenated features, a linear merger (eq. 1-2, 5).
+
+`AFSModel` is an ordinary `nn.Module` from pixels to logits, so every attack differentiates
+through the whole stack: the merger is trained, and evaluated, against the WHOLE model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .attacks import pgd
+from .config import DataConfig, MergerConfig, format_budget, parse_eps_list, step_size
+from .data import Dataset, augment, iterate_batches, validation_split
+from .device import autocast, memory_format, resolve_device
+from .runs import expect, load_checkpoint, save_checkpoint
+
+
+class FeatureStack(nn.Module):
+    """Frozen extractors (eval mode, no parameter gradients) whose features are concatenated (eq. 2)."""
+
+    def __init__(self, extractors: list[nn.Module]):
+        super().__init__()
+        if not extractors:
+            raise ValueError("extractors must hold at least one network, got an empty list")
+        self.extractors = nn.ModuleList(extractors)
+        self.extractors.requires_grad_(False)
+        self.feature_dims = [int(m.feature_dim) for m in extractors]
+        self.train(False)
+
+    @property
+    def feature_dim(self) -> int:
+        return sum(self.feature_dims)
+
+    def train(self, mode: bool = True) -> FeatureStack:
+        # frozen extractors keep their BatchNorm statistics: always eval, whatever the caller asks
+        super().train(mode)
+        self.extractors.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.features(x) for m in self.extractors], dim=1)
+
+
+class LinearMerger(nn.Module):
+    """One linear layer over the stacked features (eq. 1)."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_classes)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.linear(feats.float())
+
+
+class AFSModel(nn.Module):
+    """Stack + merger, pixels in [0,1] to logits; `features`/`classifier` as every kit model has."""
+
+    def __init__(self, stack: FeatureStack, merger: LinearMerger):
+        super().__init__()
+        self.stack, self.merger = stack, merger
+
+    @property
+    def feature_dim(self) -> int:
+        return self.stack.feature_dim
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.merger.linear
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stack(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.merger(self.stack(x))
+
+
+class LogitAverage(nn.Module):
+    """The logit-averaging ensemble of eq. 9: sum_i lambda_i z_i with lambda_i > 0, sum 1 (uniform by default)."""
+
+    def __init__(self, models: list[nn.Module], weights: list[float] | None = None):
+        super().__init__()
+        if not models:
+            raise ValueError("models must hold at least one network, got an empty list")
+        weights = [1 / len(models)] * len(models) if weights is None else list(weights)
+        if len(weights) != len(models) or any(w <= 0 for w in weights) or not math.isclose(sum(weights), 1.0):
+            raise ValueError(f"weights must be {len(models)} positive numbers summing to 1, got weights={weights}")
+        self.models = nn.ModuleList(models).requires_grad_(False).eval()
+        self.register_buffer("weights", torch.tensor(weights))
+
+    def train(self, mode: bool = True) -> LogitAverage:
+        super().train(mode)
+        self.models.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(w * m(x).float() for w, m in zip(self.weights, self.models))
+
+
+# ---------------------------------------------------------------- naming subsets
+
+def parse_subset(spec: str, budgets: list[float] | tuple[float, ...]) -> list[int]:
+    """Indices of the extractors a subset names, extractors sorted by budget.
+
+    `all`; a binary vector, one digit per extractor, leftmost the smallest budget (the paper's
+    "100000001" = network-0 and network-8; a shorter vector names the first extractors); or a
+    comma-separated list of budgets (`3/255,8/255` or decimals).
+    """
+    budgets = list(budgets)
+    spec = str(spec).strip()
+    if spec == "all":
+        return list(range(len(budgets)))
+    if spec and set(spec) <= {"0", "1"}:  # a binary vector; budget 0 alone is written 0/255 or 0.0
+        if len(spec) > len(budgets):
+            raise ValueError(f"subset={spec!r} has {len(spec)} digits but the run has only "
+                             f"{len(budgets)} extractors ({', '.join(format_budget(b) for b in budgets)})")
+        chosen = [i for i, c in enumerate(spec) if c == "1"]
+        if not chosen:
+            raise ValueError(f"subset={spec!r} selects no extractor (an empty subset)")
+        return chosen
+    if not spec:
+        raise ValueError("subset must not be empty; give 'all', a binary vector or a list of budgets")
+    if any(c not in "0123456789./, eE-+" for c in spec):
+        raise ValueError(f"subset={spec!r} is neither 'all', a binary vector of 0 and 1, nor a list of budgets")
+    chosen = []
+    for eps in parse_eps_list(spec, "subset"):
+        hits = [i for i, b in enumerate(budgets) if abs(b - eps) < 1e-6]
+        if not hits:
+            raise ValueError(f"subset={spec!r} names budget {format_budget(eps)}, which has no extractor in this "
+                             f"run (budgets: {', '.join(format_budget(b) for b in budgets)})")
+        chosen.append(hits[0])
+    return sorted(set(chosen))
+
+
+def subset_vector(indices: list[int], n: int) -> str:
+    return "".join("1" if i in indices else "0" for i in range(n))
+
+
+# ---------------------------------------------------------------- training the merger (eq. 5)
+
+def merger_loss(model: AFSModel, x: torch.Tensor, y: torch.Tensor, cfg: MergerConfig, device, generator):
+    """alpha * CE(clean) + (1 - alpha) * CE(PGD against the whole model); or the authors' split batch."""
+    alpha, eps = cfg.alpha, cfg.eps
+    attack = dict(eps=eps, alpha=step_size(eps, cfg.step_size), steps=cfg.attack_steps,
+                  precision=cfg.precision, generator=generator)
+    if cfg.mix == "split":
+        n_clean = int(round(alpha * len(y)))
+        parts = [x[:n_clean]]
+        if n_clean < len(y):
+            parts.append(pgd(model, x[n_clean:], y[n_clean:], **attack))
+        with torch.no_grad(), autocast(cfg.precision, device):
+            feats = model.stack(torch.cat(parts))  # frozen: no graph through the extractors
+        return F.cross_entropy(model.merger(feats), y)
+    loss = torch.zeros((), device=device)
+    if alpha > 0:
+        with torch.no_grad(), autocast(cfg.precision, device):
+            feats = model.stack(x)
+        loss = loss + alpha * F.cross_entropy(model.merger(feats), y)
+    if alpha < 1:
+        x_adv = pgd(model, x, y, **attack)
+        with torch.no_grad(), autocast(cfg.precision, device):
+            feats_adv = model.stack(x_adv)
+        loss = loss + (1 - alpha) * F.cross_entropy(model.merger(feats_adv), y)
+    return loss
+
+
+def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg: DataConfig,
+                 out_dir: str | Path | None = None, key: str = "", device: str = "auto",
+                 progress: bool = True) -> tuple[AFSModel, list[dict]]:
+    """Train the linear merger over a frozen stack (eq. 5); resumable when `out_dir` is given.
+
+    Trains on the training split (the validation split stays held out), `cfg.epochs` epochs, SGD with
+    `cfg.lr` for `cfg.lr_drop_epoch` epochs and a tenth of it after; the final weights are kept.
+    """
+    if not 0 <= cfg.alpha <= 1:
+        raise ValueError(f"alpha (the clean-loss weight of eq. 5) must be in [0, 1], got alpha={cfg.alpha}")
+    dev = resolve_device(device)
+    fmt = memory_format(cfg.precision)
+    stack = stack.to(dev, memory_format=fmt)
+    torch.manual_seed(cfg.seed)
+    merger = LinearMerger(stack.feature_dim, data.num_classes).to(dev)
+    model = AFSModel(stack, merger)
+    optimizer = torch.optim.SGD(merger.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+    noise_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
+    train_idx, _ = validation_split(data, data_cfg.val_fraction, seed=0)
+    x_train, y_train = data.x_train[train_idx].to(dev), data.y_train[train_idx].to(dev)
+
+    last_path = Path(out_dir) / "last.pt" if out_dir is not None else None
+    start, history = 0, []
+    if last_path is not None and last_path.is_file():
+        ckpt = load_checkpoint(last_path, map_location=dev)
+        expect(ckpt, last_path, key=key)
+        merger.load_state_dict(ckpt["state_dict"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        order_gen.set_state(ckpt["order_rng"].cpu())
+        noise_gen.set_state(ckpt["noise_rng"].cpu())
+        start, history = ckpt["epoch"] + 1, ckpt["history"]
+
+    for epoch in range(start, cfg.epochs):
+        lr = cfg.lr if epoch < cfg.lr_drop_epoch else cfg.lr * 0.1
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        total = torch.zeros((), device=dev)
+        batches = list(iterate_batches(len(y_train), cfg.batch_size, shuffle=True, generator=order_gen))
+        bar = tqdm(batches, desc=f"merger alpha={cfg.alpha:g} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress, leave=False)
+        for idx in bar:
+            idx = idx.to(dev)
+            x = augment(x_train[idx], data_cfg.crop_padding, data_cfg.flip, noise_gen).contiguous(memory_format=fmt)
+            loss = merger_loss(model, x, y_train[idx], cfg, dev, noise_gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+        history.append({"epoch": epoch, "lr": lr, "train_loss": (total / len(batches)).item()})
+        if last_path is not None:
+            save_checkpoint(last_path, {"key": key, "epoch": epoch, "state_dict": merger.state_dict(),
+                                        "optimizer": optimizer.state_dict(), "order_rng": order_gen.get_state(),
+                                        "noise_rng": noise_gen.get_state(), "history": history})
+    model.eval()
+    return model, history
+
+
+def merger_checkpoint(model: AFSModel, cfg: MergerConfig, key: str, extractor_names: list[str],
+                      extractor_keys: list[str], data_info: dict, history: list[dict]) -> dict:
+    return {"key": key, "kind": "merger", "extractors": extractor_names, "extractor_keys": extractor_keys,
+            "feature_dims": model.stack.feature_dims, "config": dataclasses.asdict(cfg), **data_info,
+            "state_dict": {k: v.cpu() for k, v in model.merger.state_dict().items()}, "history": history}
+
+
+def save_merger(path: str | Path, ckpt: dict) -> None:
+    save_checkpoint(path, ckpt)
+    (Path(path).parent / "last.pt").unlink(missing_ok=True)

@@ -1,0 +1,228 @@
+"""Adversarial training of one feature extractor (eq. 3-4), resumable, early-stopped on held-out data.
+
+Trainers: PGD-AT (Madry et al.), FGSM with a random start ("fast" AT, Wong et al.) and TRADES
+(Zhang et al.); a random budget per batch gives the "Rand.pert." network of table 6. Early stopping
+follows Rice et al.: keep the epoch with the best PGD accuracy on a validation split carved from the
+training set; the test set is never looked at.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .attacks import pgd
+from .config import DataConfig, ExtractorConfig, config_hash, format_budget, step_size
+from .data import Dataset, augment, iterate_batches, to_float, validation_split
+from .device import autocast, memory_format, resolve_device
+from .models import build_model
+from .runs import expect, load_checkpoint, save_checkpoint
+
+
+def data_fingerprint(data: Dataset) -> dict:
+    """What a checkpoint must agree on with the data it is used with."""
+    return {"dataset": data.name, "num_classes": data.num_classes, "image_shape": list(data.image_shape)}
+
+
+def limited(data: Dataset, data_cfg: DataConfig) -> Dataset:
+    """The first `train_limit` training images (tiny presets); the test split is untouched."""
+    if data_cfg.train_limit is None or data_cfg.train_limit >= len(data.y_train):
+        return data
+    n = data_cfg.train_limit
+    return dataclasses.replace(data, x_train=data.x_train[:n], y_train=data.y_train[:n])
+
+
+def channel_stats(x_uint8: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the training images, for the normalization inside the model."""
+    x = to_float(x_uint8)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return [round(v, 4) for v in mean.tolist()], [round(v, 4) for v in std.tolist()]
+
+
+def extractor_key(cfg: ExtractorConfig, data_cfg: DataConfig, data: Dataset) -> str:
+    return config_hash(cfg, data_cfg, data_fingerprint(data))
+
+
+def _validation_budget(cfg: ExtractorConfig) -> float:
+    return cfg.eps_range[1] if cfg.eps_range is not None else cfg.eps
+
+
+@torch.no_grad()
+def _accuracy(model, x, y, batch_size, precision, device) -> torch.Tensor:
+    correct = []
+    for idx in iterate_batches(len(y), batch_size, shuffle=False):
+        with autocast(precision, device):
+            correct.append(model(x[idx]).argmax(1) == y[idx])
+    return torch.cat(correct)
+
+
+def validate(model, x, y, eps, cfg: ExtractorConfig, device, generator) -> dict:
+    """Clean and PGD accuracy (percent) on the held-out split at the extractor's own budget."""
+    model.eval()
+    clean = _accuracy(model, x, y, cfg.batch_size, cfg.precision, device)
+    out = {"val_clean": 100 * clean.float().mean().item(), "val_eps": eps}
+    if eps > 0:
+        robust = []
+        for idx in iterate_batches(len(y), cfg.batch_size, shuffle=False):
+            x_adv = pgd(model, x[idx], y[idx], eps, step_size(eps, cfg.step_size), cfg.val_attack_steps,
+                        precision=cfg.precision, generator=generator)
+            with torch.no_grad(), autocast(cfg.precision, device):
+                robust.append(model(x_adv).argmax(1) == y[idx])
+        out["val_pgd"] = 100 * (torch.cat(robust) & clean).float().mean().item()
+    else:
+        out["val_pgd"] = out["val_clean"]
+    return out
+
+
+def training_loss(model, x, y, eps, cfg: ExtractorConfig, device, generator) -> torch.Tensor:
+    """The outer loss of one step for the configured trainer (eq. 3 for PGD-AT)."""
+    if eps == 0:
+        with autocast(cfg.precision, device):
+            return F.cross_entropy(model(x), y)
+    alpha = step_size(eps, cfg.step_size)
+    if cfg.trainer == "pgd":
+        x_adv = pgd(model, x, y, eps, alpha, cfg.attack_steps, precision=cfg.precision, generator=generator)
+    elif cfg.trainer == "fgsm":
+        # Wong et al.: one step of 1.25 eps from a uniform random start
+        x_adv = pgd(model, x, y, eps, 1.25 * eps, 1, precision=cfg.precision, generator=generator)
+    else:  # trades: attack the KL divergence from the clean prediction
+        model.eval()
+        with torch.no_grad(), autocast(cfg.precision, device):
+            p_clean = F.softmax(model(x).float(), dim=1)
+        model.train()
+
+        def kl_to_clean(z, _y):
+            return F.kl_div(F.log_softmax(z.float(), dim=1), p_clean, reduction="none").sum(1)
+
+        x_adv = pgd(model, x, y, eps, alpha, cfg.attack_steps, loss=kl_to_clean,
+                    precision=cfg.precision, generator=generator)
+        with autocast(cfg.precision, device):
+            z_clean, z_adv = model(torch.cat([x, x_adv])).float().chunk(2)
+        kl = F.kl_div(F.log_softmax(z_adv, dim=1), F.softmax(z_clean, dim=1), reduction="batchmean")
+        return F.cross_entropy(z_clean, y) + cfg.trades_beta * kl
+    with autocast(cfg.precision, device):
+        return F.cross_entropy(model(x_adv), y)
+
+
+def train_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig, out_dir: str | Path,
+                    device: str = "auto", progress: bool = True, stop_after_epoch: int | None = None) -> dict:
+    """Train (or resume, or load) one extractor; returns its final checkpoint dict.
+
+    `out_dir/last.pt` is rewritten after every epoch (weights, optimizer, schedule, RNG states,
+    history, best weights so far) so a rerun of the same call resumes; `out_dir/extractor.pt` holds
+    the early-stopped weights with their config and metrics. `stop_after_epoch` ends the call after
+    that epoch (0-based) as an interruption would, for tests.
+    """
+    out_dir = Path(out_dir)
+    data = limited(data, data_cfg)
+    key = extractor_key(cfg, data_cfg, data)
+    final_path, last_path = out_dir / "extractor.pt", out_dir / "last.pt"
+    label = f"extractor {format_budget(cfg.eps)}"
+    if final_path.is_file():
+        ckpt = load_checkpoint(final_path)
+        if ckpt.get("key") != key:
+            raise ValueError(f"{final_path} was trained with another config (key {ckpt.get('key')} != {key}); "
+                             f"use another run directory or delete it")
+        if progress:
+            print(f"{label}: found {final_path} made from the same config, skipping")
+        return ckpt
+
+    dev = resolve_device(device)
+    fmt = memory_format(cfg.precision)
+    torch.manual_seed(cfg.seed)
+    mean, std = channel_stats(data.x_train)
+    model = build_model(cfg.model, data.num_classes, in_channels=data.image_shape[0], mean=mean, std=std)
+    model = model.to(dev, memory_format=fmt)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.lr_milestones), gamma=cfg.lr_gamma)
+    order_gen = torch.Generator().manual_seed(cfg.seed)  # data order and per-batch budgets
+    noise_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)  # augmentation and random starts
+
+    train_idx, val_idx = validation_split(data, data_cfg.val_fraction, seed=0)
+    x_train, y_train = data.x_train[train_idx].to(dev), data.y_train[train_idx].to(dev)
+    val_idx = val_idx[: cfg.val_examples]
+    x_val = to_float(data.x_train[val_idx]).to(dev, memory_format=fmt)
+    y_val = data.y_train[val_idx].to(dev)
+    val_eps = _validation_budget(cfg)
+
+    start, history, best = 0, [], {"val_pgd": -1.0}
+    best_state = None
+    if last_path.is_file():
+        ckpt = load_checkpoint(last_path, map_location=dev)
+        expect(ckpt, last_path, key=key)
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        order_gen.set_state(ckpt["order_rng"].cpu())
+        noise_gen.set_state(ckpt["noise_rng"].cpu())
+        start, history, best, best_state = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"], ckpt["best_state"]
+        if progress:
+            print(f"{label}: resuming from {last_path} after epoch {ckpt['epoch'] + 1}/{cfg.epochs}")
+
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        batches = list(iterate_batches(len(y_train), cfg.batch_size, shuffle=True, generator=order_gen))
+        draws = torch.rand(len(batches), generator=order_gen)
+        bar = tqdm(batches, desc=f"{label} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        running = torch.zeros((), device=dev)
+        for i, idx in enumerate(bar):
+            idx = idx.to(dev)
+            x = augment(x_train[idx], data_cfg.crop_padding, data_cfg.flip, noise_gen).contiguous(memory_format=fmt)
+            eps = cfg.eps
+            if cfg.eps_range is not None:
+                lo, hi = cfg.eps_range
+                eps = lo + (hi - lo) * draws[i].item()
+            loss = training_loss(model, x, y_train[idx], eps, cfg, dev, noise_gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += loss.detach()
+        schedule.step()
+        metrics = validate(model, x_val, y_val, val_eps, cfg, dev, noise_gen)
+        metrics.update(epoch=epoch, train_loss=(running / len(batches)).item(), lr=optimizer.param_groups[0]["lr"])
+        history.append(metrics)
+        if metrics["val_pgd"] > best["val_pgd"]:
+            best = metrics
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if progress:
+            print(f"{label} epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.3f} "
+                  f"val clean {metrics['val_clean']:.1f}% val PGD {metrics['val_pgd']:.1f}%")
+        save_checkpoint(last_path, {
+            "key": key, "epoch": epoch, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(), "order_rng": order_gen.get_state(),
+            "noise_rng": noise_gen.get_state(), "history": history, "best": best, "best_state": best_state,
+        })
+        if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch + 1 < cfg.epochs:
+            return {"interrupted_after_epoch": epoch}
+
+    model.load_state_dict(best_state, strict=True)
+    ckpt = {
+        "key": key, "kind": "extractor", "model_kwargs": model.model_kwargs,
+        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+        "config": dataclasses.asdict(cfg), "data_config": dataclasses.asdict(data_cfg),
+        **data_fingerprint(data), "metrics": best, "history": history,
+    }
+    save_checkpoint(final_path, ckpt)
+    last_path.unlink(missing_ok=True)
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the network a checkpoint describes and load its weights strictly; eval mode."""
+    model = build_model(**ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    return model.to(device).eval()
+
+
+def load_extractor(path: str | Path, device: str | torch.device = "cpu", data: Dataset | None = None):
+    """An extractor and its checkpoint; refused when made for other data than `data`."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != "extractor":
+        raise ValueError(f"{path} is not an extractor checkpoint (kind={ckpt.get('kind')!r})")
+    if data is not None:
+        expect(ckpt, path, **data_fingerprint(data))
+    return model_from_checkpoint(ckpt, device), ckpt
