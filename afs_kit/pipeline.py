@@ -135,8 +135,8 @@ class Run:
             dz = [delta_z(self.extractor(b)[0], x, self.preset.evaluation.eps, generator=gen).mean().item()
                   for b in budgets]
             sel = select_extractors(budgets, dz)
-            chosen = [i for i, b in enumerate(budgets) if any(abs(b - s) < 1e-9 for s in sel["selected"])]
-            write_json(path, {"budgets": budgets, "delta_z": dz, "selection": sel,
+            chosen = [i for i, b in enumerate(budgets) if any(abs(b - s) < 1e-9 for s in sel.selected)]
+            write_json(path, {"budgets": budgets, "delta_z": dz, "selection": dataclasses.asdict(sel),
                               "vector": subset_vector(chosen or list(range(len(budgets))), len(budgets))})
         return read_json(path)["vector"]
 

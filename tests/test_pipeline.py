@@ -1,0 +1,133 @@
+"""The AFS pipeline end to end on the smoke preset: command line, run directory, invariants."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from afs_kit.attacks import pgd
+from afs_kit.cli import main
+from afs_kit.config import get_preset, parse_eps_list
+from afs_kit.evaluation import correct_flags
+from afs_kit.pipeline import Run
+from afs_kit.runs import load_checkpoint, read_json
+from afs_kit.stacking import AFSModel, FeatureStack, LinearMerger, LogitAverage, parse_subset
+from afs_kit.training import train_extractor
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """train-extractors, train-merger and evaluate through the command line, as a user runs them."""
+    run_dir = tmp_path_factory.mktemp("smoke-run")
+    assert main(["train-extractors", "--preset", "smoke", "--run", str(run_dir), "--quiet"]) == 0
+    assert main(["train-merger", "--run", str(run_dir), "--subset", "all", "--alpha", "0.5", "--quiet"]) == 0
+    assert main(["evaluate", "--run", str(run_dir), "--quiet"]) == 0
+    return run_dir
+
+
+def test_cli_writes_metrics_with_attack_ordering(smoke_run):
+    files = list((smoke_run / "eval").glob("*/metrics.json"))
+    assert len(files) == 1
+    m = read_json(files[0])
+    one = 100 / m["n"] + 1e-6  # one example, in percent
+    assert m["n"] == 100 and abs(m["eps"] - 0.1) < 1e-12
+    assert m["clean"] >= 60, "the smoke AFS model must still learn"
+    assert m["aa"] > 0
+    assert m["clean"] + one >= m["pgd10"] and m["pgd10"] + one >= m["pgd20"] and m["pgd20"] + one >= m["aa"]
+    for attack in ("clean", "pgd10", "pgd20", "aa"):
+        assert m["worst"] <= m[attack] + 1e-9
+    flags = load_checkpoint(files[0].parent / "flags.pt")["flags"]
+    assert flags["worst"].sum().item() == round(m["worst"] * m["n"] / 100)
+    assert not (flags["aa"] & ~flags["clean"]).any(), "robust flags are ANDed with the clean flag"
+
+
+def test_stages_skip_work_they_find(smoke_run, capsys):
+    assert main(["train-extractors", "--preset", "smoke", "--run", str(smoke_run)]) == 0
+    assert main(["train-merger", "--run", str(smoke_run), "--subset", "111", "--alpha", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipping") == 4, out
+
+
+def test_merger_is_attacked_end_to_end(smoke_run):
+    """White-box PGD on the whole AFS model beats PGD transferred from any single extractor."""
+    run = Run.open(smoke_run, progress=False)
+    model = run.afs_model("all", alpha=0.5)
+    x, y = run.test_set(100)
+    eps = run.preset.evaluation.eps
+    gen = torch.Generator().manual_seed(0)
+    white = correct_flags(model, pgd(model, x, y, eps, eps / 4, 10, generator=gen), y).float().mean()
+    for b in run.budgets():
+        single = run.extractor(b)[0]
+        x_transfer = pgd(single, x, y, eps, eps / 4, 10, generator=gen)
+        transfer = correct_flags(model, x_transfer, y).float().mean()
+        assert white < transfer, f"transfer from extractor {b} is stronger than the white-box attack"
+
+
+def test_stack_is_frozen_and_stays_in_eval_mode(smoke_run):
+    run = Run.open(smoke_run, progress=False)
+    model = run.afs_model("all", alpha=0.5)
+    model.train()
+    assert all(not m.training for m in model.stack.extractors)
+    assert all(not p.requires_grad for p in model.stack.parameters())
+    assert all(p.requires_grad for p in model.merger.parameters())
+    assert model.merger.weight.shape == (10, sum(model.stack.feature_dims))
+
+
+def test_resume_gives_the_same_weights(tmp_path):
+    preset = get_preset("smoke")
+    cfg = dataclasses.replace(preset.extractor, eps=0.1, epochs=3, precision="fp32")
+    from afs_kit.data import load_dataset
+    data = load_dataset("digits")
+    whole = train_extractor(cfg, data, preset.data, tmp_path / "a", device="cpu", progress=False)
+    part = train_extractor(cfg, data, preset.data, tmp_path / "b", device="cpu", progress=False, stop_after_epoch=0)
+    assert part == {"interrupted_after_epoch": 0}
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 0
+    resumed = train_extractor(cfg, data, preset.data, tmp_path / "b", device="cpu", progress=False)
+    assert len(resumed["history"]) == 3
+    for k, v in whole["state_dict"].items():
+        assert torch.equal(v, resumed["state_dict"][k]), k
+    assert not (tmp_path / "b" / "last.pt").exists()
+
+
+def test_parse_subset_forms():
+    budgets = [k / 255 for k in range(9)]
+    assert parse_subset("all", budgets) == list(range(9))
+    assert parse_subset("100000001", budgets) == [0, 8]
+    assert parse_subset("0001", budgets) == [3], "a shorter vector names the first extractors"
+    assert parse_subset("3/255,8/255", budgets) == [3, 8]
+    with pytest.raises(ValueError, match="1000000011"):
+        parse_subset("1000000011", budgets)
+    with pytest.raises(ValueError, match="empty subset"):
+        parse_subset("000", budgets)
+    with pytest.raises(ValueError, match="9/255"):
+        parse_subset("9/255", budgets)
+    with pytest.raises(ValueError, match="10x1"):
+        parse_subset("10x1", budgets)
+
+
+def test_eps_list_parsing_without_eval():
+    assert parse_eps_list("0,2/255, 0.5") == (0.0, 2 / 255, 0.5)
+    with pytest.raises(ValueError, match="eps"):
+        parse_eps_list("__import__('os')")
+    with pytest.raises(ValueError, match="1.5"):
+        parse_eps_list("1.5")
+
+
+def test_logit_average_is_the_mean_of_logits(smoke_run):
+    run = Run.open(smoke_run, progress=False)
+    avg = run.logit_average("all")
+    x, _ = run.test_set(8)
+    singles = torch.stack([run.extractor(b)[0](x) for b in run.budgets()])
+    assert torch.allclose(avg(x), singles.mean(0), atol=1e-5)
+    with pytest.raises(ValueError, match="weights"):
+        LogitAverage([run.extractor(0.0)[0]], weights=[0.5])
+
+
+def test_afs_model_features_concatenate(smoke_run):
+    run = Run.open(smoke_run, progress=False)
+    stack = FeatureStack([run.extractor(b)[0] for b in run.budgets()])
+    model = AFSModel(stack, LinearMerger(stack.feature_dim, 10))
+    x, _ = run.test_set(4)
+    parts = [run.extractor(b)[0].features(x) for b in run.budgets()]
+    assert torch.allclose(model.features(x), torch.cat(parts, 1))
