@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench browser clean-runs
+.PHONY: setup test demo bench system-deps clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,14 +15,20 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Chromium for the real-browser widget test; skipped (with a message) where it cannot be installed
-browser:
-	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
-	  { apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; } ; } || \
-	  echo "chromium could not be installed: the browser test will be skipped"
+# Debian packages the tests use: Chromium (real-browser widget test) and Fashion-MNIST's files.
+# Where apt is missing or refuses, the tests that need them are skipped with a message.
+system-deps:
+	@missing=""; command -v chromium >/dev/null 2>&1 || missing="chromium chromium-driver"; \
+	  [ -d /usr/share/datasets/fashion-mnist ] || missing="$$missing dataset-fashion-mnist"; \
+	  if [ -n "$$missing" ]; then \
+	    if command -v apt-get >/dev/null 2>&1; then \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null 2>&1; } || \
+	      echo "could not install $$missing: the tests that need them will be skipped"; \
+	    else echo "no apt-get: $$missing not installed; the tests that need them will be skipped"; fi; \
+	  fi
 
-test: setup browser
+test: setup system-deps
 	$(BIN)/python -m pytest -q
 
 demo: setup

@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                          "extractor:<budget>, avg:<subset> (logit averaging, eq. 9); repeatable")
     sp.add_argument("--attacks", help="comma-separated subset of clean,pgd10,pgd20,aa")
     sp.add_argument("--n", type=int, help="number of test examples (default: the preset's, all if unset)")
-    sp.add_argument("--sanity", action="store_true", help="also run the gradient-masking sanity checks")
+    sp.add_argument("--sanity", action="store_true", help="run the gradient-masking sanity checks for single "
+                    "extractors too (always on for AFS models and logit averages)")
     common(sp, needs_run=True)
 
     sp = sub.add_parser("report", help="execute the notebook sequence with papermill into reports/<preset>/")
@@ -66,8 +67,12 @@ def _preset_for(args):
     """The preset of a new run (--preset) or of an existing one (run.json), with --set applied."""
     run_dir = Path(args.run) if args.run else None
     stored = None
-    if run_dir is not None and RunDir(run_dir).info_path.is_file():
-        stored = preset_from_dict(read_json(RunDir(run_dir).info_path)["preset"])
+    info_path = RunDir(run_dir).info_path if run_dir is not None else None
+    if info_path is not None and info_path.is_file():
+        info = read_json(info_path)
+        if not isinstance(info, dict) or not isinstance(info.get("preset"), dict):
+            raise UsageError(f"{info_path} holds no preset; it is not an afs-kit run.json")
+        stored = preset_from_dict(info["preset"])
     name = getattr(args, "preset", None)
     if name is not None:
         preset = get_preset(name)
@@ -113,17 +118,31 @@ def _models_to_evaluate(run, specs: list[str]):
 
 
 def _build(run, what):
+    """The model a --model names; a merger is refused unless it was trained on this run's extractors."""
+    from .runs import expect, load_checkpoint
     from .stacking import AFSModel, FeatureStack, LinearMerger
-    from .runs import load_checkpoint
+    from .training import data_fingerprint
     kind, arg = what
     if kind == "extractor":
         return run.extractor(arg)[0]
     if kind == "avg":
         return run.logit_average(arg)
-    ckpt = load_checkpoint(run.dir.merger_dir(arg) / "merger.pt")
-    budgets = run.budgets()
-    names = [p.parent.name for _, p in run.extractor_checkpoints()]
-    stack = FeatureStack([run.extractor(budgets[names.index(n)])[0] for n in ckpt["extractors"]])
+    path = run.dir.merger_dir(arg) / "merger.pt"
+    ckpt = load_checkpoint(path)
+    expect(ckpt, path, kind="merger", **data_fingerprint(run.data))
+    found = {p.parent.name: b for b, p in run.extractor_checkpoints()}
+    names, keys = ckpt.get("extractors") or [], ckpt.get("extractor_keys") or []
+    if not names or len(names) != len(keys):
+        raise ValueError(f"checkpoint {path} does not say which extractors it stacks; refusing to use it")
+    for name, key in zip(names, keys):
+        if name not in found:
+            raise ValueError(f"checkpoint {path} stacks extractor {name!r}, which {run.dir.root / 'extractors'} "
+                             f"does not hold; refusing to use it")
+        have = run.extractor(found[name])[1]["key"]
+        if have != key:
+            raise ValueError(f"checkpoint {path} was trained on another extractor {name!r} (key {key}, this run's "
+                             f"is {have}); refusing to use it: retrain the merger")
+    stack = FeatureStack([run.extractor(found[n])[0] for n in names])
     merger = LinearMerger(stack.feature_dim, run.data.num_classes)
     merger.load_state_dict(ckpt["state_dict"], strict=True)
     return AFSModel(stack, merger).eval()
@@ -154,7 +173,7 @@ def run_command(argv: list[str]) -> int:
         return 0
     if args.command == "train-merger":
         alpha = parse_unit(args.alpha, "alpha") if args.alpha is not None else None
-        subset = args.subset or preset.default_subset
+        subset = args.subset if args.subset is not None else preset.default_subset
         if subset != "selected":
             run.subset_indices(subset)  # validates the subset against the run's extractors
         with run.dir.lock():
@@ -167,10 +186,12 @@ def run_command(argv: list[str]) -> int:
             override(preset, [f"evaluation.attacks={','.join(attacks)}"])  # validates the names
         if args.n is not None and args.n < 1:
             raise UsageError(f"--n must be >= 1, got n={args.n}")
-        targets = _models_to_evaluate(run, args.model)
+        # every model is built (and its checkpoints checked) before the lock is taken
+        targets = [(name, what, _build(run, what)) for name, what in _models_to_evaluate(run, args.model)]
         with run.dir.lock():
-            for name, what in targets:
-                run.evaluate(name, _build(run, what), attacks=attacks, n_examples=args.n, sanity=args.sanity,
+            for name, what, model in targets:
+                # None: the pipeline runs the sanity checks for every stacked model
+                run.evaluate(name, model, attacks=attacks, n_examples=args.n, sanity=True if args.sanity else None,
                              model_info={"kind": what[0], "name": str(what[1])})
         return 0
     raise UsageError(f"unknown command {args.command!r}")

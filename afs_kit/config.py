@@ -268,10 +268,10 @@ def override(preset: Preset, assignments: list[str] | tuple[str, ...]) -> Preset
         key, text = item.split("=", 1)
         key = key.strip()
         section, _, fname = key.rpartition(".")
-        target = getattr(preset, section) if section else preset
         if section and (section not in {f.name for f in dataclasses.fields(preset)}
-                        or not dataclasses.is_dataclass(target)):
+                        or not dataclasses.is_dataclass(getattr(preset, section))):
             raise ValueError(f"unknown config section in override {key!r}; sections: data, extractor, merger, evaluation")
+        target = getattr(preset, section) if section else preset
         hints = typing.get_type_hints(type(target))
         if fname not in hints:
             raise ValueError(f"unknown config field {key!r}; {type(target).__name__} has: {', '.join(hints)}")

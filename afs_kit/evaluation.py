@@ -138,11 +138,24 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
                   n: int = 100, seed: int = 0, device: str = "auto") -> dict:
     """Cheap checks after Athalye et al. and AutoAttack's flags, on at most `n` examples.
 
+    Accuracy at budget 0 equals clean accuracy; robust accuracy does not rise with the budget and
+    falls to (near) 0 at a large one; 50 steps with 2 restarts do not beat 10 steps; AutoAttack is
+    not above PGD-20 (from `metrics`); input gradients are finite and not zero; the model in eval
+    mode is deterministic and does not depend on what else is in the batch. About 150 forward and
+    backward passes over `n` examples: small next to the evaluation itself.
+
     Each entry is `{"passed": bool, ...numbers}`; a failed check warns loudly. Tolerances are one
     example of the `n` checked.
     """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n (examples checked) must be an integer >= 1, got n={n!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 1:
+        raise ValueError(f"eps must be in (0, 1] for the sanity checks, got eps={eps!r}")
     dev = resolve_device(device)
     x, y = x[:n].to(dev), y[:n].to(dev)
+    check_eval_inputs(x, y)
+    if len(y) == 0:
+        raise ValueError("the sanity checks need at least one example, got x with 0 images")
     model = model.to(dev).eval()
     tol = 100 / len(y) + 1e-9
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -156,9 +169,9 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
     at_zero = acc(clean_flags & pgd_flags(model, x, y, 0.0, 1e-3, 5, generator=gen))
     checks["budget_zero_equals_clean"] = {"passed": abs(at_zero - clean) <= 1e-9, "clean": clean, "at_zero": at_zero}
     budgets = [eps / 2, eps, 2 * eps]
-    curve = [acc(clean_flags & pgd_flags(model, x, y, b, b / 4, 10, generator=gen)) for b in budgets]
+    curve = [acc(clean_flags & pgd_flags(model, x, y, min(b, 1.0), b / 4, 10, generator=gen)) for b in budgets]
     checks["monotone_in_budget"] = {"passed": all(b <= a + tol for a, b in zip([clean] + curve, curve)),
-                                    "budgets": budgets, "accuracy": curve}
+                                    "budgets": [min(b, 1.0) for b in budgets], "accuracy": curve}
     large = min(1.0, max(0.5, 8 * eps))
     at_large = acc(clean_flags & pgd_flags(model, x, y, large, large / 10, 20, generator=gen))
     checks["large_budget_breaks"] = {"passed": at_large <= 10.0, "budget": large, "accuracy": at_large}
@@ -172,16 +185,26 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
     loss = F.cross_entropy(model(x + delta), y, reduction="sum")
     (grad,) = torch.autograd.grad(loss, delta)
     zero_share = (grad.flatten(1).abs().sum(1) == 0).float().mean().item()
-    checks["nonzero_gradients"] = {"passed": zero_share < 0.5, "zero_gradient_share": zero_share}
+    finite = bool(torch.isfinite(grad).all())
+    checks["nonzero_gradients"] = {"passed": zero_share < 0.5 and finite, "zero_gradient_share": zero_share,
+                                   "finite": finite}
     with torch.no_grad():
-        same = torch.equal(model(x), model(x))
-    checks["deterministic_eval_mode"] = {"passed": same and not model.training}
+        z = model(x)
+        same = torch.equal(z, model(x))
+        # BatchNorm left in training mode, or any batch statistic, makes one example's logits
+        # depend on the others in its batch
+        half = max(1, len(y) // 2)
+        alone = torch.allclose(model(x[:half]), z[:half], rtol=1e-4, atol=1e-4)
+    in_eval = not any(m.training for m in model.modules())
+    checks["deterministic_eval_mode"] = {"passed": same and alone and in_eval, "deterministic": same,
+                                         "batch_independent": alone, "eval_mode": in_eval}
     failed = [k for k, v in checks.items() if not v["passed"]]
     if failed:
+        details = "; ".join(f"{k}: {({a: b for a, b in checks[k].items() if a != 'passed'})}" for k in failed)
         warnings.warn(f"SANITY CHECKS FAILED: {', '.join(failed)} -- the robust accuracy may be inflated by "
-                      f"gradient masking or a broken attack; do not trust it before finding out why",
+                      f"gradient masking or a broken attack; do not trust it before finding out why ({details})",
                       RuntimeWarning, stacklevel=2)
-    return {"passed": not failed, "failed": failed, "checks": checks}
+    return {"passed": not failed, "failed": failed, "checks": checks, "n": len(y)}
 
 
 def config_info(cfg) -> dict:

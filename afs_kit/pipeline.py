@@ -11,14 +11,16 @@ from pathlib import Path
 
 import torch
 
-from .config import Preset, budget_name, config_hash, format_budget, get_preset, preset_from_dict, validate_preset
+from .config import (ATTACKS, Preset, budget_name, config_hash, format_budget, get_preset, preset_from_dict,
+                     validate_preset)
 from .data import Dataset, load_dataset
-from .device import resolve_device
+from .device import PRECISIONS, resolve_device
 from .evaluation import evaluate, sanity_checks, write_evaluation
-from .runs import RunDir, load_checkpoint, read_json, write_json
+from .models import MODEL_NAMES, parse_wrn_name
+from .runs import RunDir, expect, load_checkpoint, read_json, write_json
 from .stacking import (AFSModel, FeatureStack, LinearMerger, LogitAverage, merger_checkpoint, parse_subset,
                        save_merger, subset_vector, train_merger)
-from .training import data_fingerprint, limited, load_extractor, train_extractor
+from .training import data_fingerprint, existing_extractor, limited, load_extractor, train_extractor
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,11 +34,24 @@ def resolve_spec(spec: str) -> str:
     return f"{kind}:{candidate}" if candidate.exists() else spec
 
 
+def check_model_name(name: str, what: str = "model") -> None:
+    """Refuse an unknown architecture before anything is written (build_model would, but later)."""
+    if not isinstance(name, str) or (name not in MODEL_NAMES and parse_wrn_name(name) is None):
+        raise ValueError(f"unknown {what}={name!r}; known: {', '.join(MODEL_NAMES)} (or any 'wrn-D-K' with "
+                         f"(D - 4) % 6 == 0)")
+
+
 class Run:
     """One run directory with its preset; every stage reads and writes it."""
 
     def __init__(self, run_dir: str | Path, preset: Preset, device: str = "auto", progress: bool = True):
         validate_preset(preset)
+        check_model_name(preset.extractor.model, "extractor.model")
+        for what in ("extractor", "merger", "evaluation"):
+            cfg = getattr(preset, what)
+            if cfg.precision not in PRECISIONS:
+                raise ValueError(f"{what}.precision must be one of {', '.join(PRECISIONS)}, "
+                                 f"got {what}.precision={cfg.precision!r}")
         self.dir = RunDir(run_dir)
         self.preset = preset
         self.device = resolve_device(device)
@@ -81,7 +96,15 @@ class Run:
 
     def train_extractors(self, budgets=None) -> list[dict]:
         """Train every missing extractor of `budgets` (default: the preset's); one checkpoint each."""
-        budgets = self.preset.budgets if budgets is None else budgets
+        budgets = self.preset.budgets if budgets is None else tuple(budgets)
+        if not budgets:
+            raise ValueError(f"budgets must list at least one training budget, got budgets={budgets!r}")
+        for eps in budgets:  # checked before anything is written
+            if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
+                raise ValueError(f"eps must be in [0, 1], got eps={eps!r}")
+        for eps in budgets:  # a checkpoint made for other data or another model is refused before any write
+            existing_extractor(self.extractor_config(eps), self.data, self.preset.data,
+                               self.dir.extractor_dir(budget_name(eps)))
         self.write_info()
         out = []
         for eps in budgets:
@@ -108,7 +131,10 @@ class Run:
 
     def _budget_of(self, path: Path) -> float:
         if path not in self._extractors:
-            self._extractors[path] = load_extractor(path, "cpu", self.data)
+            model, ckpt = load_extractor(path, "cpu", self.data)
+            # same data is not enough: an extractor of another architecture is not this run's
+            expect(ckpt["config"], path, model=self.preset.extractor.model)
+            self._extractors[path] = model, ckpt
         return self._extractors[path][1]["config"]["eps"]
 
     def budgets(self) -> list[float]:
@@ -172,6 +198,7 @@ class Run:
         final = out_dir / "merger.pt"
         if final.is_file():
             ckpt = load_checkpoint(final)
+            expect(ckpt, final, kind="merger", key=key)
             merger = LinearMerger(stack.feature_dim, self.data.num_classes)
             merger.load_state_dict(ckpt["state_dict"], strict=True)
             self.say(f"merger {name}: found, skipping training")
@@ -194,9 +221,21 @@ class Run:
         return LogitAverage([self.extractor(budgets[i])[0] for i in self.subset_indices(subset)])
 
     # ------------------------------------------------------------ evaluation
-    def evaluate(self, name: str, model: torch.nn.Module, attacks=None, n_examples=None, sanity: bool = False,
+    def evaluate(self, name: str, model: torch.nn.Module, attacks=None, n_examples=None, sanity: bool | None = None,
                  model_info: dict | None = None) -> dict:
-        """Evaluate `model` under the preset's protocol; skipped when the same evaluation exists."""
+        """Evaluate `model` under the preset's protocol; skipped when the same evaluation exists.
+
+        `sanity` (the gradient-masking checks, recorded in metrics.json): None runs them for stacked
+        models (AFS models and logit averages), which must never be reported without them.
+        """
+        if sanity is None:
+            sanity = isinstance(model, (AFSModel, LogitAverage))
+        if n_examples is not None and (isinstance(n_examples, bool) or not isinstance(n_examples, int)
+                                       or n_examples < 1):
+            raise ValueError(f"n_examples must be an integer >= 1 or None, got n_examples={n_examples!r}")
+        for a in attacks or ():
+            if a not in ATTACKS:
+                raise ValueError(f"unknown attack={a!r}; known: {', '.join(ATTACKS)}")
         cfg = self.preset.evaluation
         cfg = dataclasses.replace(cfg, attacks=tuple(attacks or cfg.attacks),
                                   n_examples=n_examples if n_examples is not None else cfg.n_examples)

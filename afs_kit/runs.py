@@ -11,10 +11,11 @@ Layout of a run directory::
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import secrets
 import socket
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,13 @@ def _atomic_write(path: Path, write) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: a kill leaves old or new."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # not mkstemp: its files are 0600; os.open with 0o666 lets the umask decide, as for any new file
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
+            if path.is_file():  # a rewritten file keeps its permissions
+                os.chmod(f.fileno(), path.stat().st_mode & 0o7777)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -46,6 +51,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
+    """Write `obj` as indented JSON, atomically."""
     data = json.dumps(obj, indent=2, sort_keys=False, default=_json_default).encode()
     _atomic_write(Path(path), lambda f: f.write(data + b"\n"))
 
@@ -63,6 +69,7 @@ def _json_default(o):
 
 
 def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; a truncated or foreign file gives a ValueError naming it."""
     path = Path(path)
     try:
         return json.loads(path.read_text())
@@ -100,56 +107,63 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def expect(ckpt: dict, path: str | Path, **wanted) -> None:
     """Refuse a checkpoint made for other data, class count or architecture than the run asks for."""
-    for key, value in wanted.items():
-        if ckpt.get(key) != value:
-            raise ValueError(f"checkpoint {path} was made for {key}={ckpt.get(key)!r}, "
-                             f"but this run needs {key}={value!r}; refusing to use it")
+    differ = [key for key, value in wanted.items() if ckpt.get(key) != value]
+    if differ:
+        made = ", ".join(f"{key}={ckpt.get(key)!r}" for key in differ)
+        needed = ", ".join(f"{key}={wanted[key]!r}" for key in differ)
+        raise ValueError(f"checkpoint {path} was made for {made}, but this run needs {needed}; refusing to use it")
 
 
 class RunLock:
-    """One writer per run directory: a second run is refused with the holder named."""
+    """One writer per run directory: a second run is refused with the holder named.
+
+    An advisory `flock` on RUN/.lock: the kernel drops it when its holder dies, however it dies,
+    so a SIGKILLed run never leaves a lock behind (no pid guessing, no stale-lock races). The file
+    holds "pid N on HOST" of the holder, for the message.
+    """
 
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / ".lock"
-        self.held = False
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def __enter__(self) -> RunLock:
+        if self.held:
+            raise RuntimeError(f"the lock {self.path} is already held by this RunLock")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = f"pid {os.getpid()} on {socket.gethostname()}"
-        for _ in range(2):
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o666)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self.path.read_text().strip() if self.path.exists() else "?"
-                if self._stale(holder):
-                    self.path.unlink(missing_ok=True)
-                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that is starting"
+                os.close(fd)
                 raise RuntimeError(f"run directory {self.path.parent} is in use by {holder}; "
-                                   f"wait for it or remove {self.path} if that process is gone") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            self.held = True
+                                   f"wait for it to finish") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous holder removed the file between our open and our lock
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            self._fd = fd
             return self
-        raise RuntimeError(f"could not take the lock {self.path}")
-
-    @staticmethod
-    def _stale(holder: str) -> bool:
-        """A lock left by a killed process on this host is stale."""
-        parts = holder.split()
-        if len(parts) != 4 or parts[0] != "pid" or parts[3] != socket.gethostname():
-            return False
-        try:
-            os.kill(int(parts[1]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError):
-            return False
-        return False
 
     def __exit__(self, *exc) -> None:
-        if self.held:
+        if self._fd is not None:
+            # unlink while still locked, so a waiter that opened the old file sees it is gone and retries
             self.path.unlink(missing_ok=True)
-            self.held = False
+            os.close(self._fd)
+            self._fd = None
 
 
 class RunDir:

@@ -205,6 +205,8 @@ def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg
         order_gen.set_state(ckpt["order_rng"].cpu())
         noise_gen.set_state(ckpt["noise_rng"].cpu())
         start, history = ckpt["epoch"] + 1, ckpt["history"]
+        if progress:
+            print(f"merger alpha={cfg.alpha:g}: resuming from {last_path} after epoch {start}/{cfg.epochs}")
 
     for epoch in range(start, cfg.epochs):
         lr = cfg.lr if epoch < cfg.lr_drop_epoch else cfg.lr * 0.1

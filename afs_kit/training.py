@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .attacks import pgd
-from .config import DataConfig, ExtractorConfig, config_hash, format_budget, step_size
+from .config import TRAINERS, DataConfig, ExtractorConfig, config_hash, format_budget, step_size
 from .data import Dataset, augment, iterate_batches, to_float, validation_split
-from .device import autocast, memory_format, resolve_device
+from .device import autocast, check_precision, memory_format, resolve_device
 from .models import build_model
 from .runs import expect, load_checkpoint, save_checkpoint
 
@@ -108,6 +108,50 @@ def training_loss(model, x, y, eps, cfg: ExtractorConfig, device, generator) -> 
         return F.cross_entropy(model(x_adv), y)
 
 
+def check_extractor_config(cfg: ExtractorConfig) -> None:
+    """Everything `train_extractor` needs of its config, checked before anything is written."""
+    if isinstance(cfg.eps, bool) or not isinstance(cfg.eps, (int, float)) or not 0 <= cfg.eps <= 1:
+        raise ValueError(f"eps must be in [0, 1], got eps={cfg.eps!r}")
+    if cfg.eps_range is not None and not (len(cfg.eps_range) == 2 and 0 <= cfg.eps_range[0] <= cfg.eps_range[1] <= 1):
+        raise ValueError(f"eps_range must satisfy 0 <= lo <= hi <= 1, got eps_range={cfg.eps_range!r}")
+    for name in ("epochs", "batch_size", "attack_steps", "val_attack_steps", "val_examples"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
+    if cfg.step_size is not None and not cfg.step_size > 0:
+        raise ValueError(f"step_size (the PGD step) must be > 0, got step_size={cfg.step_size!r}")
+    if cfg.trainer not in TRAINERS:
+        raise ValueError(f"unknown trainer={cfg.trainer!r}; known: {', '.join(TRAINERS)}")
+    check_precision(cfg.precision)
+
+
+def existing_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig, out_dir: str | Path) -> dict | None:
+    """The finished checkpoint in `out_dir` when it was made from this config, None when there is none.
+
+    Refuses (ValueError naming the file) a checkpoint in `out_dir` made for other data, class count,
+    architecture or config, before the caller writes anything.
+    """
+    check_extractor_config(cfg)
+    out_dir = Path(out_dir)
+    data = limited(data, data_cfg)
+    key = extractor_key(cfg, data_cfg, data)
+    final_path, last_path = out_dir / "extractor.pt", out_dir / "last.pt"
+    for path in (final_path, last_path):
+        if not path.is_file():
+            continue
+        ckpt = load_checkpoint(path)
+        if path == final_path:
+            # name what differs when it is the data or the architecture; any other difference shows in the key
+            expect(ckpt, path, kind="extractor", **data_fingerprint(data))
+            expect(ckpt.get("config", {}), path, model=cfg.model)
+        if ckpt.get("key") != key:
+            raise ValueError(f"{path} was trained with another config (key {ckpt.get('key')} != {key}); "
+                             f"use another run directory or delete it")
+        if path == final_path:
+            return ckpt
+    return None
+
+
 def train_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig, out_dir: str | Path,
                     device: str = "auto", progress: bool = True, stop_after_epoch: int | None = None) -> dict:
     """Train (or resume, or load) one extractor; returns its final checkpoint dict.
@@ -117,16 +161,13 @@ def train_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig, o
     the early-stopped weights with their config and metrics. `stop_after_epoch` ends the call after
     that epoch (0-based) as an interruption would, for tests.
     """
+    ckpt = existing_extractor(cfg, data, data_cfg, out_dir)
     out_dir = Path(out_dir)
     data = limited(data, data_cfg)
     key = extractor_key(cfg, data_cfg, data)
     final_path, last_path = out_dir / "extractor.pt", out_dir / "last.pt"
     label = f"extractor {format_budget(cfg.eps)}"
-    if final_path.is_file():
-        ckpt = load_checkpoint(final_path)
-        if ckpt.get("key") != key:
-            raise ValueError(f"{final_path} was trained with another config (key {ckpt.get('key')} != {key}); "
-                             f"use another run directory or delete it")
+    if ckpt is not None:
         if progress:
             print(f"{label}: found {final_path} made from the same config, skipping")
         return ckpt

@@ -1,0 +1,316 @@
+"""Figures of the paper from arrays: one function per figure, each returning a matplotlib Figure.
+
+Figures are made with pyplot and at once detached from it (`plt.close`), so nothing accumulates in
+pyplot's global list and a notebook shows a returned figure exactly once (pyplot's first figure also
+registers Jupyter's display hook; a bare `matplotlib.figure.Figure` would print as text there).
+No backend is chosen here: scripts get matplotlib's default (Agg without a display), notebooks inline.
+`save_figure` writes a PNG atomically.
+
+Budgets are floats in pixel scale (8/255) and are drawn in units of 1/255.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .analysis import TABLE4_CIFAR10, ReferenceRow, Selection, _weight_array, weight_stats
+
+__all__ = [
+    "plot_clean_vs_robust", "plot_delta_z", "plot_tsne", "plot_robustness_vs_budget",
+    "plot_importance_ratios", "plot_weight_histograms", "plot_alpha_tradeoff", "save_figure",
+]
+
+_BUDGET_LABEL = "x 1/255"
+
+
+def _new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] | None = None):
+    """A figure and its [nrows, ncols] axes, already closed in pyplot (see the module docstring)."""
+    import matplotlib.pyplot as plt  # imported when a figure is made, not when the kit is imported
+
+    fig, axes = plt.subplots(nrows, ncols, figsize=figsize, squeeze=False, layout="constrained")
+    plt.close(fig)
+    return fig, axes
+
+
+def _array(values, name: str, ndim: int = 1) -> np.ndarray:
+    if hasattr(values, "detach"):
+        values = values.detach().float().cpu().numpy()
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be numeric, got {name}={values!r}") from err
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-dimensional, got {name} with shape {arr.shape}")
+    return arr
+
+
+def _same_length(name: str, values: np.ndarray, ref_name: str, n: int) -> None:
+    if len(values) != n:
+        raise ValueError(f"{name} must have one value per entry of {ref_name} ({n}), got len({name})={len(values)}")
+
+
+# ----------------------------------------------------------------------------- fig. 1
+
+def plot_clean_vs_robust(results: Mapping[str, tuple[float, float]] | None = None,
+                         reference: Sequence[ReferenceRow] | None = TABLE4_CIFAR10, robust: str = "pgd",
+                         title: str | None = None):
+    """Fig. 1: clean accuracy (x) against robust accuracy (y) of several methods, each annotated.
+
+    results: the kit's own methods, name -> (clean, robust), in % (filled circles).
+    reference: published rows (default: table 4, CIFAR-10), drawn as open squares labelled
+        "(paper)"; rows without the two values are skipped. None: no reference.
+    robust: which reference column is the y value, "pgd" or "aa".
+    """
+    if robust not in ("pgd", "aa"):
+        raise ValueError(f"robust must be 'pgd' or 'aa', got robust={robust!r}")
+    results = dict(results or {})
+    for name, point in results.items():
+        if len(tuple(point)) != 2:
+            raise ValueError(f"results[{name!r}] must be (clean, robust), got {point!r}")
+    fig, axes = _new_figure(figsize=(6, 4.5))
+    ax = axes[0, 0]
+    if reference:
+        pts = [(r.method, r.clean, getattr(r, robust)) for r in reference
+               if r.clean is not None and getattr(r, robust) is not None]
+        if pts:
+            ax.scatter([p[1] for p in pts], [p[2] for p in pts], marker="s", facecolors="none",
+                       edgecolors="tab:gray", s=50, label="quoted from the paper")
+            for name, cx, ry in pts:
+                ax.annotate(f"{name} (paper)", (cx, ry), textcoords="offset points", xytext=(4, 4),
+                            fontsize=8, color="tab:gray")
+    if results:
+        ax.scatter([p[0] for p in results.values()], [p[1] for p in results.values()], marker="o",
+                   color="tab:red", s=50, label="this run")
+        for name, (cx, ry) in results.items():
+            ax.annotate(name, (cx, ry), textcoords="offset points", xytext=(4, -10), fontsize=9, color="tab:red")
+    ax.margins(x=0.15, y=0.1)  # room for the annotations
+    ax.set_xlabel("clean accuracy (%)")
+    ax.set_ylabel(f"robust accuracy, {'PGD' if robust == 'pgd' else 'AutoAttack'} (%)")
+    ax.set_title(title or "Accuracy-robustness trade-off")
+    ax.grid(alpha=0.3)
+    if results or reference:
+        ax.legend(loc="best", fontsize=8)
+    return fig
+
+
+# ----------------------------------------------------------------------------- fig. 3
+
+def plot_delta_z(eps: Sequence[float], mean: Sequence[float], std: Sequence[float] | None = None,
+                 selected: Sequence[float] | Selection | None = None, Delta: float | None = None,
+                 title: str | None = None):
+    """Fig. 3: Delta-z against the training budget, with a +-1 std band, the selected budgets marked.
+
+    mean, std: per budget, e.g. `delta_z_curve(..., reduce="mean_std")` at one Delta.
+    selected: budgets chosen by the concavity rule (or the `Selection` itself).
+    """
+    e = _array(eps, "eps")
+    m = _array(mean, "mean")
+    _same_length("mean", m, "eps", len(e))
+    fig, axes = _new_figure(figsize=(6, 4))
+    ax = axes[0, 0]
+    k = e * 255
+    ax.plot(k, m, "o-", color="tab:blue", label="mean over examples")
+    if std is not None:
+        s = _array(std, "std")
+        _same_length("std", s, "eps", len(e))
+        ax.fill_between(k, m - s, m + s, color="tab:blue", alpha=0.2, label="+-1 std")
+    if selected is not None:
+        chosen = selected.selected if isinstance(selected, Selection) else list(selected)
+        mask = np.array([any(np.isclose(v, c, rtol=0, atol=1e-9) for c in chosen) for v in e])
+        ax.scatter(k[mask], m[mask], s=140, marker="*", color="tab:orange", zorder=3, label="selected")
+    ax.set_xlabel(f"training budget eps ({_BUDGET_LABEL})")
+    ax.set_ylabel("Delta_z (largest logit change)")
+    at = f" at Delta = {Delta * 255:g}/255" if Delta is not None else ""
+    ax.set_title(title or f"Delta_z{at} vs training budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+# ----------------------------------------------------------------------------- fig. 4
+
+def _class_colors(n: int):
+    import matplotlib as mpl
+
+    if n <= 10:
+        return [mpl.colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        return [mpl.colormaps["tab20"](i) for i in range(n)]
+    return [mpl.colormaps["turbo"](i / max(1, n - 1)) for i in range(n)]
+
+
+def plot_tsne(embeddings: Sequence, labels, class_names: Sequence[str] | None = None,
+              titles: Sequence[str] | None = None, point_size: float = 4.0, max_legend: int = 20):
+    """Fig. 4: t-SNE embeddings side by side (e.g. network-3, network-8, their concatenation).
+
+    embeddings: arrays [N, 2] of the same N examples; labels: their classes [N] (ints).
+    class_names: legend text per class (default the numbers); the legend is left out above
+    `max_legend` classes (CIFAR-100), where it would hide the plot.
+    """
+    embs = [_array(e, f"embeddings[{i}]", ndim=2) for i, e in enumerate(embeddings)]
+    if not embs:
+        raise ValueError("embeddings must hold at least one embedding, got an empty sequence")
+    y = np.asarray(labels.detach().cpu() if hasattr(labels, "detach") else labels)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be a 1-D array of integer classes, got shape {y.shape} and dtype {y.dtype}")
+    for i, e in enumerate(embs):
+        if e.shape[1] != 2:
+            raise ValueError(f"embeddings[{i}] must be [N, 2], got shape {e.shape}")
+        _same_length(f"embeddings[{i}]", e, "labels", len(y))
+    n_classes = int(y.max()) + 1 if len(y) else 0
+    names = list(class_names) if class_names is not None else [str(c) for c in range(n_classes)]
+    if len(names) < n_classes:
+        raise ValueError(f"class_names must name every class (labels go up to {n_classes - 1}), "
+                         f"got {len(names)} names")
+    if titles is not None and len(titles) != len(embs):
+        raise ValueError(f"titles must have one title per embedding ({len(embs)}), got titles={list(titles)!r}")
+    colors = _class_colors(max(n_classes, 1))
+    fig, axes = _new_figure(1, len(embs), figsize=(4.2 * len(embs) + 1.5, 4.2))
+    for i, (ax, e) in enumerate(zip(axes[0], embs)):
+        for c in range(n_classes):
+            pts = e[y == c]
+            ax.scatter(pts[:, 0], pts[:, 1], s=point_size, color=colors[c], label=names[c], linewidths=0)
+        ax.set_xlabel("t-SNE 1")
+        ax.set_ylabel("t-SNE 2")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(titles[i] if titles is not None else f"({chr(ord('a') + i)})")
+    if n_classes <= max_legend:
+        handles, texts = axes[0, -1].get_legend_handles_labels()
+        fig.legend(handles, texts, loc="outside right center", markerscale=3, fontsize=8, title="class")
+    return fig
+
+
+# ----------------------------------------------------------------------------- fig. 5a
+
+def plot_robustness_vs_budget(budgets: Sequence[float], accuracies: Mapping[str, Sequence[float]],
+                              title: str | None = None):
+    """Fig. 5a: robust accuracy (%) against the attack budget, one line per model (AFS, single extractors)."""
+    b = _array(budgets, "budgets")
+    if not accuracies:
+        raise ValueError("accuracies must map at least one model name to its accuracies, got an empty mapping")
+    fig, axes = _new_figure(figsize=(6, 4))
+    ax = axes[0, 0]
+    for name, acc in accuracies.items():
+        a = _array(acc, f"accuracies[{name!r}]")
+        _same_length(f"accuracies[{name!r}]", a, "budgets", len(b))
+        ax.plot(b * 255, a, "o-", label=name, lw=2.2 if "afs" in name.lower() else 1.2)
+    ax.set_xlabel(f"attack budget ({_BUDGET_LABEL})")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_title(title or "Robustness under different budgets")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+# ----------------------------------------------------------------------------- fig. 5b
+
+def plot_importance_ratios(ratios: Mapping[float | str, Sequence[float]],
+                           extractor_labels: Sequence[str] | None = None, title: str | None = None):
+    """Fig. 5b: importance ratio of each stacked extractor, grouped bars, one colour per alpha.
+
+    ratios: alpha (or any setting label) -> `importance_ratio(...)` (one value per extractor).
+    extractor_labels: x tick labels (e.g. "3/255"); default "net-1", "net-2", ...
+    """
+    if not ratios:
+        raise ValueError("ratios must map at least one alpha to its importance ratios, got an empty mapping")
+    rows = {k: _array(v, f"ratios[{k!r}]") for k, v in ratios.items()}
+    n = len(next(iter(rows.values())))
+    for k, v in rows.items():
+        _same_length(f"ratios[{k!r}]", v, "the first entry of ratios", n)
+    labels = list(extractor_labels) if extractor_labels is not None else [f"net-{i + 1}" for i in range(n)]
+    if len(labels) != n:
+        raise ValueError(f"extractor_labels must have one label per extractor ({n}), got {labels!r}")
+    fig, axes = _new_figure(figsize=(max(5.0, 0.9 * n + 3), 4))
+    ax = axes[0, 0]
+    width = 0.8 / len(rows)
+    x = np.arange(n)
+    for j, (alpha, v) in enumerate(rows.items()):
+        ax.bar(x - 0.4 + width * (j + 0.5), v, width, label=f"alpha = {alpha}")
+    ax.set_xticks(x, labels)
+    ax.set_xlabel("stacked extractor")
+    ax.set_ylabel("importance ratio")
+    ax.set_title(title or "Importance of each extractor")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+# ----------------------------------------------------------------------------- fig. 6
+
+def plot_weight_histograms(weights: Mapping[str, object], bins: int = 60, title: str | None = None):
+    """Fig. 6: histogram of each weight matrix (merger, single extractors' classifiers), side by side.
+
+    weights: name -> an nn.Linear, anything with `.weight`, or the matrix itself. Densities, so
+    matrices of different sizes compare; each panel's title carries `weight_stats` (share of |W| in
+    the largest 10% of entries, Gini of |W|, excess kurtosis).
+    """
+    if not weights:
+        raise ValueError("weights must map at least one name to a weight matrix, got an empty mapping")
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be an integer >= 1, got bins={bins!r}")
+    mats = {name: _weight_array(w, f"weights[{name!r}]") for name, w in weights.items()}
+    fig, axes = _new_figure(1, len(mats), figsize=(4.2 * len(mats), 3.8))
+    for ax, (name, w) in zip(axes[0], mats.items()):
+        st = weight_stats(w)
+        ax.hist(w.ravel(), bins=bins, density=True, color="tab:blue", alpha=0.8)
+        ax.set_xlabel("weight value")
+        ax.set_ylabel("density")
+        ax.set_title(f"{name}\ntop-10% |W| mass {st['top10_mass']:.2f}, Gini {st['gini']:.2f}, "
+                     f"kurtosis {st['kurtosis']:.1f}", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+# ----------------------------------------------------------------------------- table 2 as a figure
+
+def plot_alpha_tradeoff(alphas: Sequence[float], clean: Sequence[float], pgd10: Sequence[float],
+                        pgd20: Sequence[float] | None = None, title: str | None = None):
+    """Table 2 as a figure: clean and PGD accuracy (%) of the stacked model against the merger's alpha."""
+    a = _array(alphas, "alphas")
+    series = {"clean": _array(clean, "clean"), "PGD-10": _array(pgd10, "pgd10")}
+    if pgd20 is not None:
+        series["PGD-20"] = _array(pgd20, "pgd20")
+    for name, v in series.items():
+        _same_length(name.lower().replace("-", ""), v, "alphas", len(a))
+    fig, axes = _new_figure(figsize=(6, 4))
+    ax = axes[0, 0]
+    for (name, v), marker in zip(series.items(), "osd"):
+        ax.plot(a, v, marker=marker, label=name)
+    ax.set_xlabel("alpha (weight of the clean loss, eq. 5)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title or "Effect of alpha on the merger")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+# ----------------------------------------------------------------------------- saving
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 150) -> Path:
+    """Write `fig` as a PNG atomically (a temporary file in the same folder, then os.replace) and close it.
+
+    The folder is created when missing. Returns the path written.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"path must end in .png, got path={str(path)!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        # a failed write leaves neither a half-written file nor the temporary behind; the error propagates
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)  # a no-op for our (already detached) figures; frees any pyplot-made figure passed in
+    return path

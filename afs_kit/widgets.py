@@ -1,0 +1,127 @@
+"""ipywidgets explorers: an alpha slider and extractor-subset checkboxes over one run.
+
+A setting already trained answers at once (mergers and evaluations are cached on disk by config,
+and in memory once seen); a new one trains its merger on demand, with a progress bar in the
+explorer's output, and then stays cached. Every figure shown here also exists as a static figure
+made by the notebooks, since executed reports keep no widget state.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .config import format_budget
+from .pipeline import Run
+from .reports import PGD_ATTACKS, evaluate_afs, extractor_points, extractor_table, main_alpha, main_subset, \
+    merger_exists, stacked_labels
+
+
+def _setting(run: Run, vector: str, alpha: float, n_examples: int | None, cache: dict) -> dict:
+    """Metrics and importance ratio of one (subset, alpha), computed once per explorer."""
+    from .analysis import importance_ratio
+
+    key = (vector, round(alpha, 6))
+    if key not in cache:
+        metrics, model = evaluate_afs(run, vector, alpha, PGD_ATTACKS, n_examples)
+        cache[key] = {"alpha": alpha, "subset": vector, "clean": metrics["clean"], "pgd10": metrics["pgd10"],
+                      "pgd20": metrics["pgd20"],
+                      "importance": importance_ratio(model.merger, model.stack.feature_dims).tolist()}
+    return cache[key]
+
+
+def alpha_explorer(run: Run, alphas: Sequence[float] | None = None, subset: str | None = None,
+                   n_examples: int | None = None, step: float = 0.1, value: float | None = None):
+    """A slider over the merger's alpha (eq. 5) that redraws clean/PGD accuracy against alpha (every
+    alpha seen so far, the current one marked) and the importance ratio of each stacked extractor.
+
+    alphas: settings evaluated up front (the notebook's sweep, answered from the cache); None: none.
+    Returns an ipywidgets VBox; its `.children[-1]` is the Output the figures are drawn into.
+    """
+    import ipywidgets as w
+    from IPython.display import display
+
+    from .plots import plot_alpha_tradeoff, plot_importance_ratios
+
+    if not 0 < step <= 1:
+        raise ValueError(f"step must be in (0, 1], got step={step!r}")
+    vector = main_subset(run, subset)
+    start = main_alpha(run, value)
+    cache: dict = {}
+    for a in alphas or ():
+        _setting(run, vector, float(a), n_examples, cache)
+    slider = w.FloatSlider(value=start, min=0.0, max=1.0, step=step, description="alpha", readout_format=".2f",
+                           continuous_update=False, layout=w.Layout(width="420px"))
+    status = w.HTML()
+    out = w.Output()
+    labels = stacked_labels(run, vector)
+
+    def redraw(alpha: float) -> None:
+        alpha = round(alpha, 6)
+        trained = merger_exists(run, vector, alpha)
+        status.value = "" if trained else f"alpha={alpha:g}: training its merger (then cached) ..."
+        with out:
+            out.clear_output(wait=True)
+            row = _setting(run, vector, alpha, n_examples, cache)
+            status.value = ""
+            print(f"alpha={alpha:g}: clean {row['clean']:.1f}%, PGD-10 {row['pgd10']:.1f}%, "
+                  f"PGD-20 {row['pgd20']:.1f}% (subset {vector}); importance ratio "
+                  + ", ".join(f"{lab}: {r:.2f}" for lab, r in zip(labels, row["importance"])))
+            seen = sorted((r for (v, _), r in cache.items() if v == vector), key=lambda r: r["alpha"])
+            fig = plot_alpha_tradeoff([r["alpha"] for r in seen], [r["clean"] for r in seen],
+                                      [r["pgd10"] for r in seen], [r["pgd20"] for r in seen])
+            fig.axes[0].axvline(alpha, color="black", ls="--", lw=1)
+            display(fig)
+            display(plot_importance_ratios({f"{alpha:g}": row["importance"]}, labels,
+                                           title=f"Importance of each extractor, alpha={alpha:g}"))
+
+    slider.observe(lambda change: redraw(change["new"]), names="value")
+    redraw(start)
+    return w.VBox([w.HBox([slider, status]), out])
+
+
+def subset_explorer(run: Run, alpha: float | None = None, n_examples: int | None = None,
+                    subset: str | None = None):
+    """One checkbox per trained extractor; the AFS model over the ticked ones is drawn against the
+    single extractors (clean vs PGD-20) with its importance ratios. A subset whose merger exists
+    answers as soon as it is ticked; a new one trains when "Train and show" is pressed.
+    """
+    import ipywidgets as w
+    from IPython.display import display
+
+    from .plots import plot_clean_vs_robust, plot_importance_ratios
+
+    alpha = main_alpha(run, alpha)
+    budgets = run.budgets()
+    start = main_subset(run, subset)
+    boxes = [w.Checkbox(value=start[i] == "1", description=format_budget(b), indent=False,
+                        layout=w.Layout(width="90px")) for i, b in enumerate(budgets)]
+    button = w.Button(description="Train and show", button_style="primary")
+    out = w.Output()
+    cache: dict = {}
+    singles = extractor_points(extractor_table(run, n_examples))
+
+    def vector() -> str:
+        return "".join("1" if b.value else "0" for b in boxes)
+
+    def redraw(train: bool) -> None:
+        v = vector()
+        with out:
+            out.clear_output(wait=True)
+            if "1" not in v:
+                print("tick at least one extractor")
+                return
+            if not train and (v, round(alpha, 6)) not in cache and not merger_exists(run, v, alpha):
+                print(f"subset {v} has no merger yet: press 'Train and show' to train it (then it stays cached)")
+                return
+            row = _setting(run, v, alpha, n_examples, cache)
+            print(f"subset={v} alpha={alpha:g}: clean {row['clean']:.1f}%, PGD-10 {row['pgd10']:.1f}%, "
+                  f"PGD-20 {row['pgd20']:.1f}%")
+            points = {**singles, **{f"AFS {s}": (r["clean"], r["pgd20"]) for (s, _), r in cache.items()}}
+            display(plot_clean_vs_robust(points, reference=None, title="AFS subsets vs single extractors (PGD-20)"))
+            display(plot_importance_ratios({f"{alpha:g}": row["importance"]}, stacked_labels(run, v),
+                                           title=f"Importance of each extractor, subset {v}"))
+
+    for b in boxes:
+        b.observe(lambda _change: redraw(False), names="value")
+    button.on_click(lambda _button: redraw(True))
+    redraw(True)
+    return w.VBox([w.HBox(boxes), button, out])
