@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("train-extractors", help="PGD-AT one extractor per budget (resumes, skips finished ones)")
     sp.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (required for a new run)")
     sp.add_argument("--eps", help="comma-separated budgets in [0,1], decimals or k/255 (default: the preset's)")
-    sp.add_argument("--ablation", action="store_true", help="also train the random-budget network of table 6")
+    sp.add_argument("--ablation", action="store_true", help="also train table 6's random-budget network and large model")
     common(sp)
 
     sp = sub.add_parser("train-merger", help="train the linear merger over a subset of the run's extractors")
@@ -170,6 +170,7 @@ def run_command(argv: list[str]) -> int:
             run.train_extractors(budgets)
             if args.ablation:
                 run.train_ablation()
+                run.train_large_model()
         return 0
     if args.command == "train-merger":
         alpha = parse_unit(args.alpha, "alpha") if args.alpha is not None else None

@@ -92,6 +92,7 @@ class Preset:
     subsets: tuple[str, ...] = ("all",)  # table 3 subsets (binary vectors or "all")
     default_subset: str = "all"        # subset of the main AFS model (selection rule: "selected")
     ablation_budget_range: tuple[float, float] | None = None  # table 6 random-budget network; None = skip
+    large_model: str | None = None     # table 6 "Large model": a wider network PGD-trained at the evaluation budget
     tsne_examples: int = 1000          # test examples embedded for fig. 4
     delta_z_examples: int = 200        # test examples for Delta-z (fig. 3)
 
@@ -115,6 +116,7 @@ PRESETS: dict[str, Preset] = {
         alphas=(0.0, 0.5, 1.0),
         subsets=("101", "all"),
         ablation_budget_range=(0.1, 0.2),
+        large_model="cnn-tiny-x2",
         tsne_examples=200,
         delta_z_examples=50,
     ),
@@ -130,6 +132,7 @@ PRESETS: dict[str, Preset] = {
         subsets=("1000001", "1001001", "1010101", "all"),
         default_subset="selected",
         ablation_budget_range=(0.05, 0.3),
+        large_model="cnn-tiny-x2",
         tsne_examples=360,
         delta_z_examples=200,
     ),
@@ -145,6 +148,7 @@ PRESETS: dict[str, Preset] = {
         subsets=("1000001", "1001001", "1010101", "all"),
         default_subset="selected",
         ablation_budget_range=(0.025, 0.15),
+        large_model="cnn-small-x2",
         tsne_examples=1000,
     ),
     # real CIFAR-10 (lossless 4,000 train / 1,000 test) on CPU within an hour
@@ -159,6 +163,7 @@ PRESETS: dict[str, Preset] = {
         subsets=("100000001", "100010001", "101010101", "000111111", "111111111"),
         default_subset="selected",
         ablation_budget_range=(k255(3), k255(8)),
+        large_model="cnn-cifar-x2",
         tsne_examples=1000,
     ),
     # the paper, WRN-28-10, authors' schedule: a GPU job
@@ -172,6 +177,7 @@ PRESETS: dict[str, Preset] = {
         subsets=("100000001", "100010001", "101010101", "111111111"),
         default_subset="0001111110",
         ablation_budget_range=(k255(3), k255(8)),
+        large_model="wrn-28-30",
         tsne_examples=2000,
     ),
     "paper-cifar100": Preset(
@@ -184,6 +190,7 @@ PRESETS: dict[str, Preset] = {
         subsets=("100000001", "100010001", "101010101", "111111111"),
         default_subset="0001111110",
         ablation_budget_range=(k255(3), k255(8)),
+        large_model="wrn-28-30",
         tsne_examples=2000,
     ),
 }

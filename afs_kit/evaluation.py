@@ -207,5 +207,3 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
     return {"passed": not failed, "failed": failed, "checks": checks, "n": len(y)}
 
 
-def config_info(cfg) -> dict:
-    return dataclasses.asdict(cfg)

@@ -22,12 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MODEL_NAMES", "FeatureNet", "build_model", "parse_wrn_name"]
+__all__ = ["MODEL_NAMES", "FeatureNet", "build_model", "is_model_name", "parse_wrn_name"]
 
 MODEL_NAMES: tuple[str, ...] = (
     "wrn-28-10", "wrn-34-10", "wrn-28-30", "wrn-16-4", "preact-resnet18", "cnn-tiny", "cnn-small", "cnn-cifar",
 )
 _WRN_PATTERN = re.compile(r"wrn-(\d+)-(\d+)")
+# a small net k times wider ("cnn-tiny-x3"): table 6's "large model" for the CPU presets
+_WIDE_SMALL_PATTERN = re.compile(r"(cnn-tiny|cnn-small|cnn-cifar)-x(\d+)")
 
 
 class FeatureNet(nn.Module):
@@ -212,30 +214,31 @@ class SmallCNN(FeatureNet):
         return F.adaptive_avg_pool2d(self.body(x), 1).flatten(1)
 
 
-def _cnn_tiny(c: int) -> tuple[list[nn.Module], int]:
+def _cnn_tiny(c: int, k: int = 1) -> tuple[list[nn.Module], int]:
     # 8x8 digits: full resolution, then two stride-2 convs so the receptive field covers the digit
-    # before the global average (about 15 k parameters).
-    return [*_conv_bn_relu(c, 16), *_conv_bn_relu(16, 32, stride=2), *_conv_bn_relu(32, 32, stride=2)], 32
+    # before the global average (about 15 k parameters at k = 1).
+    return [*_conv_bn_relu(c, 16 * k), *_conv_bn_relu(16 * k, 32 * k, stride=2),
+            *_conv_bn_relu(32 * k, 32 * k, stride=2)], 32 * k
 
 
-def _cnn_small(c: int) -> tuple[list[nn.Module], int]:
+def _cnn_small(c: int, k: int = 1) -> tuple[list[nn.Module], int]:
     # Three blocks 32/64/128, each conv-BN-ReLU then 2x2 max pooling (28 -> 14 -> 7 -> 3, 8 -> 4 -> 2 -> 1).
     layers: list[nn.Module] = []
-    for cin, cout in ((c, 32), (32, 64), (64, 128)):
+    for cin, cout in ((c, 32 * k), (32 * k, 64 * k), (64 * k, 128 * k)):
         layers += [*_conv_bn_relu(cin, cout), nn.MaxPool2d(2, ceil_mode=True)]
-    return layers, 128
+    return layers, 128 * k
 
 
-def _cnn_cifar(c: int) -> tuple[list[nn.Module], int]:
-    # 32x32 colour in under 0.3 M parameters: widths 32-64-64-128-128, pooling 32 -> 16 -> 8 -> 4.
+def _cnn_cifar(c: int, k: int = 1) -> tuple[list[nn.Module], int]:
+    # 32x32 colour in under 0.3 M parameters at k = 1: widths 32-64-64-128-128, pooling 32 -> 16 -> 8 -> 4.
     layers = [
-        *_conv_bn_relu(c, 32),
-        *_conv_bn_relu(32, 64), nn.MaxPool2d(2, ceil_mode=True),
-        *_conv_bn_relu(64, 64),
-        *_conv_bn_relu(64, 128), nn.MaxPool2d(2, ceil_mode=True),
-        *_conv_bn_relu(128, 128), nn.MaxPool2d(2, ceil_mode=True),
+        *_conv_bn_relu(c, 32 * k),
+        *_conv_bn_relu(32 * k, 64 * k), nn.MaxPool2d(2, ceil_mode=True),
+        *_conv_bn_relu(64 * k, 64 * k),
+        *_conv_bn_relu(64 * k, 128 * k), nn.MaxPool2d(2, ceil_mode=True),
+        *_conv_bn_relu(128 * k, 128 * k), nn.MaxPool2d(2, ceil_mode=True),
     ]
-    return layers, 128
+    return layers, 128 * k
 
 
 _SMALL_NETS = {"cnn-tiny": _cnn_tiny, "cnn-small": _cnn_small, "cnn-cifar": _cnn_cifar}
@@ -254,6 +257,24 @@ def parse_wrn_name(name: str) -> tuple[int, int] | None:
     if widen < 1:
         raise ValueError(f"Wide ResNet width K in {name!r} must be >= 1, got K={widen}")
     return depth, widen
+
+
+def _small_net(name: str) -> tuple[str, int] | None:
+    """(base name, width factor) of a small net ("cnn-tiny" -> 1, "cnn-tiny-x3" -> 3), else None."""
+    if name in _SMALL_NETS:
+        return name, 1
+    match = _WIDE_SMALL_PATTERN.fullmatch(name)
+    if match is None:
+        return None
+    if int(match.group(2)) < 1:
+        raise ValueError(f"width factor in {name!r} must be >= 1, got x{match.group(2)}")
+    return match.group(1), int(match.group(2))
+
+
+def is_model_name(name) -> bool:
+    """Whether `build_model` knows `name` (ValueError for a malformed "wrn-D-K" or "cnn-...-xK")."""
+    return isinstance(name, str) and (name in MODEL_NAMES or parse_wrn_name(name) is not None
+                                      or _small_net(name) is not None)
 
 
 def _channel_values(values, label: str, in_channels: int, default: float) -> list[float]:
@@ -281,7 +302,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
                 std: Sequence[float] | torch.Tensor | None = None) -> FeatureNet:
     """Build a network by name; its input is x in [0,1] and it normalizes with (x - mean) / std inside.
 
-    Names: see `MODEL_NAMES`; besides those, any "wrn-D-K" with (D - 4) % 6 == 0.
+    Names: see `MODEL_NAMES`; besides those, any "wrn-D-K" with (D - 4) % 6 == 0, and any small net
+    k times wider, "cnn-tiny-xK" (likewise cnn-small, cnn-cifar).
     `mean` and `std` are per-channel (default 0.5 each). The result's `model_kwargs` rebuilds it.
     Parameters are created on the current default device, so `with torch.device("meta"):` builds a
     network without allocating its weights (for counting parameters).
@@ -306,8 +328,9 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
         return WideResNet(wrn[0], wrn[1], in_channels, kwargs, mean_list, std_list)
     if name == "preact-resnet18":
         return PreActResNet18(in_channels, kwargs, mean_list, std_list)
-    if name in _SMALL_NETS:
-        layers, feature_dim = _SMALL_NETS[name](in_channels)
+    small = _small_net(name)
+    if small is not None:
+        layers, feature_dim = _SMALL_NETS[small[0]](in_channels, small[1])
         return SmallCNN(layers, feature_dim, kwargs, mean_list, std_list)
     raise ValueError(f"unknown model name={name!r}; known names: {', '.join(MODEL_NAMES)} "
-                     f"(or any 'wrn-D-K' with (D - 4) % 6 == 0)")
+                     f"(or any 'wrn-D-K' with (D - 4) % 6 == 0, or 'cnn-tiny-xK' etc. for a K times wider small net)")

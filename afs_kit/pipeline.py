@@ -16,7 +16,7 @@ from .config import (ATTACKS, Preset, budget_name, config_hash, format_budget, g
 from .data import Dataset, load_dataset
 from .device import PRECISIONS, resolve_device
 from .evaluation import evaluate, sanity_checks, write_evaluation
-from .models import MODEL_NAMES, parse_wrn_name
+from .models import MODEL_NAMES, is_model_name
 from .runs import RunDir, expect, load_checkpoint, read_json, write_json
 from .stacking import (AFSModel, FeatureStack, LinearMerger, LogitAverage, merger_checkpoint, parse_subset,
                        save_merger, subset_vector, train_merger)
@@ -36,9 +36,9 @@ def resolve_spec(spec: str) -> str:
 
 def check_model_name(name: str, what: str = "model") -> None:
     """Refuse an unknown architecture before anything is written (build_model would, but later)."""
-    if not isinstance(name, str) or (name not in MODEL_NAMES and parse_wrn_name(name) is None):
+    if not is_model_name(name):
         raise ValueError(f"unknown {what}={name!r}; known: {', '.join(MODEL_NAMES)} (or any 'wrn-D-K' with "
-                         f"(D - 4) % 6 == 0)")
+                         f"(D - 4) % 6 == 0, or 'cnn-tiny-xK' etc. for a K times wider small net)")
 
 
 class Run:
@@ -47,6 +47,8 @@ class Run:
     def __init__(self, run_dir: str | Path, preset: Preset, device: str = "auto", progress: bool = True):
         validate_preset(preset)
         check_model_name(preset.extractor.model, "extractor.model")
+        if preset.large_model is not None:
+            check_model_name(preset.large_model, "large_model")
         for what in ("extractor", "merger", "evaluation"):
             cfg = getattr(preset, what)
             if cfg.precision not in PRECISIONS:
@@ -121,6 +123,15 @@ class Run:
         return train_extractor(cfg, self.data, self.preset.data, self.dir.root / "ablation" / "random-budget",
                                self.device, self.progress)
 
+    def train_large_model(self) -> dict | None:
+        """Table 6 'Large model': a wider network, PGD-trained like the extractors at the evaluation budget."""
+        if self.preset.large_model is None:
+            return None
+        cfg = dataclasses.replace(self.preset.extractor, model=self.preset.large_model,
+                                  eps=self.preset.evaluation.eps)
+        return train_extractor(cfg, self.data, self.preset.data, self.dir.root / "ablation" / "large-model",
+                               self.device, self.progress)
+
     def extractor_checkpoints(self) -> list[tuple[float, Path]]:
         """(budget, path) of every finished extractor, sorted by budget."""
         found = []
@@ -149,21 +160,45 @@ class Run:
                          f"(budgets: {', '.join(format_budget(b) for b in self.budgets())})")
 
     # ------------------------------------------------------------ subsets and mergers
+    def delta_z_values(self):
+        """Per-example Delta-z (eq. 8) of every extractor at the evaluation budget: (budgets, [n_budgets, N]).
+
+        On the preset's `delta_z_examples` first test images; every extractor gets a generator seeded
+        alike, so all see the same random starts and the curve is reproducible.
+        """
+        from .analysis import delta_z
+
+        x, _ = self.test_set(self.preset.delta_z_examples)
+        x = x.to(self.device)
+        budgets = self.budgets()
+        rows = [delta_z(self.extractor(b)[0], x, self.preset.evaluation.eps,
+                        generator=torch.Generator(device=self.device).manual_seed(0)).cpu()
+                for b in budgets]
+        return budgets, torch.stack(rows).numpy()
+
     def selected_subset(self) -> str:
-        """The binary vector the concavity rule chose (notebook 02 / `select` writes selection.json)."""
+        """The binary vector the concavity rule chooses, stored in selection.json with the extractors'
+        keys it was made from; redone when the run's extractors change."""
+        from .analysis import select_extractors
+
         path = self.dir.root / "selection.json"
-        if not path.is_file():
-            from .analysis import delta_z, select_extractors
-            x, _ = self.test_set(self.preset.delta_z_examples)
-            x = x.to(self.device)
-            budgets = self.budgets()
-            gen = torch.Generator(device=self.device).manual_seed(0)
-            dz = [delta_z(self.extractor(b)[0], x, self.preset.evaluation.eps, generator=gen).mean().item()
-                  for b in budgets]
-            sel = select_extractors(budgets, dz)
-            chosen = [i for i, b in enumerate(budgets) if any(abs(b - s) < 1e-9 for s in sel.selected)]
-            write_json(path, {"budgets": budgets, "delta_z": dz, "selection": dataclasses.asdict(sel),
-                              "vector": subset_vector(chosen or list(range(len(budgets))), len(budgets))})
+        keys = [self._extractors[p][1]["key"] for _, p in self.extractor_checkpoints()]
+        if path.is_file():
+            stored = read_json(path)
+            if isinstance(stored, dict) and stored.get("extractor_keys") == keys:
+                return stored["vector"]
+        budgets, values = self.delta_z_values()
+        dz = values.mean(axis=1).tolist()
+        if len(budgets) < 3:
+            # a second difference needs three budgets: nothing to choose from, every extractor is used
+            sel = {"eps": budgets, "delta_z": dz, "second_difference": [None] * len(budgets),
+                   "reasons": ["fewer than 3 budgets: the concavity rule needs three"] * len(budgets),
+                   "selected": [], "tol": 0.0}
+        else:
+            sel = dataclasses.asdict(select_extractors(budgets, dz))
+        chosen = [i for i, b in enumerate(budgets) if any(abs(b - s) < 1e-9 for s in sel["selected"])]
+        write_json(path, {"budgets": budgets, "extractor_keys": keys, "delta_z": dz, "selection": sel,
+                          "vector": subset_vector(chosen or list(range(len(budgets))), len(budgets))})
         return read_json(path)["vector"]
 
     def subset_indices(self, spec: str) -> list[int]:

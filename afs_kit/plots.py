@@ -11,7 +11,6 @@ Budgets are floats in pixel scale (8/255) and are drawn in units of 1/255.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -293,23 +292,16 @@ def plot_alpha_tradeoff(alphas: Sequence[float], clean: Sequence[float], pgd10: 
 # ----------------------------------------------------------------------------- saving
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 150) -> Path:
-    """Write `fig` as a PNG atomically (a temporary file in the same folder, then os.replace) and close it.
+    """Write `fig` as a PNG atomically (the run files' writer: temporary file, fsync, rename) and close it.
 
     The folder is created when missing. Returns the path written.
     """
+    from .runs import atomic_write
+
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"path must end in .png, got path={str(path)!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        # a failed write leaves neither a half-written file nor the temporary behind; the error propagates
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
     import matplotlib.pyplot as plt
 
     plt.close(fig)  # a no-op for our (already detached) figures; frees any pyplot-made figure passed in

@@ -303,17 +303,9 @@ def best_single(rows: Sequence[dict], robust: str = "pgd20") -> dict:
 # ============================================================================ fig. 3, the selection rule
 
 def delta_z_values(run: Run) -> dict:
-    """Per-example Delta-z (eq. 8) of every extractor at the evaluation budget, on the preset's
-    `delta_z_examples` test images, with the same procedure and seed as `Run.selected_subset`, so
-    the mean here is the curve the selection was made from."""
-    from .analysis import delta_z
-
-    x, _ = run.test_set(run.preset.delta_z_examples)
-    x = x.to(run.device)
-    gen = torch.Generator(device=run.device).manual_seed(0)
-    budgets = run.budgets()
-    values = np.stack([delta_z(run.extractor(b)[0], x, run.preset.evaluation.eps, generator=gen).cpu().numpy()
-                       for b in budgets])
+    """Per-example Delta-z (eq. 8) of every extractor at the evaluation budget (`Run.delta_z_values`,
+    the procedure the selection was made with): mean and std over the examples."""
+    budgets, values = run.delta_z_values()
     return {"budgets": budgets, "Delta": run.preset.evaluation.eps, "mean": values.mean(axis=1).tolist(),
             "std": values.std(axis=1).tolist(), "n": int(values.shape[1])}
 
@@ -609,7 +601,8 @@ def comparison_text(rows: Sequence[dict]) -> str:
 def cost_table(run: Run, subset: str | None = None, alpha: float | None = None, n_examples: int | None = None,
                ablation: bool = True) -> list[dict]:
     """Table 6: parameters, multiply-accumulates per image, clean and PGD-20 accuracy of the baseline,
-    the random-budget network (when `ablation` and the preset has a range) and the AFS model."""
+    the random-budget network and the large model (when `ablation` and the preset names them) and the
+    AFS model."""
     from .analysis import model_cost
     from .training import model_from_checkpoint
 
@@ -626,6 +619,13 @@ def cost_table(run: Run, subset: str | None = None, alpha: float | None = None, 
                                attacks=PGD_ATTACKS, n_examples=n_examples,
                                model_info={"kind": "ablation", "key": ckpt["key"]})
         entries.append((f"Rand.pert. {format_budget(lo)}..{format_budget(hi)}", model, metrics))
+    if ablation and run.preset.large_model is not None:
+        ckpt = run.train_large_model()
+        model = model_from_checkpoint(ckpt, run.device)
+        metrics = run.evaluate(_eval_name("ablation-large-model", PGD_ATTACKS, n_examples), model,
+                               attacks=PGD_ATTACKS, n_examples=n_examples,
+                               model_info={"kind": "ablation", "key": ckpt["key"]})
+        entries.append((f"Large model {run.preset.large_model} {label(run.preset.evaluation.eps)}", model, metrics))
     afs_metrics, afs = evaluate_afs(run, vector, alpha, PGD_ATTACKS, n_examples)
     entries.append((f"AFS {vector}", afs, afs_metrics))
     rows = []
@@ -641,15 +641,17 @@ def weight_rows(stats: dict) -> list[dict]:
 
 
 def cost_text(rows: Sequence[dict]) -> str:
-    """Table 6 in one sentence: what AFS costs and gains over the baseline; what random budgets do."""
+    """Table 6 in a few sentences: what AFS costs and gains over the baseline; what the ablations do."""
     base, afs = rows[0], rows[-1]
-    text = (f"AFS has {afs['params'] / base['params']:.1f}x the parameters and {afs['macs'] / base['macs']:.1f}x the "
-            f"MACs of the baseline; clean {afs['clean'] - base['clean']:+.1f} points, PGD-20 "
-            f"{afs['pgd20'] - base['pgd20']:+.1f} points.")
-    if len(rows) == 3:
-        rnd = rows[1]
-        text += (f" The random-budget network: clean {rnd['clean'] - base['clean']:+.1f} points, PGD-20 "
-                 f"{rnd['pgd20'] - base['pgd20']:+.1f} points against the baseline.")
+
+    def against_base(r):
+        return (f"{r['params'] / base['params']:.1f}x the parameters and {r['macs'] / base['macs']:.1f}x the MACs "
+                f"of the baseline; clean {r['clean'] - base['clean']:+.1f} points, PGD-20 "
+                f"{r['pgd20'] - base['pgd20']:+.1f} points")
+
+    text = f"AFS has {against_base(afs)}."
+    for r in rows[1:-1]:
+        text += f" {r['setting']}: {against_base(r)}."
     return text
 
 

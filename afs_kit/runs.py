@@ -25,7 +25,7 @@ import torch
 FORMAT = "afs-kit/1"
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: a kill leaves old or new."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +53,7 @@ def _atomic_write(path: Path, write) -> None:
 def write_json(path: str | Path, obj: Any) -> None:
     """Write `obj` as indented JSON, atomically."""
     data = json.dumps(obj, indent=2, sort_keys=False, default=_json_default).encode()
-    _atomic_write(Path(path), lambda f: f.write(data + b"\n"))
+    atomic_write(Path(path), lambda f: f.write(data + b"\n"))
 
 
 def _json_default(o):
@@ -82,7 +82,7 @@ def save_checkpoint(path: str | Path, obj: dict) -> None:
     if not isinstance(obj, dict):
         raise ValueError(f"a checkpoint must be a dict, got {type(obj).__name__}")
     payload = {"format": FORMAT, "torch_version": str(torch.__version__), **obj}
-    _atomic_write(Path(path), lambda f: torch.save(payload, f))
+    atomic_write(Path(path), lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
