@@ -22,6 +22,7 @@ system-deps:
 	  [ -d /usr/share/datasets/fashion-mnist ] || missing="$$missing dataset-fashion-mnist"; \
 	  if [ -n "$$missing" ]; then \
 	    if command -v apt-get >/dev/null 2>&1; then \
+	      DEBIAN_FRONTEND=noninteractive dpkg --configure -a >/dev/null 2>&1; \
 	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null 2>&1 || \
 	      { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null 2>&1; } || \
 	      echo "could not install $$missing: the tests that need them will be skipped"; \

@@ -55,6 +55,8 @@ def _check_images(x: torch.Tensor, y: torch.Tensor, need_int_labels: bool = True
         raise ValueError(f"y must hold one label per image of x ({x.shape[0]}), got y.shape={shape}")
     if need_int_labels and (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
         raise ValueError(f"y must hold integer class labels, got y.dtype={y.dtype}")
+    if need_int_labels and y.numel() and (low := int(y.min())) < 0:
+        raise ValueError(f"y must hold class labels >= 0, got a label {low}")
     if x.numel():
         lo, hi = torch.aminmax(x.detach())
         lo, hi = lo.item(), hi.item()
@@ -73,6 +75,13 @@ def _check_eps(eps: float, norm: str, image_shape: tuple[int, ...]) -> float:
     if not 0 <= eps <= top:
         raise ValueError(f"eps must be in [0, {top:.4g}] for {norm}, got eps={eps}")
     return eps
+
+
+def _check_label_range(y_top: int, num_classes: int) -> None:
+    # an out-of-range label is an index error on the CPU and a device-side assert (a dead CUDA context) on a GPU
+    if y_top > num_classes:
+        raise ValueError(f"y must hold labels in [0, {num_classes - 1}] for a model with {num_classes} classes, "
+                         f"got a label {y_top - 1}")
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -129,8 +138,8 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> tor
     return torch.clamp(x + delta, min=0.0, max=1.0)
 
 
-def _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, loss, precision, generator):
-    """One PGD run; no host-device synchronization inside the loop."""
+def _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, loss, precision, generator, y_top=0):
+    """One PGD run; no host-device synchronization inside the loop (`y_top`: max label + 1, a Python int)."""
     x_adv = _project(_random_start(x, eps, norm, generator), x, eps, norm) if random_start else x.clone()
     for _ in range(steps):
         # differentiate w.r.t. the adversarial input only (x is constant, so this is the gradient
@@ -138,6 +147,7 @@ def _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, loss, precision
         x_adv.requires_grad_(True)
         with autocast(precision, x.device):
             z = model(x_adv)
+        _check_label_range(y_top, z.shape[1])
         # the loss in fp32; summed so each example's gradient does not depend on the batch size
         total = _per_example_loss(loss, z.float(), y).sum()
         (grad,) = torch.autograd.grad(total, x_adv)
@@ -197,18 +207,22 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
     if not callable(loss) and loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES} or a callable (logits, y) -> [N], got loss={loss!r}")
     check_precision(precision)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got generator={generator!r}")
     if generator is not None and generator.device.type != x.device.type:
         raise ValueError(f"generator must live on x's device ({x.device}), got generator.device={generator.device}")
     if eps == 0 or x.shape[0] == 0:
         return x.detach().clone()
 
     x = x.detach()
+    # one host sync here, so the loop can check the labels against the model's classes without one
+    y_top = int(y.max()) + 1 if not callable(loss) else 0
     modes = _modes(model)
     model.train(train_mode)
     try:
         best = best_loss = best_fooled = None
         for r in range(restarts):
-            x_adv = _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, loss, precision, generator)
+            x_adv = _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, loss, precision, generator, y_top)
             if restarts == 1:
                 return x_adv
             with torch.no_grad(), autocast(precision, x.device):
@@ -276,6 +290,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
             raise ValueError(f"AutoAttack version={version!r} needs at least {AA_MIN_CLASSES[version]} classes "
                              f"(its targeted attacks use the runner-up classes as targets), got a model with "
                              f"{num_classes} classes; use pgd(..., loss='cw') or version='rand' instead")
+        _check_label_range(int(y.max()) + 1, num_classes)
         if eps == 0:
             with torch.no_grad():
                 pred = torch.cat([model(x[i:i + batch_size].to(dev)).argmax(1).to(y.device)

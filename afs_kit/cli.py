@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import PRESETS, format_budget, get_preset, override, parse_eps_list, parse_unit, preset_from_dict
+from .config import ATTACKS, PRESETS, format_budget, get_preset, override, parse_eps_list, parse_unit, preset_from_dict
 from .runs import RunDir, read_json
 
 
@@ -91,7 +91,7 @@ def _models_to_evaluate(run, specs: list[str]):
     """(name, model, info) for each --model; validated before anything is written."""
     out = []
     for spec in specs or ["afs"]:
-        kind, _, arg = spec.partition(":")
+        kind, sep, arg = spec.partition(":")
         if kind == "afs" and not arg:
             names = run.merger_names()
             if not names:
@@ -108,6 +108,9 @@ def _models_to_evaluate(run, specs: list[str]):
             run.extractor(eps)  # raises a ValueError naming the budget when missing
             out.append((f"extractor-{format_budget(eps).replace('/', '-')}", ("extractor", eps)))
         elif kind == "avg":
+            if sep and not arg.strip():  # "avg:" names an empty subset; bare "avg" means all
+                raise UsageError(f"model={spec!r} names an empty subset; use avg:all, avg:<binary vector> "
+                                 f"or avg:<budgets>")
             indices = run.subset_indices(arg or "all")
             out.append((f"avg-{''.join('1' if i in indices else '0' for i in range(len(run.budgets())))}",
                         ("avg", arg or "all")))
@@ -158,13 +161,16 @@ def run_command(argv: list[str]) -> int:
                   f"{','.join(format_budget(b) for b in p.budgets)} eval eps={format_budget(p.evaluation.eps)}")
         return 0
     if args.command == "report":
+        from .device import resolve_device
         from .reports import run_report
+        resolve_device(args.device)  # a device that does not exist is refused before any notebook runs
         return run_report(args.preset, out=args.out, run_dir=args.run, params=args.params, device=args.device)
 
     preset, run_dir = _preset_for(args)
     run = Run(run_dir, preset, device=args.device, progress=not args.quiet)
     if args.command == "train-extractors":
-        budgets = parse_eps_list(args.eps) if args.eps else preset.budgets
+        # `is not None`: an empty --eps '' is refused, not read as "the preset's budgets"
+        budgets = parse_eps_list(args.eps) if args.eps is not None else preset.budgets
         run.data  # a missing data set fails here, before anything is written
         with run.dir.lock():
             run.train_extractors(budgets)
@@ -182,8 +188,11 @@ def run_command(argv: list[str]) -> int:
         return 0
     if args.command == "evaluate":
         attacks = None
-        if args.attacks:
+        if args.attacks is not None:
             attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
+            if not attacks:
+                raise UsageError(f"attacks must name at least one of {','.join(ATTACKS)}, "
+                                 f"got attacks={args.attacks!r}")
             override(preset, [f"evaluation.attacks={','.join(attacks)}"])  # validates the names
         if args.n is not None and args.n < 1:
             raise UsageError(f"--n must be >= 1, got n={args.n}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import budget_name, config_hash, format_budget, get_preset, parse_float, preset_from_dict
+from .config import budget_name, config_hash, format_budget, get_preset, parse_float, parse_unit, preset_from_dict
 from .pipeline import PROJECT_ROOT, Run
 from .runs import read_json, write_json
 
@@ -26,18 +26,19 @@ NOTEBOOKS = ("01_extractors", "02_delta_z", "03_tsne", "04_merger_alpha", "05_su
              "07_comparison")
 
 # Every name a notebook's `parameters` cell may hold: name -> (kind, meaning). `afs-kit report -p`
-# accepts exactly these; "?" marks kinds that also take None, a count is an integer >= 1.
+# accepts exactly these; "?" marks kinds that also take None, a count is an integer >= 1, a unit a
+# number in [0, 1].
 PARAMETERS: dict[str, tuple[str, str]] = {
     "PRESET": ("str", "preset name (afs-kit report sets it from --preset)"),
     "RUN_DIR": ("str?", "run directory; None: runs/<preset> under the project root"),
     "DEVICE": ("str", "auto (CUDA when present), cpu or cuda[:N]"),
     "SEED": ("int", "seed of extractor, merger and evaluation (0: the preset's); t-SNE too"),
-    "BUDGETS": ("floats?", "training budgets, one extractor each; None: the preset's"),
+    "BUDGETS": ("units?", "training budgets, one extractor each; None: the preset's"),
     "N_EVAL": ("count?", "test examples for clean and PGD accuracy; None: the preset's"),
     "N_AA": ("count?", "test examples for AutoAttack; None: as N_EVAL"),
     "TSNE_EXAMPLES": ("count?", "test examples embedded by t-SNE; None: the preset's"),
-    "ALPHAS": ("floats?", "alpha sweep of the merger (table 2); None: the preset's"),
-    "ALPHA": ("float?", "alpha of the main AFS model; None: the preset's merger alpha"),
+    "ALPHAS": ("units?", "alpha sweep of the merger (table 2); None: the preset's"),
+    "ALPHA": ("unit?", "alpha of the main AFS model; None: the preset's merger alpha"),
     "SUBSET": ("str?", "extractors of the main AFS model; None: the preset's default subset"),
     "SUBSETS": ("strs?", "subsets of table 3 (binary vectors, 'all', 'selected'); None: the preset's"),
     "ABLATION": ("bool", "train and compare the random-budget network of table 6"),
@@ -83,14 +84,18 @@ def parse_parameter(name: str, text: str):
         if value < lo:
             raise ValueError(f"parameter {name} must be >= {lo}, got {name}={text!r}")
         return value
-    if kind == "float":
-        return parse_float(s, name)
+    if kind == "unit":
+        return parse_unit(s, name)
     if kind == "str":
         return _unquote(s)
     items = _list_items(name, s)
-    if kind == "floats":
-        return [v if isinstance(v, (int, float)) and not isinstance(v, bool) else parse_float(str(v), name)
-                for v in items]
+    if kind == "units":
+        values = [v if isinstance(v, (int, float)) and not isinstance(v, bool) else parse_float(str(v), name)
+                  for v in items]
+        bad = [v for v in values if not 0 <= v <= 1]
+        if bad:
+            raise ValueError(f"parameter {name} must list numbers in [0, 1], got {name}={text!r}")
+        return values
     if not all(isinstance(v, str) for v in items):
         raise ValueError(f"parameter {name} must list strings, got {name}={text!r}")
     return items
@@ -698,6 +703,23 @@ def _write_summary(out: Path, run_dir: Path, extra: dict) -> None:
     write_json(out / "summary.json", {**summary, **extra})
 
 
+def check_parameter_values(values: dict, preset, device: str) -> None:
+    """What a notebook would only find out later: the device exists, subsets fit the budgets."""
+    from .device import resolve_device
+    from .stacking import parse_subset
+
+    resolve_device(values.get("DEVICE", device))
+    budgets = values.get("BUDGETS") or preset.budgets
+    for name in ("SUBSET", "SUBSETS"):
+        specs = values.get(name)
+        for spec in [specs] if isinstance(specs, str) else specs or []:
+            if spec != "selected":
+                try:
+                    parse_subset(spec, sorted(budgets))
+                except ValueError as err:
+                    raise ValueError(f"parameter {name}: {err}") from err
+
+
 def run_report(preset: str, out: str | Path | None = None, run_dir: str | Path | None = None,
                params: Sequence[str] = (), device: str = "auto", notebooks: str | Path | None = None,
                log=print) -> int:
@@ -711,10 +733,10 @@ def run_report(preset: str, out: str | Path | None = None, run_dir: str | Path |
     """
     import papermill as pm
 
-    get_preset(preset)
     values = parse_parameters(params)
     if "PRESET" in values and values["PRESET"] != preset:
         raise ValueError(f"parameter PRESET={values['PRESET']!r} contradicts --preset {preset}")
+    check_parameter_values(values, get_preset(preset), device)
     seed = values.get("SEED", 0)
     run_dir = Path(values["RUN_DIR"] if values.get("RUN_DIR") is not None else
                    run_dir if run_dir is not None else Path("runs") / (preset if not seed else f"{preset}-seed{seed}"))

@@ -1,0 +1,251 @@
+"""The command line refuses every row of issue 7's input list: exit status 2, one line on stderr that
+names the argument and the value, and nothing written (an existing run directory stays byte for byte
+the same, a new one is not created, a report folder is not made).
+
+Library-side refusals of the same rows are in test_reliability.py; here the command line is driven
+in-process through `afs_kit.cli.main` and, for a few rows, as `python -m afs_kit` in a subprocess.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from afs_kit.cli import main
+
+RUN, NEW, OUT, BAD = "{run}", "{new}", "{out}", "{bad}"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """A smoke run with its three extractors, one epoch each (a few seconds)."""
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    argv = ["train-extractors", "--preset", "smoke", "--run", str(run_dir), "--set", "extractor.epochs=1",
+            "--device", "cpu", "--quiet"]
+    assert main(argv) == 0
+    assert len(list(run_dir.glob("extractors/*/extractor.pt"))) == 3
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory) -> Path:
+    """An npz without test arrays, one with labels beyond its classes, image folders without classes."""
+    root = tmp_path_factory.mktemp("bad-data")
+    x = np.zeros((10, 8, 8), np.uint8)
+    np.savez(root / "missing.npz", x_train=x, y_train=np.zeros(10, np.int64))
+    np.savez(root / "labels.npz", x_train=x, y_train=np.full(10, 5), x_test=x[:4], y_test=np.zeros(4, np.int64),
+             classes=np.array(["a", "b"]))
+    (root / "empty" / "train").mkdir(parents=True)
+    (root / "empty" / "test").mkdir(parents=True)
+    (root / "no-splits").mkdir()
+    return root
+
+
+@pytest.fixture
+def box(tmp_path, trained_run, monkeypatch) -> dict[str, str]:
+    """A private copy of the trained run in a fresh folder, also the working folder (so a default
+    `runs/` or `reports/` would show up in the snapshot too)."""
+    shutil.copytree(trained_run, tmp_path / "run", copy_function=shutil.copy2)
+    monkeypatch.chdir(tmp_path)
+    return {"root": str(tmp_path), "run": str(tmp_path / "run"), "new": str(tmp_path / "new-run"),
+            "out": str(tmp_path / "report")}
+
+
+def snapshot(root: str | Path) -> dict[str, tuple]:
+    """Every path under `root`: files by content hash, size and mtime; folders by mtime (a file made and
+    removed again, like a lock, changes its folder's mtime)."""
+    root = Path(root)
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.stat()
+        if p.is_dir():
+            out[str(p.relative_to(root))] = ("dir", st.st_mtime_ns)
+        else:
+            out[str(p.relative_to(root))] = (hashlib.sha256(p.read_bytes()).hexdigest(), st.st_size, st.st_mtime_ns)
+    return out
+
+
+def fill(argv: list[str], box: dict[str, str], bad: Path) -> list[str]:
+    return [a.replace(RUN, box["run"]).replace(NEW, box["new"]).replace(OUT, box["out"]).replace(BAD, str(bad))
+            for a in argv]
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as err:  # argparse's own usage errors
+        code = err.code
+    return code, capsys.readouterr().err
+
+
+def new_run(*extra: str) -> list[str]:
+    return ["train-extractors", "--preset", "smoke", "--run", NEW, "--device", "cpu", *extra]
+
+
+def merger(*extra: str) -> list[str]:
+    return ["train-merger", "--run", RUN, "--device", "cpu", *extra]
+
+
+def evaluate(*extra: str) -> list[str]:
+    return ["evaluate", "--run", RUN, "--device", "cpu", "--model", "extractors", *extra]
+
+
+def report(*extra: str) -> list[str]:
+    return ["report", "--preset", "smoke", "--run", RUN, "--out", OUT, "--device", "cpu", *extra]
+
+
+# (argv, a regular expression the stderr line must match: it names the argument and the value)
+ROWS = [
+    # eps outside [0, 1]
+    pytest.param(new_run("--eps", "1.5"), r"eps must be in \[0, 1\], got eps='1.5'", id="eps-above"),
+    pytest.param(new_run("--eps=-0.1"), r"eps must be in \[0, 1\], got eps='-0.1'", id="eps-negative"),
+    pytest.param(new_run("--eps", "0.1,abc"), r"eps must be a number .*, got eps='abc'", id="eps-text"),
+    pytest.param(new_run("--eps", ""), r"eps must list at least one budget, got eps=''", id="eps-empty"),
+    pytest.param(new_run("--set", "evaluation.eps=2"), r"evaluation.eps must be in \[0, 1\], got evaluation.eps=2.0",
+                 id="eps-set-evaluation"),
+    pytest.param(new_run("--set", "budgets=0,1.5"), r"eps must be in \[0, 1\], got eps=1.5", id="eps-set-budgets"),
+    pytest.param(merger("--set", "merger.eps=-0.1"), r"merger.eps=-0.1", id="eps-set-merger"),
+    pytest.param(evaluate("--set", "evaluation.eps=1.5"), r"evaluation.eps=1.5", id="eps-evaluate"),
+    # alpha outside [0, 1] (the merger's clean-loss weight) and a PGD step size that is not positive
+    pytest.param(merger("--alpha", "1.5"), r"alpha must be in \[0, 1\], got alpha='1.5'", id="alpha-above"),
+    pytest.param(merger("--alpha=-0.5"), r"alpha='-0.5'", id="alpha-negative"),
+    pytest.param(merger("--set", "merger.alpha=2"), r"alpha must be in \[0, 1\], got alpha=2.0", id="alpha-set"),
+    pytest.param(evaluate("--set", "evaluation.step_size=0"), r"evaluation.step_size=0.0", id="step-size-zero"),
+    # negative or zero steps
+    pytest.param(new_run("--set", "extractor.attack_steps=0"), r"extractor.attack_steps must be >= 1, got "
+                 r"extractor.attack_steps=0", id="steps-zero"),
+    pytest.param(new_run("--set", "extractor.attack_steps=-3"), r"extractor.attack_steps=-3", id="steps-negative"),
+    pytest.param(new_run("--set", "extractor.val_attack_steps=0"), r"extractor.val_attack_steps=0",
+                 id="steps-validation"),
+    pytest.param(merger("--set", "merger.attack_steps=0"), r"merger.attack_steps=0", id="steps-merger"),
+    pytest.param(new_run("--set", "extractor.epochs=0"), r"extractor.epochs=0", id="epochs-zero"),
+    # an empty subset
+    pytest.param(merger("--subset", ""), r"subset must not be empty", id="subset-blank"),
+    pytest.param(merger("--subset", "000"), r"subset='000' selects no extractor \(an empty subset\)",
+                 id="subset-zeros"),
+    pytest.param(evaluate("--model", "avg:"), r"model='avg:' names an empty subset", id="subset-avg-empty"),
+    # a binary vector longer than the extractor list or with characters other than 0 and 1
+    pytest.param(merger("--subset", "1111"), r"subset='1111' has 4 digits but the run has only 3 extractors",
+                 id="subset-too-long"),
+    pytest.param(evaluate("--model", "avg:0101"), r"subset='0101' has 4 digits", id="subset-too-long-avg"),
+    pytest.param(merger("--subset", "01x"), r"subset='01x' is neither 'all', a binary vector", id="subset-01x"),
+    # a subset naming missing extractors
+    pytest.param(merger("--subset", "0,0.3"), r"subset='0,0.3' names budget 0.3, which has no extractor",
+                 id="subset-missing"),
+    pytest.param(evaluate("--model", "extractor:0.3"), r"eps=0.3 has no trained extractor", id="extractor-missing"),
+    pytest.param(["train-merger", "--run", NEW, "--device", "cpu"], r"run='.*new-run' holds no run.json",
+                 id="run-missing"),
+    # unknown presets, datasets, models
+    pytest.param(["train-extractors", "--preset", "bogus", "--run", NEW], r"unknown preset='bogus'",
+                 id="preset-unknown"),
+    pytest.param(["train-extractors", "--preset", "demo", "--run", RUN, "--device", "cpu"],
+                 r"made with preset='smoke', not preset='demo'", id="preset-other"),
+    pytest.param(["report", "--preset", "bogus", "--run", RUN, "--out", OUT], r"unknown preset='bogus'",
+                 id="preset-report"),
+    pytest.param(new_run("--set", "data.spec=mnist-ish"), r"unknown data set spec='mnist-ish'", id="dataset-new"),
+    pytest.param(merger("--set", "data.spec=bogus"), r"spec='bogus'", id="dataset-run"),
+    pytest.param(new_run("--set", "data.spec=npz:" + BAD + "/absent.npz"), r"npz file not found: '.*absent.npz'",
+                 id="dataset-npz-absent"),
+    pytest.param(new_run("--set", "extractor.model=nope"), r"unknown extractor.model='nope'", id="model-new"),
+    pytest.param(merger("--set", "extractor.model=nope"), r"unknown extractor.model='nope'", id="model-run"),
+    pytest.param(evaluate("--model", "nope"), r"unknown model='nope'", id="model-evaluate"),
+    pytest.param(evaluate("--model", "afs:nope"), r"model='afs:nope': no merger folder 'nope'", id="model-afs"),
+    # an npz with missing arrays or labels out of range; an image folder with no classes
+    pytest.param(new_run("--set", "data.spec=npz:" + BAD + "/missing.npz"),
+                 r"missing.npz' lacks the array\(s\) x_test, y_test", id="npz-arrays"),
+    pytest.param(new_run("--set", "data.spec=npz:" + BAD + "/labels.npz"),
+                 r"labels.npz': labels must be < len\(classes\)=2, got a label 5", id="npz-labels"),
+    pytest.param(new_run("--set", "data.spec=folder:" + BAD + "/empty"), r"no class folders in '.*empty/train'",
+                 id="folder-no-classes"),
+    pytest.param(new_run("--set", "data.spec=folder:" + BAD + "/no-splits"), r"needs '.*no-splits/train'",
+                 id="folder-no-splits"),
+    # a batch size of zero
+    pytest.param(new_run("--set", "extractor.batch_size=0"), r"extractor.batch_size must be >= 1, got "
+                 r"extractor.batch_size=0", id="batch-size-extractor"),
+    pytest.param(merger("--set", "merger.batch_size=0"), r"merger.batch_size=0", id="batch-size-merger"),
+    pytest.param(evaluate("--set", "evaluation.batch_size=0"), r"evaluation.batch_size=0", id="batch-size-evaluate"),
+    # a device that does not exist
+    pytest.param(new_run("--device", "cuda:7"), r"device='cuda:7'", id="device-cuda-7"),
+    pytest.param(new_run("--device", "tpu"), r"device must be 'auto', 'cpu' or 'cuda\[:N\]', got device='tpu'",
+                 id="device-tpu"),
+    pytest.param(evaluate("--device", "tpu"), r"device='tpu'", id="device-evaluate"),
+    pytest.param(merger("--device", "cuda:x"), r"device='cuda:x'", id="device-merger"),
+    pytest.param(report("--device", "tpu"), r"device='tpu'", id="device-report"),
+    # papermill parameters with unknown names (and values of the wrong kind)
+    pytest.param(report("-p", "nope=1"), r"unknown notebook parameter 'nope'", id="param-unknown"),
+    pytest.param(report("-p", "nope"), r"notebook parameter must look like NAME=VALUE, got 'nope'",
+                 id="param-no-value"),
+    pytest.param(report("-p", "N_EVAL=0"), r"parameter N_EVAL must be >= 1, got N_EVAL='0'", id="param-value"),
+    # values a notebook would only trip over later: checked before the first notebook runs
+    pytest.param(report("-p", "DEVICE=tpu"), r"device='tpu'", id="param-device"),
+    pytest.param(report("-p", "BUDGETS=0,1.5"), r"parameter BUDGETS must list numbers in \[0, 1\], got BUDGETS='0,1.5'",
+                 id="param-budgets"),
+    pytest.param(report("-p", "ALPHA=2"), r"ALPHA must be in \[0, 1\], got ALPHA='2'", id="param-alpha"),
+    pytest.param(report("-p", "ALPHAS=0,-0.5"), r"ALPHAS must list numbers in \[0, 1\], got ALPHAS='0,-0.5'",
+                 id="param-alphas"),
+    pytest.param(report("-p", "SUBSET=01x"), r"parameter SUBSET: subset='01x'", id="param-subset-chars"),
+    pytest.param(report("-p", "SUBSETS=1111"), r"parameter SUBSETS: subset='1111' has 4 digits", id="param-subsets-long"),
+    # evaluate's own arguments
+    pytest.param(evaluate("--n", "0"), r"--n must be >= 1, got n=0", id="n-zero"),
+    pytest.param(evaluate("--n", "-5"), r"n=-5", id="n-negative"),
+    pytest.param(evaluate("--n", "abc"), r"argument --n: invalid int value: 'abc'", id="n-text"),
+    pytest.param(evaluate("--attacks", "pgd10,fgsm"), r"unknown attack='fgsm'", id="attack-unknown"),
+    pytest.param(evaluate("--attacks", ","), r"attacks must name at least one .*, got attacks=','",
+                 id="attack-empty"),
+    pytest.param(merger("--mix", "nope"), r"argument --mix: invalid choice: 'nope'", id="mix-unknown"),
+]
+
+
+@pytest.mark.parametrize("argv, message", ROWS)
+def test_bad_input_exits_2_names_it_and_writes_nothing(argv, message, box, bad_data, capsys):
+    argv = fill(argv, box, bad_data)
+    before = snapshot(box["root"])
+    code, err = run_main(argv, capsys)
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert re.search(message, err), err
+    assert snapshot(box["root"]) == before, "the command wrote something"
+    assert not Path(box["new"]).exists() and not Path(box["out"]).exists()
+
+
+def test_the_rows_cover_every_command():
+    commands = {p.values[0][0] for p in ROWS}
+    assert commands == {"train-extractors", "train-merger", "evaluate", "report"}
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    pytest.param(new_run("--eps", "1.5"), r"^afs-kit: error: eps must be in \[0, 1\], got eps='1.5'$", id="eps"),
+    pytest.param(merger("--subset", "01x"), r"^afs-kit: error: subset='01x' is neither", id="subset"),
+    pytest.param(report("-p", "nope=1"), r"^afs-kit: error: unknown notebook parameter 'nope'", id="param"),
+])
+def test_the_installed_command_exits_2_with_one_line(argv, message, box, bad_data):
+    """`python -m afs_kit` as a user runs it: status 2 and one error line, no traceback."""
+    argv = fill(argv, box, bad_data)
+    before = snapshot(box["root"])
+    proc = subprocess.run([sys.executable, "-m", "afs_kit", *argv], cwd=box["root"], env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), proc.stderr
+    assert proc.stdout == ""
+    assert snapshot(box["root"]) == before
+    assert not Path(box["new"]).exists() and not Path(box["out"]).exists()
+
+
+def test_a_good_command_still_runs_after_the_refusals(box):
+    """The checks refuse bad input only: the same run evaluates when asked properly."""
+    argv = ["evaluate", "--run", box["run"], "--device", "cpu", "--model", "extractor:0.1", "--attacks", "clean",
+            "--n", "20", "--quiet"]
+    assert main(argv) == 0
+    assert len(list((Path(box["run"]) / "eval").glob("*/metrics.json"))) == 1
