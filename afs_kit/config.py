@@ -74,6 +74,7 @@ class EvalConfig:
     step_size: float | None = None    # PGD step; None = eps / 4 (2/255 at 8/255, the paper's protocol)
     attacks: tuple[str, ...] = ATTACKS  # which of clean, pgd10, pgd20, aa to run
     n_examples: int | None = None     # first N test examples; None = all
+    aa_examples: int | None = None    # AutoAttack in reports (tables 4-5) on the first N; None = as n_examples
     batch_size: int = 200             # examples per attack batch
     budgets: tuple[float, ...] = ()   # robustness-vs-budget curve (fig. 5a); () = a default grid up to 2x eps
     seed: int = 0                     # seeds PGD random starts and AutoAttack
@@ -128,7 +129,7 @@ PRESETS: dict[str, Preset] = {
                                   attack_steps=7, val_attack_steps=7, val_examples=200),
         budgets=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3),
         merger=MergerConfig(eps=0.15, epochs=4, attack_steps=7, lr=0.05),
-        evaluation=EvalConfig(eps=0.15, budgets=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)),
+        evaluation=EvalConfig(eps=0.15, aa_examples=200, budgets=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)),
         subsets=("1000001", "1001001", "1010101", "all"),
         default_subset="selected",
         ablation_budget_range=(0.05, 0.3),
@@ -144,7 +145,7 @@ PRESETS: dict[str, Preset] = {
                                   attack_steps=5, val_attack_steps=7, val_examples=500),
         budgets=(0.0, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15),
         merger=MergerConfig(eps=0.1, epochs=2, attack_steps=7, lr_drop_epoch=1),
-        evaluation=EvalConfig(eps=0.1, n_examples=1000, budgets=(0.0, 0.025, 0.05, 0.1, 0.15, 0.2)),
+        evaluation=EvalConfig(eps=0.1, n_examples=1000, aa_examples=500, budgets=(0.0, 0.025, 0.05, 0.1, 0.15, 0.2)),
         alphas=(0.0, 0.5, 1.0),
         subsets=("1010101", "all"),
         default_subset="selected",
@@ -160,7 +161,8 @@ PRESETS: dict[str, Preset] = {
                                   attack_steps=5, step_size=k255(2), val_attack_steps=10, val_examples=200),
         budgets=tuple(k255(k) for k in range(0, 9, 2)),
         merger=MergerConfig(eps=k255(8), epochs=3, attack_steps=10, lr_drop_epoch=2),
-        evaluation=EvalConfig(eps=k255(8), n_examples=500, budgets=tuple(k255(k) for k in (0, 2, 4, 8, 12, 16))),
+        evaluation=EvalConfig(eps=k255(8), n_examples=500, aa_examples=200,
+                              budgets=tuple(k255(k) for k in (0, 2, 4, 8, 12, 16))),
         alphas=(0.0, 0.5, 1.0),
         subsets=("10001", "00111", "all"),
         default_subset="selected",
@@ -333,6 +335,8 @@ def validate_preset(p: Preset) -> None:
             raise ValueError(f"{name} (the PGD step size) must be > 0, got {name}={value}")
     if v.n_examples is not None and v.n_examples < 1:
         raise ValueError(f"evaluation.n_examples must be >= 1 or None, got evaluation.n_examples={v.n_examples}")
+    if v.aa_examples is not None and v.aa_examples < 1:
+        raise ValueError(f"evaluation.aa_examples must be >= 1 or None, got evaluation.aa_examples={v.aa_examples}")
     for name, value in (("extractor.lr", e.lr), ("merger.lr", m.lr)):
         if value <= 0:
             raise ValueError(f"{name} must be > 0, got {name}={value}")

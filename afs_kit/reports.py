@@ -35,7 +35,7 @@ PARAMETERS: dict[str, tuple[str, str]] = {
     "SEED": ("int", "seed of extractor, merger and evaluation (0: the preset's); t-SNE too"),
     "BUDGETS": ("units?", "training budgets, one extractor each; None: the preset's"),
     "N_EVAL": ("count?", "test examples for clean and PGD accuracy; None: the preset's"),
-    "N_AA": ("count?", "test examples for AutoAttack; None: as N_EVAL"),
+    "N_AA": ("count?", "test examples for AutoAttack; None: the preset's evaluation.aa_examples (at most N_EVAL)"),
     "TSNE_EXAMPLES": ("count?", "test examples embedded by t-SNE; None: the preset's"),
     "ALPHAS": ("units?", "alpha sweep of the merger (table 2); None: the preset's"),
     "ALPHA": ("unit?", "alpha of the main AFS model; None: the preset's merger alpha"),
@@ -546,10 +546,13 @@ def comparison_table(run: Run, subset: str | None = None, alpha: float | None = 
     """Tables 4-5 for this run: the main AFS model, the baseline (PGD-AT at the evaluation budget),
     the best single extractor and the logit average of eq. 9 over the same extractors.
 
-    Clean and PGD-20 on `n_examples`; AutoAttack on the first `n_aa` (default the same) with the
+    Clean and PGD-20 on `n_examples`; AutoAttack on the first `n_aa` (default the preset's
+    `evaluation.aa_examples`, at most `n_examples`) with the
     trade-off (mean of clean and AA) on those same examples. The logit average gets no AutoAttack.
     """
-    n_aa = n_examples if n_aa is None else n_aa
+    if n_aa is None:
+        n_aa = run.preset.evaluation.aa_examples
+        n_aa = n_examples if n_aa is None else n_aa if n_examples is None else min(n_aa, n_examples)
     vector, alpha = main_subset(run, subset), main_alpha(run, alpha)
     extractors = extractor_table(run, n_examples)
     base, single = baseline_budget(run), best_single(extractors)["eps"]
