@@ -161,9 +161,7 @@ def run_command(argv: list[str]) -> int:
                   f"{','.join(format_budget(b) for b in p.budgets)} eval eps={format_budget(p.evaluation.eps)}")
         return 0
     if args.command == "report":
-        from .device import resolve_device
         from .reports import run_report
-        resolve_device(args.device)  # a device that does not exist is refused before any notebook runs
         return run_report(args.preset, out=args.out, run_dir=args.run, params=args.params, device=args.device)
 
     preset, run_dir = _preset_for(args)
