@@ -6,7 +6,6 @@ example already misclassified is never counted as robust), and `worst` is the AN
 """
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from pathlib import Path
 

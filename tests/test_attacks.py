@@ -23,13 +23,7 @@ L2_EPS = 1.0              # L2 budget on 8x8 images (the largest possible distan
 N = 64                    # a power of 2: torchattacks' mean loss then has the kit's summed gradient / N exactly
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the test machine's cores are shared; one thread avoids oversubscription and is faster here
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

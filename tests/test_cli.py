@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from afs_kit.cli import main
@@ -32,20 +31,6 @@ def trained_run(tmp_path_factory) -> Path:
     assert main(argv) == 0
     assert len(list(run_dir.glob("extractors/*/extractor.pt"))) == 3
     return run_dir
-
-
-@pytest.fixture(scope="module")
-def bad_data(tmp_path_factory) -> Path:
-    """An npz without test arrays, one with labels beyond its classes, image folders without classes."""
-    root = tmp_path_factory.mktemp("bad-data")
-    x = np.zeros((10, 8, 8), np.uint8)
-    np.savez(root / "missing.npz", x_train=x, y_train=np.zeros(10, np.int64))
-    np.savez(root / "labels.npz", x_train=x, y_train=np.full(10, 5), x_test=x[:4], y_test=np.zeros(4, np.int64),
-             classes=np.array(["a", "b"]))
-    (root / "empty" / "train").mkdir(parents=True)
-    (root / "empty" / "test").mkdir(parents=True)
-    (root / "no-splits").mkdir()
-    return root
 
 
 @pytest.fixture

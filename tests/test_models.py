@@ -17,13 +17,7 @@ CHEAP = ("wrn-16-4", "preact-resnet18", "cnn-tiny", "cnn-small", "cnn-cifar")
 SIDE = {"wrn-16-4": 16, "preact-resnet18": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machine's cores are shared; one thread avoids oversubscription and is faster here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(model: nn.Module) -> int:

@@ -61,19 +61,6 @@ def run(sandbox) -> Run:
     return Run.open(sandbox / "run", device="cpu", progress=False)
 
 
-@pytest.fixture(scope="module")
-def bad_data(tmp_path_factory) -> dict[str, Path]:
-    """An npz without test arrays, one with labels beyond its classes, an image folder without classes."""
-    root = tmp_path_factory.mktemp("bad-data")
-    x = np.zeros((10, 8, 8), np.uint8)
-    np.savez(root / "missing.npz", x_train=x, y_train=np.zeros(10, np.int64))
-    np.savez(root / "labels.npz", x_train=x, y_train=np.full(10, 5), x_test=x[:4], y_test=np.zeros(4, np.int64),
-             classes=np.array(["a", "b"]))
-    (root / "empty" / "train").mkdir(parents=True)
-    (root / "empty" / "test").mkdir(parents=True)
-    return {"missing": root / "missing.npz", "labels": root / "labels.npz", "empty": root / "empty"}
-
-
 # ---------------------------------------------------------------- the one checkpoint format
 
 def test_checkpoint_round_trip_is_atomic_and_tagged(tmp_path):
@@ -344,7 +331,7 @@ def test_a_lock_refuses_a_second_writer_and_dies_with_its_holder(tmp_path):
 
 # ---------------------------------------------------------------- bad input: a ValueError, nothing written
 
-def _library_cases(run: Run, sandbox: Path, bad_data: dict[str, Path]):
+def _library_cases(run: Run, sandbox: Path, bad_data: Path):
     """(id, call, message) for each row of the input list, as a library user meets it."""
     model = run.extractor(0.1)[0]
     x, y = run.test_set(8)
@@ -382,11 +369,11 @@ def _library_cases(run: Run, sandbox: Path, bad_data: dict[str, Path]):
         ("model", lambda: build_model("resnet-9000", 10), r"name='resnet-9000'"),
         ("model-run", new_run(extractor=dataclasses.replace(SMOKE.extractor, model="resnet-9000")),
          r"extractor.model='resnet-9000'"),
-        ("npz-arrays", lambda: load_dataset(f"npz:{bad_data['missing']}"),
-         rf"{bad_data['missing']}' lacks the array\(s\) x_test, y_test"),
-        ("npz-labels", lambda: load_dataset(f"npz:{bad_data['labels']}"),
-         rf"{bad_data['labels']}'.*labels must be < len\(classes\)=2, got a label 5"),
-        ("folder-classes", lambda: load_dataset(f"folder:{bad_data['empty']}"), r"no class folders in '.*empty/train'"),
+        ("npz-arrays", lambda: load_dataset(f"npz:{bad_data / 'missing.npz'}"),
+         rf"{bad_data / 'missing.npz'}' lacks the array\(s\) x_test, y_test"),
+        ("npz-labels", lambda: load_dataset(f"npz:{bad_data / 'labels.npz'}"),
+         rf"{bad_data / 'labels.npz'}'.*labels must be < len\(classes\)=2, got a label 5"),
+        ("folder-classes", lambda: load_dataset(f"folder:{bad_data / 'empty'}"), r"no class folders in '.*empty/train'"),
         ("batch-size", lambda: list(iterate_batches(10, 0, shuffle=False)), r"batch_size=0"),
         ("batch-size-extractor", with_extractor(batch_size=0), r"batch_size=0"),
         ("batch-size-eval", lambda: evaluate(model, x, y, EvalConfig(batch_size=0, attacks=("pgd10",)), "cpu", False),
