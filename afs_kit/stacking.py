@@ -116,7 +116,7 @@ def parse_subset(spec: str, budgets: list[float] | tuple[float, ...]) -> list[in
     comma-separated list of budgets (`3/255,8/255` or decimals).
     """
     budgets = list(budgets)
-    spec = str(spec).strip()
+    given, spec = spec, str(spec).strip()
     if spec == "all":
         return list(range(len(budgets)))
     if spec and set(spec) <= {"0", "1"}:  # a binary vector; budget 0 alone is written 0/255 or 0.0
@@ -128,7 +128,7 @@ def parse_subset(spec: str, budgets: list[float] | tuple[float, ...]) -> list[in
             raise ValueError(f"subset={spec!r} selects no extractor (an empty subset)")
         return chosen
     if not spec:
-        raise ValueError("subset must not be empty; give 'all', a binary vector or a list of budgets")
+        raise ValueError(f"subset must not be empty, got subset={given!r}; give 'all', a binary vector or a list of budgets")
     if any(c not in "0123456789./, eE-+" for c in spec):
         raise ValueError(f"subset={spec!r} is neither 'all', a binary vector of 0 and 1, nor a list of budgets")
     chosen = []
@@ -173,6 +173,30 @@ def merger_loss(model: AFSModel, x: torch.Tensor, y: torch.Tensor, cfg: MergerCo
     return loss
 
 
+def train_merger_epoch(model: AFSModel, optimizer, x_train: torch.Tensor, y_train: torch.Tensor, cfg: MergerConfig,
+                       data_cfg: DataConfig, device, order_gen: torch.Generator, noise_gen: torch.Generator,
+                       desc: str = "", progress: bool = False) -> torch.Tensor:
+    """One pass of merger training over the uint8 images `x_train` (already on `device`): shuffled
+    batches, batched augmentation, `merger_loss`, one optimizer step per batch.
+
+    Returns the mean loss as a 0-dim tensor. `train_merger` calls this once per epoch; the benchmarks
+    time it on its own.
+    """
+    fmt = memory_format(cfg.precision)
+    model.train()
+    total = torch.zeros((), device=device)
+    batches = list(iterate_batches(len(y_train), cfg.batch_size, shuffle=True, generator=order_gen))
+    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        idx = idx.to(device)
+        x = augment(x_train[idx], data_cfg.crop_padding, data_cfg.flip, noise_gen).contiguous(memory_format=fmt)
+        loss = merger_loss(model, x, y_train[idx], cfg, device, noise_gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+    return total / len(batches)
+
+
 def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg: DataConfig,
                  out_dir: str | Path | None = None, key: str = "", device: str = "auto",
                  progress: bool = True) -> tuple[AFSModel, list[dict]]:
@@ -212,20 +236,10 @@ def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg
         lr = cfg.lr if epoch < cfg.lr_drop_epoch else cfg.lr * 0.1
         for group in optimizer.param_groups:
             group["lr"] = lr
-        model.train()
-        total = torch.zeros((), device=dev)
-        batches = list(iterate_batches(len(y_train), cfg.batch_size, shuffle=True, generator=order_gen))
-        bar = tqdm(batches, desc=f"merger alpha={cfg.alpha:g} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not progress, leave=False)
-        for idx in bar:
-            idx = idx.to(dev)
-            x = augment(x_train[idx], data_cfg.crop_padding, data_cfg.flip, noise_gen).contiguous(memory_format=fmt)
-            loss = merger_loss(model, x, y_train[idx], cfg, dev, noise_gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-        history.append({"epoch": epoch, "lr": lr, "train_loss": (total / len(batches)).item()})
+        train_loss = train_merger_epoch(model, optimizer, x_train, y_train, cfg, data_cfg, dev, order_gen, noise_gen,
+                                        desc=f"merger alpha={cfg.alpha:g} epoch {epoch + 1}/{cfg.epochs}",
+                                        progress=progress)
+        history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss.item()})
         if last_path is not None:
             save_checkpoint(last_path, {"key": key, "epoch": epoch, "state_dict": merger.state_dict(),
                                         "optimizer": optimizer.state_dict(), "order_rng": order_gen.get_state(),

@@ -108,6 +108,36 @@ def training_loss(model, x, y, eps, cfg: ExtractorConfig, device, generator) -> 
         return F.cross_entropy(model(x_adv), y)
 
 
+def train_epoch(model, optimizer, x_train: torch.Tensor, y_train: torch.Tensor, cfg: ExtractorConfig,
+                data_cfg: DataConfig, device, order_gen: torch.Generator, noise_gen: torch.Generator,
+                desc: str = "", progress: bool = False) -> torch.Tensor:
+    """One pass over the uint8 images `x_train` (already on `device`): shuffled batches, batched
+    augmentation on the device, the configured adversarial loss, one optimizer step per batch.
+
+    Returns the mean training loss as a 0-dim tensor (read it with .item(): no host sync per batch).
+    `train_extractor` calls this once per epoch; the benchmarks time it on its own.
+    """
+    fmt = memory_format(cfg.precision)
+    model.train()
+    batches = list(iterate_batches(len(y_train), cfg.batch_size, shuffle=True, generator=order_gen))
+    draws = torch.rand(len(batches), generator=order_gen)
+    bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
+    running = torch.zeros((), device=device)
+    for i, idx in enumerate(bar):
+        idx = idx.to(device)
+        x = augment(x_train[idx], data_cfg.crop_padding, data_cfg.flip, noise_gen).contiguous(memory_format=fmt)
+        eps = cfg.eps
+        if cfg.eps_range is not None:
+            lo, hi = cfg.eps_range
+            eps = lo + (hi - lo) * draws[i].item()
+        loss = training_loss(model, x, y_train[idx], eps, cfg, device, noise_gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running += loss.detach()
+    return running / len(batches)
+
+
 def check_extractor_config(cfg: ExtractorConfig) -> None:
     """Everything `train_extractor` needs of its config, checked before anything is written."""
     if isinstance(cfg.eps, bool) or not isinstance(cfg.eps, (int, float)) or not 0 <= cfg.eps <= 1:
@@ -205,26 +235,11 @@ def train_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig, o
             print(f"{label}: resuming from {last_path} after epoch {ckpt['epoch'] + 1}/{cfg.epochs}")
 
     for epoch in range(start, cfg.epochs):
-        model.train()
-        batches = list(iterate_batches(len(y_train), cfg.batch_size, shuffle=True, generator=order_gen))
-        draws = torch.rand(len(batches), generator=order_gen)
-        bar = tqdm(batches, desc=f"{label} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-        running = torch.zeros((), device=dev)
-        for i, idx in enumerate(bar):
-            idx = idx.to(dev)
-            x = augment(x_train[idx], data_cfg.crop_padding, data_cfg.flip, noise_gen).contiguous(memory_format=fmt)
-            eps = cfg.eps
-            if cfg.eps_range is not None:
-                lo, hi = cfg.eps_range
-                eps = lo + (hi - lo) * draws[i].item()
-            loss = training_loss(model, x, y_train[idx], eps, cfg, dev, noise_gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            running += loss.detach()
+        train_loss = train_epoch(model, optimizer, x_train, y_train, cfg, data_cfg, dev, order_gen, noise_gen,
+                                 desc=f"{label} epoch {epoch + 1}/{cfg.epochs}", progress=progress)
         schedule.step()
         metrics = validate(model, x_val, y_val, val_eps, cfg, dev, noise_gen)
-        metrics.update(epoch=epoch, train_loss=(running / len(batches)).item(), lr=optimizer.param_groups[0]["lr"])
+        metrics.update(epoch=epoch, train_loss=train_loss.item(), lr=optimizer.param_groups[0]["lr"])
         history.append(metrics)
         if metrics["val_pgd"] > best["val_pgd"]:
             best = metrics
