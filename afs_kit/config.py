@@ -154,7 +154,7 @@ PRESETS: dict[str, Preset] = {
         ablation_budget_range=(0.025, 0.15),
         tsne_examples=500,
     ),
-    # real CIFAR-10 (lossless 4,000 train / 1,000 test) on CPU: five budgets 0..8/255, about an hour
+    # real CIFAR-10 (lossless 4,000 train / 1,000 test): five budgets 0..8/255; hours on CPU, minutes on a GPU
     "cifar10-mini": Preset(
         name="cifar10-mini",
         data=DataConfig(spec="npz:../shared/data/cifar10-mini.npz", **_CIFAR_DATA),
