@@ -6,6 +6,14 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's 8x8 digits as the kit loads them (always offline)."""
+    from afs_kit.data import load_dataset
+
+    return load_dataset("digits")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     # the test machine's cores are shared; one thread avoids oversubscription and is faster here

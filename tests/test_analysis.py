@@ -26,6 +26,17 @@ def digits_x(digits):
     return to_float(digits.x_test[:64])
 
 
+@pytest.fixture(scope="module")
+def standard_and_robust(digits):
+    return _train_tiny(digits, 0.0), _train_tiny(digits, 0.15)
+
+
+@pytest.fixture(scope="module")
+def trained_digits_model(standard_and_robust):
+    """The standard (eps = 0) cnn-tiny: Delta-z is largest, and so easiest to check, on it."""
+    return standard_and_robust[0]
+
+
 def test_delta_z_zero_at_zero_and_grows_with_budget(trained_digits_model, digits_x):
     model = trained_digits_model
     was_training = model.training
@@ -81,9 +92,6 @@ def _train_tiny(digits, adv_eps: float, epochs: int = 12, seed: int = 0):
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def standard_and_robust(digits):
-    return _train_tiny(digits, 0.0), _train_tiny(digits, 0.15)
 
 
 def test_robust_extractor_has_smaller_delta_z(standard_and_robust, digits):
