@@ -141,13 +141,14 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> tor
 def _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, loss, precision, generator, y_top=0):
     """One PGD run; no host-device synchronization inside the loop (`y_top`: max label + 1, a Python int)."""
     x_adv = _project(_random_start(x, eps, norm, generator), x, eps, norm) if random_start else x.clone()
-    for _ in range(steps):
+    for step in range(steps):
         # differentiate w.r.t. the adversarial input only (x is constant, so this is the gradient
         # w.r.t. the perturbation): parameter .grad is never written
         x_adv.requires_grad_(True)
         with autocast(precision, x.device):
             z = model(x_adv)
-        _check_label_range(y_top, z.shape[1])
+        if step == 0:  # the class count is known only after the first forward pass
+            _check_label_range(y_top, z.shape[1])
         # the loss in fp32; summed so each example's gradient does not depend on the batch size
         total = _per_example_loss(loss, z.float(), y).sum()
         (grad,) = torch.autograd.grad(total, x_adv)

@@ -328,9 +328,6 @@ def selection_summary(run: Run, dz: dict) -> dict:
            "paper_selected": [round(e * 255) for e in PAPER_SELECTED_EPS], "eq10": None}
     if not sel["selected"]:
         out["note"] = "no budget is locally concave: every extractor is used"
-    if len(stored["budgets"]) != len(dz["budgets"]) or not np.allclose(stored["budgets"], dz["budgets"]):
-        raise ValueError(f"{run.dir.root / 'selection.json'} was made for the budgets {stored['budgets']}, but the "
-                         f"run now holds {dz['budgets']}; delete selection.json to redo the selection")
     gap = float(np.max(np.abs(np.subtract(stored["delta_z"], dz["mean"]))))
     if gap > 1e-4 * max(1.0, float(np.max(np.abs(dz["mean"])))):
         # the std band comes from the recomputation; say so when it is not exactly the stored curve
