@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from .attacks import pgd
+from .config import format_budget
 
 __all__ = [
     "delta_z", "delta_z_curve", "Selection", "select_extractors", "Eq10Check", "check_eq10",
@@ -183,64 +184,206 @@ def delta_z_curve(models: Sequence[nn.Module], x: torch.Tensor, Deltas: Sequence
 
 @dataclass(frozen=True)
 class Selection:
-    """The concavity rule's verdict: `selected` budgets, and per budget its second difference and why."""
+    """The concavity rule's verdict: the `selected` budgets (one contiguous range), and per budget why.
+
+    Per budget (lists as long as `eps`): the mean Delta-z, its spread over the examples, the second
+    divided difference of the mean curve and its standard error (None at the two end budgets, which
+    have no second difference), whether that second difference counts as concave, and the reason the
+    budget is in or out.
+    """
     eps: list[float]
-    delta_z: list[float]
-    second_difference: list[float | None]  # None at the two end budgets
+    delta_z: list[float]                             # mean over the examples
+    second_difference: list[float | None]            # None at the two end budgets
     reasons: list[str]
-    selected: list[float]
+    selected: list[float]                            # the chosen range's budgets, increasing
     tol: float = 0.0
+    std: list[float] | None = None                   # over the examples (ddof=0); None for 1-D means
+    second_difference_se: list[float | None] | None = None  # std(ddof=1)/sqrt(N) of the per-example d2
+    concave: list[bool | None] | None = None         # d2 <= z * SE + tol (None at the end budgets)
+    Delta: float | None = None                       # the evaluation budget
+    eval_budget: float | None = None                 # the trained budget nearest Delta (always selected)
+    z: float = 2.0
+    n_examples: int | None = None                    # None for 1-D means
+    chosen_range: tuple[float, float] | None = None  # (smallest, largest) selected budget
 
     def as_rows(self) -> list[dict]:
-        """One dict per budget (eps, delta_z, d2, selected, reason), e.g. for a pandas DataFrame."""
+        """One dict per budget (eps, delta_z, std, d2, se, concave, selected, reason), e.g. for a DataFrame."""
+        n = len(self.eps)
         chosen = set(self.selected)
-        return [{"eps": e, "delta_z": v, "d2": d2, "selected": e in chosen, "reason": r}
-                for e, v, d2, r in zip(self.eps, self.delta_z, self.second_difference, self.reasons)]
+        std = self.std if self.std is not None else [None] * n
+        se = self.second_difference_se if self.second_difference_se is not None else [None] * n
+        concave = self.concave if self.concave is not None else [None] * n
+        return [{"eps": e, "delta_z": v, "std": s, "d2": d2, "se": q, "concave": c, "selected": e in chosen,
+                 "reason": r}
+                for e, v, s, d2, q, c, r in zip(self.eps, self.delta_z, std, self.second_difference, se, concave,
+                                                self.reasons)]
 
 
 def _second_divided_differences(e: np.ndarray, v: np.ndarray) -> np.ndarray:
     """f[e-, e, e+] times 2 at every interior budget: the discrete second derivative on an uneven grid.
 
     2 * ((v+ - v)/(e+ - e) - (v - v-)/(e - e-)) / (e+ - e-); on an even grid of step h it is
-    (v- - 2v + v+) / h^2, the usual second difference scaled by 1/h^2 (same sign).
+    (v- - 2v + v+) / h^2, the usual second difference scaled by 1/h^2 (same sign). `v` may be
+    [n_budgets] or [n_budgets, N] (then per column: one curve per example).
     """
-    slopes = np.diff(v) / np.diff(e)
-    return 2.0 * np.diff(slopes) / (e[2:] - e[:-2])
+    de = np.diff(e).reshape((-1,) + (1,) * (v.ndim - 1))
+    slopes = np.diff(v, axis=0) / de
+    span = (e[2:] - e[:-2]).reshape((-1,) + (1,) * (v.ndim - 1))
+    return 2.0 * np.diff(slopes, axis=0) / span
 
 
-def select_extractors(eps: Sequence[float], delta_z: Sequence[float], tol: float = 0.0) -> Selection:
+def _check_number(value, name: str, low: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) \
+            or (low is not None and value < low):
+        bound = f" >= {low:g}" if low is not None else ""
+        raise ValueError(f"{name} must be a finite number{bound}, got {name}={value!r}")
+    return float(value)
+
+
+def _check_selection_input(eps, delta_z) -> tuple[np.ndarray, np.ndarray]:
+    """Budgets (>= 1, strictly increasing) and delta_z as [n_budgets] means or [n_budgets, N] per example."""
+    e = _as_1d_float(eps, "eps")
+    if len(e) == 0:
+        raise ValueError(f"eps must hold at least one budget, got eps={e.tolist()}")
+    if not np.all(np.diff(e) > 0):
+        raise ValueError(f"eps must be sorted in strictly increasing order, got eps={e.tolist()}")
+    if isinstance(delta_z, torch.Tensor):
+        delta_z = delta_z.detach().cpu().numpy()
+    try:
+        v = np.asarray(delta_z, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"delta_z must be numbers, [n_budgets] means or [n_budgets, N] per example, "
+                         f"got delta_z={delta_z!r}") from err
+    if v.ndim not in (1, 2):
+        raise ValueError(f"delta_z must be 1-D (the mean per budget) or 2-D [n_budgets, N] (per example), "
+                         f"got delta_z with shape {v.shape}")
+    if len(v) != len(e):
+        raise ValueError(f"delta_z must hold one value (or row) per budget (len(eps)={len(e)}), "
+                         f"got len(delta_z)={len(v)}")
+    if v.ndim == 2 and v.shape[1] == 0:
+        raise ValueError(f"delta_z must hold at least one example per budget, got delta_z with shape {v.shape}")
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"delta_z must be finite, got NaN or inf in delta_z with shape {v.shape}")
+    return e, v
+
+
+def select_extractors(eps: Sequence[float], delta_z, Delta: float | None = None, z: float = 2.0,
+                      tol: float = 0.0) -> Selection:
     """The budget-selection standard of sections 2.4 and 3.1, made precise.
 
     Eq. 10 (sum_i lambda_i Delta_z_i < Delta_z of the middle network) holds when Delta_z is concave
-    in the training budget eps (Jensen). The paper picks the budgets where the measured curve is
-    concave; here a budget is a candidate where the curve is *locally* concave there: the second
-    divided difference over it and its two neighbours (exact for uneven spacing) is <= `tol`
-    (default 0). The two end budgets have no second difference and are never candidates. On the
-    paper's grid 0..9/255, a curve convex below 3/255 gives 3/255..8/255, the paper's choice.
+    in the training budget eps (Jensen), so the extractors to stack are a range of budgets over which
+    the measured curve is concave. The rule: choose the WIDEST CONTIGUOUS range of budgets that
+    contains the evaluation budget (the trained budget nearest `Delta`) and over which the mean
+    Delta_z is concave, i.e. every second divided difference at an interior budget of the range is
+    <= 0 within `z` standard errors (d2 <= z * SE + tol, plus float round-off). The range's own
+    end budgets need no second difference of their own, so the smallest and the largest trained
+    budgets can be chosen. Second differences are exact on uneven grids (divided differences).
+
+    Standard errors: the same examples are attacked at every budget, so the second difference is
+    taken per example (a paired difference; it is linear, so its mean is the mean curve's d2) and
+    SE = std(ddof=1) / sqrt(N) over the examples. Given 1-D means (or N = 1) SE = 0 and the test
+    is d2 <= tol.
+
+    Ties in width (possible only when the evaluation budget itself is convex, so that it can only
+    be an end of the range, or when Delta is None): the range whose mean budget is nearest Delta
+    (the stack is then centred on the strength it is evaluated at, as eq. 10 compares with the
+    middle network); if still tied, the one with the larger budgets (the stack then keeps the
+    robustness at Delta, which is what the paper trades against clean accuracy).
+    Fewer than 3 budgets: there is no second difference and every range is trivially concave, so
+    all budgets are chosen.
+
+    Worked example (budgets in units of 1/255, so d2 is in Delta_z per (1/255)^2; the verdict does
+    not depend on the unit): budgets 0, 2, 4, 6, 8 with mean Delta_z 5.0, 3.0, 2.6, 2.0, 1.2 and
+    Delta = 8. The slopes are -1, -0.2, -0.3, -0.4, so d2 = 2 * (slope change) / 4 is 0.4 at 2,
+    -0.05 at 4 and -0.05 at 6. The evaluation budget is 8; the range 2..8 has interior budgets 4
+    and 6, both concave, while 0..8 would make 2 interior, where the curve is convex (0.4 > 0).
+    So 2, 4, 6, 8 are chosen and 0 is dropped (2 is kept: as the range's end its own d2 is not
+    needed). Had the per-example values given SE = 0.25 at 2, then 0.4 <= 2 * 0.25 would count as
+    noise and all of 0..8 would be chosen.
+
+    >>> sel = select_extractors([0, 2, 4, 6, 8], [5.0, 3.0, 2.6, 2.0, 1.2], Delta=8)
+    >>> sel.selected, [None if d is None else round(d, 4) for d in sel.second_difference]
+    ([2.0, 4.0, 6.0, 8.0], [None, 0.4, -0.05, -0.05, None])
 
     Args:
-        eps: training budgets, strictly increasing, at least 3.
-        delta_z: Delta_z of the network trained at each budget (usually the mean over examples at one
-            evaluation strength Delta, e.g. 8/255 as in fig. 3).
-        tol: the largest second difference still counted as concave (in delta_z per eps^2), to
-            absorb measurement noise; 0 is the rule as stated.
+        eps: training budgets, strictly increasing, at least one.
+        delta_z: Delta_z of the network trained at each budget at one evaluation strength Delta:
+            either [n_budgets, N] per example (the same N examples at every budget; gives standard
+            errors) or [n_budgets] means (the old form; SE = 0).
+        Delta: the evaluation budget, in the unit of eps; the chosen range always contains the
+            trained budget nearest it (on a tie the smaller). None: no such constraint, the widest
+            concave range anywhere.
+        z: how many standard errors a positive second difference may be and still count as concave.
+        tol: a further allowance on d2 (in delta_z per eps^2); 0 is the rule as stated.
     """
-    if isinstance(tol, bool) or not isinstance(tol, Real) or not math.isfinite(tol):
-        raise ValueError(f"tol must be a finite number, got tol={tol!r}")
-    e, v = _check_curve(eps, delta_z, "delta_z")
-    d2 = _second_divided_differences(e, v)
+    z = _check_number(z, "z", low=0.0)
+    tol = _check_number(tol, "tol")
+    if Delta is not None:
+        Delta = _check_number(Delta, "Delta", low=0.0)
+    e, v = _check_selection_input(eps, delta_z)
+    n = len(e)
+    per_example = v.ndim == 2
+    means = v.mean(axis=1) if per_example else v
+    std = v.std(axis=1).tolist() if per_example else None
+    n_examples = int(v.shape[1]) if per_example else None
+    anchor = int(np.argmin(np.abs(e - Delta))) if Delta is not None else None
+
+    if n < 3:
+        reason = "fewer than 3 budgets: no second difference, every range is trivially concave; all chosen"
+        return Selection(eps=e.tolist(), delta_z=means.tolist(), second_difference=[None] * n,
+                         reasons=[reason] * n, selected=e.tolist(), tol=tol, std=std,
+                         second_difference_se=[None] * n, concave=[None] * n, Delta=Delta,
+                         eval_budget=None if anchor is None else float(e[anchor]), z=z, n_examples=n_examples,
+                         chosen_range=(float(e[0]), float(e[-1])))
+
+    d2 = _second_divided_differences(e, means)
+    if per_example and v.shape[1] > 1:
+        se = _second_divided_differences(e, v).std(axis=1, ddof=1) / math.sqrt(v.shape[1])
+    else:
+        se = np.zeros(n - 2)
+    # float round-off of a divided difference: a straight line must not read as convex
+    round_off = 64 * np.finfo(np.float64).eps * float(np.max(np.abs(means))) / float(np.min(np.diff(e))) ** 2
+    ok = d2 <= z * se + tol + round_off
     second: list[float | None] = [None, *d2.tolist(), None]
-    reasons, selected = [], []
-    for k, (budget, d) in enumerate(zip(e.tolist(), second)):
-        if d is None:
-            reasons.append("end budget" + (" (smallest)" if k == 0 else " (largest)"))
-        elif d <= tol:
-            reasons.append(f"locally concave (d2={d:.4g})")
-            selected.append(budget)
+    ses: list[float | None] = [None, *se.tolist(), None]
+    concave: list[bool | None] = [None, *ok.tolist(), None]
+    bad = [k for k in range(1, n - 1) if not concave[k]]
+
+    # every range [i, j] containing the anchor with no convex budget strictly inside it
+    candidates = [(i, j) for i in range(n) for j in range(i, n)
+                  if (anchor is None or i <= anchor <= j) and not any(i < k < j for k in bad)]
+
+    scale = float(e[-1] - e[0]) or 1.0  # distances rounded relative to the grid: float noise breaks no tie
+
+    def preference(r: tuple[int, int]):
+        i, j = r
+        mid = float(e[i:j + 1].mean())
+        return (j - i, -round(abs(mid - Delta) / scale, 9) if Delta is not None else 0.0, mid)
+
+    lo, hi = max(candidates, key=preference)
+
+    def verdict(k: int) -> str:
+        return (f"d2={d2[k - 1]:.4g} vs {z:g} SE={z * se[k - 1]:.4g}" if per_example and n_examples > 1
+                else f"d2={d2[k - 1]:.4g}")
+
+    reasons = []
+    for k in range(n):
+        tag = " (evaluation budget)" if k == anchor else ""
+        if lo <= k <= hi:
+            own = f"; {verdict(k)}" if 0 < k < n - 1 else ""
+            if k in (lo, hi):
+                reasons.append(f"in{tag}: an end of the chosen range, whose own concavity is not needed{own}")
+            else:
+                reasons.append(f"in{tag}: concave ({verdict(k)})")
         else:
-            reasons.append(f"locally convex (d2={d:.4g})")
-    return Selection(eps=e.tolist(), delta_z=v.tolist(), second_difference=second, reasons=reasons,
-                     selected=selected, tol=float(tol))
+            edge = lo if k < lo else hi  # widening the range to k makes `edge` interior, and it is convex
+            reasons.append(f"out{tag}: a range reaching it would have {format_budget(e[edge])} inside, where "
+                           f"Delta-z is convex ({verdict(edge)})")
+    return Selection(eps=e.tolist(), delta_z=means.tolist(), second_difference=second, reasons=reasons,
+                     selected=e[lo:hi + 1].tolist(), tol=tol, std=std, second_difference_se=ses, concave=concave,
+                     Delta=Delta, eval_budget=None if anchor is None else float(e[anchor]), z=z,
+                     n_examples=n_examples, chosen_range=(float(e[lo]), float(e[hi])))
 
 
 @dataclass(frozen=True)

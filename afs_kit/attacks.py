@@ -248,14 +248,18 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "Linf",
                version: str = "standard", seed: int = 0, batch_size: int = 500, verbose: bool = False,
-               device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               device: str | torch.device | None = None, return_breakdown: bool = False):
     """AutoAttack (Croce & Hein, 2020) through the authors' package `pyautoattack`.
 
     Returns `(robust, x_adv)`: `robust` a BoolTensor [N] on y's device, True where the example is
     classified correctly both clean and after every attack of the version, which is how AutoAttack
     counts robust accuracy (`y_adv == y`, with `y_adv` the clean prediction, replaced by the
     adversarial prediction wherever an attack succeeded); `x_adv` [N, C, H, W] on x's device, equal
-    to x where no attack succeeded.
+    to x where no attack succeeded. With `return_breakdown`, a third element: {attack: number of
+    examples it broke}, in the order the version runs them (APGD-CE, APGD-T, FAB-T, Square for
+    "standard"). Each attack runs on the examples still robust after the ones before it, exactly as
+    in one `run_standard_evaluation` call, so the breakdown costs nothing; what Square breaks after
+    the gradient attacks failed is a sign of gradient masking.
 
     Args:
         eps: budget (Linf or L2). eps = 0 skips the attacks: robust = clean-correct, x_adv = x.
@@ -277,7 +281,8 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
     _check_int("batch_size", batch_size, 1)
     dev = x.device if device is None else resolve_device(device)
     if x.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.bool, device=y.device), x.detach().clone()
+        empty = torch.zeros(0, dtype=torch.bool, device=y.device), x.detach().clone()
+        return (*empty, {}) if return_breakdown else empty
     # pyautoattack's flattening uses .view, which fails on channels_last and other strided tensors
     x = x.detach().contiguous()
     modes = _modes(model)
@@ -292,23 +297,73 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
                              f"(its targeted attacks use the runner-up classes as targets), got a model with "
                              f"{num_classes} classes; use pgd(..., loss='cw') or version='rand' instead")
         _check_label_range(int(y.max()) + 1, num_classes)
-        if eps == 0:
-            with torch.no_grad():
-                pred = torch.cat([model(x[i:i + batch_size].to(dev)).argmax(1).to(y.device)
-                                  for i in range(0, x.shape[0], batch_size)])
-            return pred == y, x.clone()
-        if verbose:
-            handler = logging.StreamHandler()
-            logger.addHandler(handler)
-            logger.setLevel(logging.DEBUG)
-        adversary = AutoAttack(model, norm=norm, eps=eps, version=version, seed=seed, device=dev)
-        fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] \
-            if dev.type == "cuda" else []
-        with torch.random.fork_rng(devices=fork_devices):
-            x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+        with torch.no_grad():
+            pred = torch.cat([model(x[i:i + batch_size].to(dev)).argmax(1).to(y.device)
+                              for i in range(0, x.shape[0], batch_size)])
+        robust, x_adv, broken = pred == y, x.clone(), {}
+        if eps > 0:
+            if verbose:
+                handler = logging.StreamHandler()
+                logger.addHandler(handler)
+                logger.setLevel(logging.DEBUG)
+            adversary = AutoAttack(model, norm=norm, eps=eps, version=version, seed=seed, device=dev)
+            fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] \
+                if dev.type == "cuda" else []
+            with torch.random.fork_rng(devices=fork_devices):
+                for attack in list(adversary.attacks_to_run):
+                    # one attack at a time on what is still robust: what run_standard_evaluation does
+                    # internally, so each attack's share is known
+                    idx = robust.nonzero().flatten()
+                    broken[attack] = 0
+                    if len(idx) == 0:
+                        continue
+                    adversary.attacks_to_run = [attack]
+                    xa, ya = adversary.run_standard_evaluation(x[idx.to(x.device)], y[idx].to(dev),
+                                                               batch_size=batch_size)
+                    fooled = (ya.to(y.device) != y[idx])
+                    hit = idx[fooled]
+                    robust[hit] = False
+                    x_adv[hit.to(x.device)] = xa[fooled.to(xa.device)].to(x.device)
+                    broken[attack] = int(fooled.sum())
     finally:
         _restore_modes(modes)
         if handler is not None:
             logger.removeHandler(handler)
             logger.setLevel(old_level)
-    return (y_adv.to(y.device) == y), x_adv
+    return (robust, x_adv, broken) if return_breakdown else (robust, x_adv)
+
+
+# ---------------------------------------------------------------- Square (gradient-free)
+
+def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n_queries: int = 1000,
+                  norm: str = "Linf", seed: int = 0, batch_size: int = 500) -> torch.Tensor:
+    """Square Attack (Andriushchenko et al., 2020), pyautoattack's, untargeted on the margin loss.
+
+    Needs no gradient at all, so a model that hides its gradients cannot hide from it: where it
+    breaks examples that PGD did not, PGD's gradients lie. `n_queries` forward passes per example at
+    most (AutoAttack's standard run uses 5,000); the square-size schedule is rescaled to it. Returns
+    x_adv (equal to x where no query succeeded), on x's device. The caller's global RNG state is
+    kept (pyautoattack reseeds it).
+    """
+    from pyautoattack.square import SquareAttack
+
+    _check_images(x, y)
+    eps = _check_eps(eps, norm, tuple(x.shape[1:]))
+    _check_int("n_queries", n_queries, 1)
+    _check_int("seed", seed, 0)
+    _check_int("batch_size", batch_size, 1)
+    if eps == 0 or x.shape[0] == 0:
+        return x.detach().clone()
+    x = x.detach().contiguous()
+    modes = _modes(model)
+    model.eval()
+    attack = SquareAttack(model, norm=norm, n_queries=n_queries, eps=eps, p_init=0.8, n_restarts=1, seed=seed,
+                          resc_schedule=True, device=x.device)
+    fork_devices = [x.device.index if x.device.index is not None else torch.cuda.current_device()] \
+        if x.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=fork_devices), torch.no_grad():
+            return torch.cat([attack.perturb(x[i:i + batch_size], y[i:i + batch_size])
+                              for i in range(0, x.shape[0], batch_size)])
+    finally:
+        _restore_modes(modes)

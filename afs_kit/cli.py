@@ -33,12 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (required for a new run)")
     sp.add_argument("--eps", help="comma-separated budgets in [0,1], decimals or k/255 (default: the preset's)")
     sp.add_argument("--ablation", action="store_true", help="also train table 6's random-budget network and large model")
+    seeds_option(sp)
     common(sp)
 
     sp = sub.add_parser("train-merger", help="train the linear merger over a subset of the run's extractors")
     sp.add_argument("--subset", help="'all', 'selected', a binary vector (leftmost = smallest budget) or budgets")
     sp.add_argument("--alpha", help="weight of the clean loss in eq. 5, in [0,1] (default: the preset's)")
     sp.add_argument("--mix", choices=("loss", "split"), help="loss: eq. 5; split: authors' clean/adv batch split")
+    seeds_option(sp)
     common(sp, needs_run=True)
 
     sp = sub.add_parser("evaluate", help="clean, PGD-10, PGD-20 and AutoAttack; writes metrics.json")
@@ -49,18 +51,41 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--n", type=int, help="number of test examples (default: the preset's, all if unset)")
     sp.add_argument("--sanity", action="store_true", help="run the gradient-masking sanity checks for single "
                     "extractors too (always on for AFS models and logit averages)")
+    sp.add_argument("--sanity-full", action="store_true", help="the checks at full strength: every evaluated "
+                    "example and Square with 5,000 queries (default: 200 examples, 1,000 queries)")
     common(sp, needs_run=True)
 
     sp = sub.add_parser("report", help="execute the notebook sequence with papermill into reports/<preset>/")
-    sp.add_argument("--preset", required=True, help=f"one of {', '.join(PRESETS)}")
+    sp.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (required unless --readme)")
+    sp.add_argument("--readme", action="store_true", help="instead: write reports/README.md from every "
+                    "reports/*/summary.json (or --out's parent folder)")
     sp.add_argument("--out", help="report folder (default reports/<preset>)")
     sp.add_argument("--run", help="run directory (default runs/<preset>)")
     sp.add_argument("-p", dest="params", action="append", default=[], metavar="NAME=VALUE",
                     help="notebook parameter override (repeatable)")
+    seeds_option(sp)
     sp.add_argument("--device", default="auto")
 
     sub.add_parser("presets", help="list the presets")
     return p
+
+
+def seeds_option(sp) -> None:
+    sp.add_argument("--seeds", help="train (and report) K seeds in one run directory: the run's own seed and the "
+                    "next K-1, each other seed in RUN/seeds/seed-<s>/ (default 1)")
+
+
+def _seed_count(args) -> int:
+    text = getattr(args, "seeds", None)
+    if text is None:
+        return 1
+    try:
+        count = int(text)
+    except ValueError:
+        raise UsageError(f"--seeds must be an integer >= 1, got seeds={text!r}") from None
+    if count < 1:
+        raise UsageError(f"--seeds must be an integer >= 1, got seeds={text!r}")
+    return count
 
 
 def _preset_for(args):
@@ -160,10 +185,18 @@ def run_command(argv: list[str]) -> int:
             print(f"{name:15s} data={p.data.spec} model={p.extractor.model} budgets="
                   f"{','.join(format_budget(b) for b in p.budgets)} eval eps={format_budget(p.evaluation.eps)}")
         return 0
+    if args.command == "report" and args.readme:
+        from .readme import write
+        print(f"wrote {write(Path(args.out) if args.out else Path('reports'))}")
+        return 0
     if args.command == "report":
         from .reports import run_report
-        return run_report(args.preset, out=args.out, run_dir=args.run, params=args.params, device=args.device)
+        if args.preset is None:
+            raise UsageError("report needs --preset (or --readme)")
+        params = [*args.params, f"SEEDS={_seed_count(args)}"] if args.seeds is not None else args.params
+        return run_report(args.preset, out=args.out, run_dir=args.run, params=params, device=args.device)
 
+    seeds = _seed_count(args)
     preset, run_dir = _preset_for(args)
     run = Run(run_dir, preset, device=args.device, progress=not args.quiet)
     if args.command == "train-extractors":
@@ -171,18 +204,28 @@ def run_command(argv: list[str]) -> int:
         budgets = parse_eps_list(args.eps) if args.eps is not None else preset.budgets
         run.data  # a missing data set fails here, before anything is written
         with run.dir.lock():
-            run.train_extractors(budgets)
-            if args.ablation:
-                run.train_ablation()
-                run.train_large_model()
+            for seed in run.seeds(seeds):
+                if seeds > 1:
+                    run.say(f"seed {seed} ({run.seed_run(seed).dir.root}):")
+                seeded = run.seed_run(seed)
+                seeded.train_extractors(budgets)
+                if args.ablation:
+                    seeded.train_ablation()
+                    seeded.train_large_model()
         return 0
     if args.command == "train-merger":
         alpha = parse_unit(args.alpha, "alpha") if args.alpha is not None else None
         subset = args.subset if args.subset is not None else preset.default_subset
-        if subset != "selected":
-            run.subset_indices(subset)  # validates the subset against the run's extractors
+        seeded = [run.seed_run(s) for s in run.seeds(seeds)]
+        for r in seeded:
+            if not r.budgets():
+                raise UsageError(f"run {r.dir.root} has no trained extractors; run train-extractors"
+                                 f"{f' --seeds {seeds}' if seeds > 1 else ''} first")
+            if subset != "selected":
+                r.subset_indices(subset)  # validates the subset against the run's extractors
         with run.dir.lock():
-            run.afs_model(subset, alpha=alpha, mix=args.mix)
+            for r in seeded:
+                r.afs_model(subset, alpha=alpha, mix=args.mix)
         return 0
     if args.command == "evaluate":
         attacks = None
@@ -194,6 +237,8 @@ def run_command(argv: list[str]) -> int:
             override(preset, [f"evaluation.attacks={','.join(attacks)}"])  # validates the names
         if args.n is not None and args.n < 1:
             raise UsageError(f"--n must be >= 1, got n={args.n}")
+        if args.sanity_full:
+            run.preset = override(run.preset, ["evaluation.sanity_strength=full"])
         # every model is built (and its checkpoints checked) before the lock is taken
         targets = [(name, what, _build(run, what)) for name, what in _models_to_evaluate(run, args.model)]
         with run.dir.lock():

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from .config import (ATTACKS, Preset, budget_name, config_hash, format_budget, get_preset, preset_from_dict,
-                     validate_preset)
+                     step_size, validate_preset)
 from .data import Dataset, load_dataset
 from .device import PRECISIONS, resolve_device
-from .evaluation import evaluate, sanity_checks, write_evaluation
+from .evaluation import add_attack, evaluate, pgd_flags, sanity_checks, write_evaluation
 from .models import MODEL_NAMES, is_model_name
 from .runs import RunDir, expect, load_checkpoint, read_json, write_json
 from .stacking import (AFSModel, FeatureStack, LinearMerger, LogitAverage, merger_checkpoint, parse_subset,
@@ -92,6 +92,34 @@ class Run:
         if self.progress:
             print(text)
 
+    # ------------------------------------------------------------ seeds
+    @property
+    def seed(self) -> int:
+        return self.preset.extractor.seed
+
+    def seeds(self, count: int) -> list[int]:
+        """`count` training seeds: this run's own seed, then the next ones (seed, seed + 1, ...)."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"seeds (how many training seeds) must be an integer >= 1, got seeds={count!r}")
+        return [self.seed + i for i in range(count)]
+
+    def seed_run(self, seed: int) -> Run:
+        """The same preset trained with another seed, inside this run directory.
+
+        Layout: this run's own seed is the run directory itself (as before seeds existed); every other
+        seed s is a complete run in `seeds/seed-<s>/` whose extractor, merger and evaluation seeds are s.
+        So `--seeds 3` on a run of seed 0 trains seeds 0, 1 and 2; the notebooks' SEED picks the first.
+        """
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got seed={seed!r}")
+        if seed == self.seed:
+            return self
+        p = self.preset
+        preset = dataclasses.replace(p, extractor=dataclasses.replace(p.extractor, seed=seed),
+                                     merger=dataclasses.replace(p.merger, seed=seed),
+                                     evaluation=dataclasses.replace(p.evaluation, seed=seed))
+        return Run(self.dir.root / "seeds" / f"seed-{seed}", preset, device=self.device, progress=self.progress)
+
     # ------------------------------------------------------------ extractors
     def extractor_config(self, eps: float):
         return dataclasses.replace(self.preset.extractor, eps=eps)
@@ -163,13 +191,17 @@ class Run:
     def delta_z_values(self):
         """Per-example Delta-z (eq. 8) of every extractor at the evaluation budget: (budgets, [n_budgets, N]).
 
-        On the preset's `delta_z_examples` first test images; every extractor gets a generator seeded
-        alike, so all see the same random starts and the curve is reproducible.
+        On the first `delta_z_examples` (preset) validation images: choosing extractors is model
+        selection, so it never looks at the test set. The split is the one extractor training holds
+        out, `validation_split(data, data.val_fraction, seed=0)` over the training images. Every
+        extractor gets a generator seeded alike, so all see the same random starts (and the same
+        examples: the rule takes paired, per-example differences) and the curve is reproducible.
         """
         from .analysis import delta_z
+        from .data import to_float, validation_split
 
-        x, _ = self.test_set(self.preset.delta_z_examples)
-        x = x.to(self.device)
+        _, val_idx = validation_split(self.data, self.preset.data.val_fraction, seed=0)
+        x = to_float(self.data.x_train[val_idx[: self.preset.delta_z_examples]]).to(self.device)
         budgets = self.budgets()
         rows = [delta_z(self.extractor(b)[0], x, self.preset.evaluation.eps,
                         generator=torch.Generator(device=self.device).manual_seed(0)).cpu()
@@ -177,28 +209,26 @@ class Run:
         return budgets, torch.stack(rows).numpy()
 
     def selected_subset(self) -> str:
-        """The binary vector the concavity rule chooses, stored in selection.json with the extractors'
-        keys it was made from; redone when the run's extractors change."""
+        """The binary vector the concavity rule chooses (`analysis.select_extractors` on the per-example
+        validation Delta-z, with the evaluation budget), stored in selection.json with the extractors'
+        keys and the settings it was made from; redone when either changes (or the file predates them)."""
         from .analysis import select_extractors
 
         path = self.dir.root / "selection.json"
         keys = [self._extractors[p][1]["key"] for _, p in self.extractor_checkpoints()]
+        settings = {"split": "validation", "delta_z_examples": self.preset.delta_z_examples,
+                    "Delta": self.preset.evaluation.eps}
         if path.is_file():
             stored = read_json(path)
-            if isinstance(stored, dict) and stored.get("extractor_keys") == keys:
+            if (isinstance(stored, dict) and stored.get("extractor_keys") == keys and "std" in stored
+                    and all(stored.get(k) == v for k, v in settings.items())):
                 return stored["vector"]
         budgets, values = self.delta_z_values()
-        dz = values.mean(axis=1).tolist()
-        if len(budgets) < 3:
-            # a second difference needs three budgets: nothing to choose from, every extractor is used
-            sel = {"eps": budgets, "delta_z": dz, "second_difference": [None] * len(budgets),
-                   "reasons": ["fewer than 3 budgets: the concavity rule needs three"] * len(budgets),
-                   "selected": [], "tol": 0.0}
-        else:
-            sel = dataclasses.asdict(select_extractors(budgets, dz))
-        chosen = [i for i, b in enumerate(budgets) if any(abs(b - s) < 1e-9 for s in sel["selected"])]
-        write_json(path, {"budgets": budgets, "extractor_keys": keys, "delta_z": dz, "selection": sel,
-                          "vector": subset_vector(chosen or list(range(len(budgets))), len(budgets))})
+        sel = select_extractors(budgets, values, Delta=self.preset.evaluation.eps)
+        chosen = [i for i, b in enumerate(budgets) if any(abs(b - s) < 1e-9 for s in sel.selected)]
+        write_json(path, {"budgets": budgets, "extractor_keys": keys, **settings, "n_examples": sel.n_examples,
+                          "delta_z": sel.delta_z, "std": sel.std, "selection": dataclasses.asdict(sel),
+                          "vector": subset_vector(chosen, len(budgets))})
         return read_json(path)["vector"]
 
     def subset_indices(self, spec: str) -> list[int]:
@@ -284,9 +314,23 @@ class Run:
                 return metrics
         x, y = self.test_set(cfg.n_examples)
         result = evaluate(model, x, y, cfg, self.device, self.progress)
-        result["metrics"]["key"] = key
+        result["metrics"].update(key=key, name=name)
         if sanity:
-            result["sanity"] = sanity_checks(model, x, y, cfg.eps, result["metrics"], device=self.device)
+            self.say(f"evaluation {name}: gradient-masking checks ({cfg.sanity_strength}) ...")
+            alpha = step_size(cfg.eps, cfg.step_size)
+            checks = sanity_checks(model, x, y, cfg.eps, result["metrics"], seed=cfg.seed, device=self.device,
+                                   flags=result["flags"], strength=cfg.sanity_strength, step=alpha)
+            if not checks["checks"]["converged"]["passed"]:
+                # the reported PGD has not converged: the stronger attack, on every example, joins `worst`
+                steps = checks["checks"]["converged"]["steps"]
+                gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+                xs, ys = x.to(self.device), y.to(self.device)
+                strong = torch.ones(len(ys), dtype=torch.bool, device=self.device)
+                for loss in ("ce", "cw"):
+                    strong &= pgd_flags(model, xs, ys, cfg.eps, cfg.eps / 8, steps, cfg.batch_size, restarts=2,
+                                        generator=gen, loss=loss, progress=self.progress, desc=f"PGD-{steps} {loss}")
+                add_attack(result, f"pgd{steps}", strong)
+            result["sanity"] = checks
         metrics = write_evaluation(out_dir, result, model_info or {})
         self.say(f"evaluation {name}: " + ", ".join(f"{a} {metrics[a]:.1f}%" for a in ("clean",) + cfg.attacks
                                                      if a in metrics))

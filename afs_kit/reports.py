@@ -19,7 +19,7 @@ import torch
 
 from .config import budget_name, config_hash, format_budget, get_preset, parse_float, parse_unit, preset_from_dict
 from .pipeline import PROJECT_ROOT, Run
-from .runs import read_json, write_json
+from .runs import load_checkpoint, read_json, write_json
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 NOTEBOOKS = ("01_extractors", "02_delta_z", "03_tsne", "04_merger_alpha", "05_subsets", "06_weights",
@@ -33,6 +33,8 @@ PARAMETERS: dict[str, tuple[str, str]] = {
     "RUN_DIR": ("str?", "run directory; None: runs/<preset> under the project root"),
     "DEVICE": ("str", "auto (CUDA when present), cpu or cuda[:N]"),
     "SEED": ("int", "seed of extractor, merger and evaluation (0: the preset's); t-SNE too"),
+    "SEEDS": ("count", "training seeds in one run directory: SEED and the next SEEDS-1 (tables 1 and 4-5 give "
+                       "the mean and min-max over them)"),
     "BUDGETS": ("units?", "training budgets, one extractor each; None: the preset's"),
     "N_EVAL": ("count?", "test examples for clean and PGD accuracy; None: the preset's"),
     "N_AA": ("count?", "test examples for AutoAttack; None: the preset's evaluation.aa_examples (at most N_EVAL)"),
@@ -48,6 +50,9 @@ PARAMETERS: dict[str, tuple[str, str]] = {
 
 # the attacks of tables 1-3 (clean is always measured); AutoAttack only where the paper uses it
 PGD_ATTACKS = ("pgd10", "pgd20")
+# shown in every table that has them: the per-example worst case over every attack, the
+# gradient-masking checks and the training health of the model
+TRUST_COLUMNS = ("worst", "sanity", "health")
 
 
 # ============================================================================ parameters
@@ -181,13 +186,25 @@ def show(fig, path: str | Path) -> None:
     display(fig)
 
 
+def say(run: Run, section: str, text: str) -> None:
+    """Print a generated sentence and keep it in summary.json["texts"] (reports/README.md quotes it)."""
+    print(text)
+    summary = read_json(run.dir.summary_path) if run.dir.summary_path.is_file() else {}
+    run.dir.update_summary("texts", {**summary.get("texts", {}), section: text})
+
+
 def table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int = 1):
     """A pandas DataFrame for display, floats rounded to `digits` places."""
     import pandas as pd
 
     df = pd.DataFrame(list(rows))
     if columns is not None:
-        df = df[[c for c in columns if c in df.columns]]
+        # every accuracy with its interval, and the headline robust accuracy and the checks behind it
+        # beside the numbers, whatever columns a notebook asks for
+        wanted = []
+        for c in [*columns, *(c for c in TRUST_COLUMNS if c not in columns)]:
+            wanted += [c, f"{c}_ci"]
+        df = df[[c for c in dict.fromkeys(wanted) if c in df.columns]]
     return df.round(digits)
 
 
@@ -227,9 +244,11 @@ def evaluate_extractor(run: Run, eps: float, attacks: Sequence[str] = PGD_ATTACK
                        n_examples: int | None = None) -> dict:
     """One extractor under `attacks` (clean always), cached in RUN/eval/ by config and checkpoint."""
     model, ckpt = run.extractor(eps)
+    # every robust number in a report is cross-checked against gradient masking, single networks too
     return run.evaluate(_eval_name(f"extractor-{budget_name(eps)}", attacks, n_examples), model,
-                        attacks=tuple(attacks), n_examples=n_examples,
-                        model_info={"kind": "extractor", "eps": eps, "key": ckpt["key"]})
+                        attacks=tuple(attacks), n_examples=n_examples, sanity=True,
+                        model_info={"kind": "extractor", "eps": eps, "key": ckpt["key"],
+                                    "health": ckpt.get("health")})
 
 
 def afs_name(run: Run, subset: str, alpha: float) -> str:
@@ -248,13 +267,55 @@ def evaluate_afs(run: Run, subset: str, alpha: float, attacks: Sequence[str] = P
     gradient-masking sanity checks; returns (metrics, model)."""
     model = run.afs_model(subset, alpha=float(alpha))
     name = afs_name(run, subset, alpha)
+    health = load_checkpoint(run.dir.merger_dir(name) / "merger.pt").get("health")
     metrics = run.evaluate(_eval_name(f"afs-{name}", attacks, n_examples), model, attacks=tuple(attacks),
-                           n_examples=n_examples, model_info={"kind": "merger", "name": name})
+                           n_examples=n_examples, model_info={"kind": "merger", "name": name, "health": health})
     return metrics, model
 
 
 def _accuracies(metrics: dict, attacks: Sequence[str]) -> dict:
-    return {a: metrics[a] for a in ("clean", *attacks) if a in metrics}
+    """A table row's numbers: each accuracy with its 95% interval, `worst` (every attack run on the
+    same examples, the headline robust accuracy), the masking checks' verdict and training health."""
+    out = {}
+    for a in ("clean", *attacks, "worst"):
+        if a in metrics:
+            out[a] = metrics[a]
+            lo, hi = metrics["ci95"][a]
+            out[f"{a}_ci"] = f"{lo:.1f}-{hi:.1f}"
+    sanity = metrics.get("sanity")
+    out["sanity"] = "not run" if sanity is None else "passed" if sanity["passed"] else \
+        "FAILED: " + ", ".join(sanity["failed"])
+    out["sanity_passed"] = bool(sanity and sanity["passed"])
+    out["health"] = health_label(metrics.get("model", {}).get("health"))
+    out["eval"], out["examples_hash"] = metrics.get("name"), metrics.get("examples", {}).get("hash")
+    return out
+
+
+def health_label(health: dict | None) -> str:
+    """A training-health verdict in a few words (from the checkpoint's `health`)."""
+    if health is None:
+        return "not recorded"
+    if health["passed"]:
+        return "ok"
+    why = [w for w, bad in (("loss above chance", health.get("above_chance")), ("loss rising", health.get("rising")))
+           if bad]
+    return "FLAGGED: " + (", ".join(why) or "see checkpoint")
+
+
+def evaluation_flags(run: Run, name: str) -> dict[str, torch.Tensor]:
+    """The per-example flags saved beside evaluation `name`'s metrics.json (for paired tests)."""
+    return load_checkpoint(run.dir.eval_dir(name) / "flags.pt")["flags"]
+
+
+def paired_sentence(run: Run, a: dict, b: dict, name_a: str, name_b: str, measure: str = "worst") -> str:
+    """'A is better than B (...)' or 'no significant difference' for two table rows, by the exact
+    McNemar test on their per-example flags (same examples, checked by the examples' hash)."""
+    from .stats import compare
+
+    fa, fb = evaluation_flags(run, a["eval"]), evaluation_flags(run, b["eval"])
+    if a["examples_hash"] != b["examples_hash"]:
+        raise ValueError(f"rows {name_a!r} and {name_b!r} were evaluated on different examples; no paired test")
+    return compare(fa[measure], fb[measure], name_a, name_b)["text"]
 
 
 # ============================================================================ table 1
@@ -308,31 +369,34 @@ def best_single(rows: Sequence[dict], robust: str = "pgd20") -> dict:
 # ============================================================================ fig. 3, the selection rule
 
 def delta_z_values(run: Run) -> dict:
-    """Per-example Delta-z (eq. 8) of every extractor at the evaluation budget (`Run.delta_z_values`,
-    the procedure the selection was made with): mean and std over the examples."""
+    """Per-example Delta-z (eq. 8) of every extractor at the evaluation budget on the first
+    `delta_z_examples` validation images (`Run.delta_z_values`, the procedure the selection is made
+    with; never test images): mean and std (ddof=0) over the examples."""
     budgets, values = run.delta_z_values()
     return {"budgets": budgets, "Delta": run.preset.evaluation.eps, "mean": values.mean(axis=1).tolist(),
-            "std": values.std(axis=1).tolist(), "n": int(values.shape[1])}
+            "std": values.std(axis=1).tolist(), "n": int(values.shape[1]), "split": "validation"}
 
 
-def selection_summary(run: Run, dz: dict) -> dict:
-    """The concavity rule's verdict (as stored by the run) and eq. 10 over the selected budgets."""
+def selection_summary(run: Run, dz: dict | None = None) -> dict:
+    """The concavity rule's verdict as stored by the run (selection.json, made on validation images,
+    with the per-budget std) and eq. 10 over the selected budgets. Delta-z is not recomputed: `dz`
+    (from `delta_z_values`) is optional, and only checked against the stored curve when given."""
     from .analysis import PAPER_SELECTED_EPS, check_eq10
 
     vector = run.selected_subset()
     stored = read_json(run.dir.root / "selection.json")
     sel = stored["selection"]
-    out = {"vector": vector, "budgets": stored["budgets"], "delta_z": stored["delta_z"], "std": dz["std"],
-           "Delta": dz["Delta"], "n": dz["n"], "selected": sel["selected"], "reasons": sel["reasons"],
-           "second_difference": sel["second_difference"],
+    out = {"vector": vector, "budgets": stored["budgets"], "delta_z": stored["delta_z"], "std": stored["std"],
+           "Delta": stored["Delta"], "n": stored["n_examples"], "split": stored["split"], "z": sel["z"],
+           "eval_budget": sel["eval_budget"], "chosen_range": sel["chosen_range"], "selected": sel["selected"],
+           "reasons": sel["reasons"], "second_difference": sel["second_difference"],
+           "second_difference_se": sel["second_difference_se"], "concave": sel["concave"],
            "paper_selected": [round(e * 255) for e in PAPER_SELECTED_EPS], "eq10": None}
-    if not sel["selected"]:
-        out["note"] = "no budget is locally concave: every extractor is used"
-    gap = float(np.max(np.abs(np.subtract(stored["delta_z"], dz["mean"]))))
-    if gap > 1e-4 * max(1.0, float(np.max(np.abs(dz["mean"])))):
-        # the std band comes from the recomputation; say so when it is not exactly the stored curve
-        out["note_std"] = (f"the recomputed Delta-z differs from the stored one by up to {gap:.3g} (a "
-                           f"nondeterministic attack on this device?); the std band is the recomputation's")
+    if dz is not None:
+        gap = float(np.max(np.abs(np.subtract(stored["delta_z"], dz["mean"]))))
+        if gap > 1e-4 * max(1.0, float(np.max(np.abs(dz["mean"])))):
+            out["note_recomputed"] = (f"a recomputed Delta-z differs from the stored one by up to {gap:.3g} (a "
+                                      f"nondeterministic attack on this device?); the table shows the stored one")
     if len(sel["selected"]) >= 3:
         idx = [i for i, b in enumerate(stored["budgets"]) if any(abs(b - s) < 1e-9 for s in sel["selected"])]
         eq = check_eq10([stored["budgets"][i] for i in idx], [stored["delta_z"][i] for i in idx])
@@ -342,18 +406,28 @@ def selection_summary(run: Run, dz: dict) -> dict:
 
 def selection_rows(summary: dict) -> list[dict]:
     chosen = set(summary["selected"])
-    return [{"budget": format_budget(b), "delta_z": v, "std": s, "d2": d2, "selected": b in chosen, "reason": r}
-            for b, v, s, d2, r in zip(summary["budgets"], summary["delta_z"], summary["std"],
-                                      summary["second_difference"], summary["reasons"])]
+    return [{"budget": format_budget(b), "delta_z": v, "std": s, "d2": d2, "se": se, "concave": c,
+             "selected": b in chosen, "reason": r}
+            for b, v, s, d2, se, c, r in zip(summary["budgets"], summary["delta_z"], summary["std"],
+                                             summary["second_difference"], summary["second_difference_se"],
+                                             summary["concave"], summary["reasons"])]
 
 
 def selection_text(summary: dict) -> str:
-    if summary["selected"]:
-        chosen = ", ".join(format_budget(b) for b in summary["selected"])
-        text = f"The concavity rule selects the budgets {chosen} (subset vector {summary['vector']})."
+    lo, hi = summary["chosen_range"]
+    where = (f"Delta-z at Delta = {format_budget(summary['Delta'])}, mean over {summary['n']} validation images "
+             f"(never test images)")
+    if len(summary["selected"]) == len(summary["budgets"]):
+        text = (f"The concavity rule selects every budget, {format_budget(lo)} ... {format_budget(hi)} (subset "
+                f"vector {summary['vector']}): {where}, is concave over the whole grid within {summary['z']:g} "
+                f"standard errors" + (" (fewer than 3 budgets: trivially)." if len(summary["budgets"]) < 3 else "."))
     else:
-        text = (f"The concavity rule selects no budget: Delta-z is nowhere locally concave on this grid, so the "
-                f"'selected' subset falls back to every extractor ({summary['vector']}).")
+        text = (f"The concavity rule selects the budgets {format_budget(lo)} ... {format_budget(hi)} (subset vector "
+                f"{summary['vector']}): the widest contiguous range containing the evaluation budget "
+                f"{format_budget(summary['eval_budget'])} over which {where}, is concave within {summary['z']:g} "
+                f"standard errors.")
+        dropped = [(b, r) for b, r in zip(summary["budgets"], summary["reasons"]) if b not in summary["selected"]]
+        text += " Left out: " + "; ".join(f"{format_budget(b)} ({r.removeprefix('out: ')})" for b, r in dropped) + "."
     eq = summary.get("eq10")
     if eq is not None:
         verdict = "holds" if eq["holds"] else "does NOT hold"
@@ -423,7 +497,7 @@ def alpha_sweep(run: Run, alphas: Sequence[float], subset: str | None = None,
     for alpha in alphas:
         m, model = evaluate_afs(run, vector, alpha, PGD_ATTACKS, n_examples)
         ratio = importance_ratio(model.merger, model.stack.feature_dims)
-        rows.append({"alpha": float(alpha), **_accuracies(m, PGD_ATTACKS), "sanity_passed": m["sanity"]["passed"],
+        rows.append({"alpha": float(alpha), **_accuracies(m, PGD_ATTACKS),
                      "importance": [float(r) for r in ratio], "subset": vector, "n": m["n"]})
     return rows
 
@@ -463,16 +537,18 @@ def robustness_curves(run: Run, subset: str | None = None, alpha: float | None =
     return {"budgets": budgets, "accuracy": curves, "n": int(len(y)), "steps": steps}
 
 
-def alpha_text(rows: Sequence[dict], extractors: Sequence[dict]) -> str:
-    """A sentence from the numbers: which alpha trades best, and how it compares with the best single network."""
-    best = max(rows, key=lambda r: (r["clean"] + r["pgd20"]) / 2)
+def alpha_text(run: Run, rows: Sequence[dict], extractors: Sequence[dict]) -> str:
+    """Which alpha trades best (mean of clean and the worst case), and how it compares with the best
+    single network: "better" or "worse" only where the paired test says so."""
+    best = max(rows, key=lambda r: (r["clean"] + r["worst"]) / 2)
     single = best_single(extractors)
-    afs_t, single_t = (best["clean"] + best["pgd20"]) / 2, (single["clean"] + single["pgd20"]) / 2
-    word = "beats" if afs_t > single_t else "only ties with" if afs_t == single_t else "does NOT beat"
-    return (f"Best alpha by mean(clean, PGD-20): alpha={best['alpha']:g} (clean {best['clean']:.1f}%, PGD-20 "
-            f"{best['pgd20']:.1f}%, mean {afs_t:.1f}%). It {word} the best single extractor, {label(single['eps'])} "
-            f"(clean {single['clean']:.1f}%, PGD-20 {single['pgd20']:.1f}%, mean {single_t:.1f}%), "
-            f"by {afs_t - single_t:+.1f} points.")
+    afs_t, single_t = (best["clean"] + best["worst"]) / 2, (single["clean"] + single["worst"]) / 2
+    name_a, name_b = f"AFS alpha={best['alpha']:g}", f"the best single extractor {label(single['eps'])}"
+    return (f"Best alpha by mean(clean, worst case): alpha={best['alpha']:g} (clean {best['clean']:.1f}%, worst case "
+            f"{best['worst']:.1f}%, mean {afs_t:.1f}); {label(single['eps'])}: clean {single['clean']:.1f}%, "
+            f"worst case {single['worst']:.1f}%, mean {single_t:.1f} ({afs_t - single_t:+.1f} points). Clean: "
+            f"{paired_sentence(run, best, single, name_a, name_b, 'clean')}. Worst case: "
+            f"{paired_sentence(run, best, single, name_a, name_b, 'worst')}.")
 
 
 # ============================================================================ table 3
@@ -488,7 +564,7 @@ def subset_table(run: Run, subsets: Sequence[str], alpha: float | None = None,
         vector = main_subset(run, spec)
         m, model = evaluate_afs(run, vector, alpha, PGD_ATTACKS, n_examples)
         rows.append({"subset": vector, "spec": spec, "extractors": len(model.stack.feature_dims),
-                     **_accuracies(m, PGD_ATTACKS), "sanity_passed": m["sanity"]["passed"],
+                     **_accuracies(m, PGD_ATTACKS),
                      "importance": [float(r) for r in importance_ratio(model.merger, model.stack.feature_dims)],
                      "alpha": alpha, "n": m["n"]})
     return rows
@@ -499,14 +575,17 @@ def subset_points(extractors: Sequence[dict], rows: Sequence[dict]) -> dict[str,
     return {**extractor_points(extractors), **{f"AFS {r['subset']}": (r["clean"], r["pgd20"]) for r in rows}}
 
 
-def subset_text(rows: Sequence[dict]) -> str:
-    """Which subset trades best, and whether more extractors helped, from the numbers."""
-    best = max(rows, key=lambda r: (r["clean"] + r["pgd20"]) / 2)
+def subset_text(run: Run, rows: Sequence[dict]) -> str:
+    """Which subset trades best, and whether the largest stack differs from it by the paired test."""
+    best = max(rows, key=lambda r: (r["clean"] + r["worst"]) / 2)
     most = max(rows, key=lambda r: r["extractors"])
-    return (f"Best subset by mean(clean, PGD-20): {best['subset']} ({best['extractors']} extractors, clean "
-            f"{best['clean']:.1f}%, PGD-20 {best['pgd20']:.1f}%). The largest stack, {most['subset']}, has clean "
-            f"{most['clean']:.1f}% and PGD-20 {most['pgd20']:.1f}%"
-            + (" and is the best." if best is most else "; it is not the best here."))
+    text = (f"Best subset by mean(clean, worst case): {best['subset']} ({best['extractors']} extractors, clean "
+            f"{best['clean']:.1f}%, worst case {best['worst']:.1f}%). The largest stack, {most['subset']}: clean "
+            f"{most['clean']:.1f}%, worst case {most['worst']:.1f}%")
+    if best is most:
+        return text + "; it is the best."
+    return (text + f". Worst case: {paired_sentence(run, best, most, best['subset'], most['subset'])}. Clean: "
+            f"{paired_sentence(run, best, most, best['subset'], most['subset'], 'clean')}.")
 
 
 # ============================================================================ fig. 6
@@ -553,30 +632,55 @@ def comparison_table(run: Run, subset: str | None = None, alpha: float | None = 
     vector, alpha = main_subset(run, subset), main_alpha(run, alpha)
     extractors = extractor_table(run, n_examples)
     base, single = baseline_budget(run), best_single(extractors)["eps"]
+    with_aa = (*PGD_ATTACKS, "aa")  # AutoAttack and PGD on the same examples: `worst` is over all of them
     rows = []
 
-    def row(method, pgd, aa, n_models):
-        r = {"method": method, "clean": pgd["clean"], "pgd20": pgd["pgd20"], "aa": None, "tradeoff": None,
-             "n": pgd["n"], "n_aa": None, "extractors": n_models}
+    def row(role, method, pgd, aa, n_models):
+        r = {"role": role, "method": method, **_accuracies(pgd, ("pgd20",)), "aa": None, "tradeoff": None, "n": pgd["n"],
+             "n_aa": None, "extractors": n_models, "pgd_eval": pgd["name"], "aa_eval": None}
         if aa is not None:
-            r.update(aa=aa["aa"], tradeoff=aa["tradeoff"], n_aa=aa["n"])
+            lo, hi = aa["ci95"]["aa"]
+            wlo, whi = aa["ci95"]["worst"]
+            # the worst case and the trade-off on the AutoAttack examples, with the clean accuracy of
+            # those same examples (tables 4-5)
+            r.update(aa=aa["aa"], aa_ci=f"{lo:.1f}-{hi:.1f}", worst=aa["worst"], worst_ci=f"{wlo:.1f}-{whi:.1f}",
+                     clean_on_aa=aa["clean"], tradeoff=aa["tradeoff"], n_aa=aa["n"], aa_eval=aa["name"],
+                     sanity=_accuracies(aa, with_aa)["sanity"], sanity_passed=_accuracies(aa, with_aa)["sanity_passed"])
         rows.append(r)
 
     afs_pgd, _ = evaluate_afs(run, vector, alpha, PGD_ATTACKS, n_examples)
-    afs_aa, _ = evaluate_afs(run, vector, alpha, ("aa",), n_aa)
-    row(f"AFS {vector}, alpha={alpha:g}", afs_pgd, afs_aa, vector.count("1"))
-    row(f"baseline PGD-AT {label(base)}", evaluate_extractor(run, base, PGD_ATTACKS, n_examples),
-        evaluate_extractor(run, base, ("aa",), n_aa), 1)
+    afs_aa, _ = evaluate_afs(run, vector, alpha, with_aa, n_aa)
+    row("AFS", f"AFS {vector}, alpha={alpha:g}", afs_pgd, afs_aa, vector.count("1"))
+    row("baseline", f"baseline PGD-AT {label(base)}", evaluate_extractor(run, base, PGD_ATTACKS, n_examples),
+        evaluate_extractor(run, base, with_aa, n_aa), 1)
     if abs(single - base) > 1e-12:
-        row(f"best single {label(single)}", evaluate_extractor(run, single, PGD_ATTACKS, n_examples),
-            evaluate_extractor(run, single, ("aa",), n_aa), 1)
+        row("best single", f"best single {label(single)}", evaluate_extractor(run, single, PGD_ATTACKS, n_examples),
+            evaluate_extractor(run, single, with_aa, n_aa), 1)
     avg = run.logit_average(vector)
     avg_pgd = run.evaluate(_eval_name(f"avg-{vector}", PGD_ATTACKS, n_examples), avg, attacks=PGD_ATTACKS,
                            n_examples=n_examples, model_info={"kind": "avg", "subset": vector,
                                                               "keys": [run.extractor(run.budgets()[i])[1]["key"]
                                                                        for i in run.subset_indices(vector)]})
-    row(f"logit average (eq. 9) {vector}", avg_pgd, None, vector.count("1"))
+    row("logit average", f"logit average (eq. 9) {vector}", avg_pgd, None, vector.count("1"))
     return rows
+
+
+def paired_comparisons(run: Run, rows: Sequence[dict]) -> list[dict]:
+    """AFS (the first row) against every other row, per example on the same examples: clean and the
+    worst case over every attack, each by an exact McNemar test (`afs_kit.stats.compare`)."""
+    from .stats import compare
+
+    afs = rows[0]
+    out = []
+    for other in rows[1:]:
+        use_aa = afs["aa_eval"] is not None and other["aa_eval"] is not None
+        key = "aa_eval" if use_aa else "pgd_eval"
+        a, b = evaluation_flags(run, afs[key]), evaluation_flags(run, other[key])
+        for what in ("clean", "worst"):
+            verdict = compare(a[what], b[what], "AFS", other["method"])
+            out.append({"against": other["method"], "measure": what, "examples": len(a[what]),
+                        "attacks": "PGD-10, PGD-20 and AutoAttack" if use_aa else "PGD-10 and PGD-20", **verdict})
+    return out
 
 
 def paper_reference(run: Run):
@@ -591,16 +695,20 @@ def paper_reference(run: Run):
     return None
 
 
-def comparison_text(rows: Sequence[dict]) -> str:
-    """Does AFS beat every single network on the trade-off (mean of clean and AA)? Said from the numbers."""
+def comparison_text(rows: Sequence[dict], paired: Sequence[dict]) -> str:
+    """Tables 4-5 in sentences, from the numbers: the trade-off (mean of clean and AutoAttack on the
+    same examples) of AFS and of the best single network, then every paired test, which alone may
+    say "better" or "worse"."""
     afs = rows[0]
     singles = [r for r in rows[1:] if r["tradeoff"] is not None]
     best = max(singles, key=lambda r: r["tradeoff"])
-    diff = afs["tradeoff"] - best["tradeoff"]
-    word = "beats" if diff > 0 else "only ties with" if diff == 0 else "does NOT beat"
-    return (f"On this run {afs['method']} (clean {afs['clean']:.1f}%, AA {afs['aa']:.1f}%, trade-off "
-            f"{afs['tradeoff']:.1f}%) {word} the best single network, {best['method']} (trade-off "
-            f"{best['tradeoff']:.1f}%), by {diff:+.1f} points (AutoAttack on {afs['n_aa']} test examples).")
+    text = (f"{afs['method']}: clean {afs['clean_on_aa']:.1f}%, AutoAttack {afs['aa']:.1f}% "
+            f"(worst case over every attack {afs['worst']:.1f}%, 95% CI {afs['worst_ci']}), trade-off "
+            f"{afs['tradeoff']:.1f}, against {best['tradeoff']:.1f} for the best single network, {best['method']} "
+            f"({afs['tradeoff'] - best['tradeoff']:+.1f} points, on {afs['n_aa']} test examples).")
+    for p in paired:
+        text += f" {p['measure'].capitalize()} accuracy: {p['text']}."
+    return text
 
 
 def cost_table(run: Run, subset: str | None = None, alpha: float | None = None, n_examples: int | None = None,
@@ -639,6 +747,44 @@ def cost_table(run: Run, subset: str | None = None, alpha: float | None = None, 
         rows.append({"setting": setting, "params_k": cost["params"] / 1e3, "macs_m": cost["macs"] / 1e6,
                      "clean": m["clean"], "pgd20": m["pgd20"], "params": cost["params"], "macs": cost["macs"]})
     return rows
+
+
+# ============================================================================ several seeds
+
+def seed_runs(run: Run, count: int = 1) -> list[Run]:
+    """This run and its other seeds (`Run.seed_run`), `count` in all; the missing extractors of each
+    are trained."""
+    runs = [run.seed_run(s) for s in run.seeds(count)]
+    for r in runs:
+        r.train_extractors()
+    return runs
+
+
+def over_seeds(per_seed: dict[int, Sequence[dict]], by: str, columns: Sequence[str]) -> list[dict]:
+    """Mean and min-max over seeds of each `columns` value, rows matched by their `by` field (e.g.
+    the budget or the method). Seeds missing a row are left out of that row's statistics."""
+    keys = list(dict.fromkeys(r[by] for rows in per_seed.values() for r in rows))
+    out = []
+    for key in keys:
+        row = {by: key, "seeds": 0}
+        for c in columns:
+            values = [r[c] for rows in per_seed.values() for r in rows if r[by] == key and r.get(c) is not None]
+            row["seeds"] = max(row["seeds"], len(values))
+            if values:
+                row[c] = float(np.mean(values))
+                row[f"{c}_range"] = f"{min(values):.1f}-{max(values):.1f}"
+        out.append(row)
+    return out
+
+
+def seeds_summary(run: Run, per_seed: dict[str, dict[int, Sequence[dict]]]) -> None:
+    """summary.json["seeds"]: the seeds used and, per table, each seed's rows."""
+    summary = read_json(run.dir.summary_path) if run.dir.summary_path.is_file() else {}
+    stored = summary.get("seeds") or {}
+    seeds = sorted({int(s) for table in per_seed.values() for s in table} | set(stored.get("seeds", [])))
+    run.dir.update_summary("seeds", {**stored, "seeds": seeds,
+                                     **{name: {str(s): rows for s, rows in table.items()}
+                                        for name, table in per_seed.items()}})
 
 
 def weight_rows(stats: dict) -> list[dict]:

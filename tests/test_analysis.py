@@ -125,56 +125,255 @@ def test_delta_z_bad_inputs(trained_digits_model, digits_x):
 # ------------------------------------------------------------------------ the selection rule
 
 def _paper_like_curve() -> np.ndarray:
-    """Delta_z decreasing in the budget, convex up to 3/255 (slopes flatten), concave from 3/255 on."""
+    """Delta_z decreasing in the budget, convex up to 2/255 (slopes flatten), concave from 3/255 on."""
     slopes = [-0.9, -0.5, -0.2, -0.25, -0.3, -0.35, -0.4, -0.45, -0.5]
     return np.concatenate([[6.0], 6.0 + np.cumsum(slopes)])
 
 
-def test_selection_reproduces_the_papers_choice():
-    sel = select_extractors(PAPER_GRID, _paper_like_curve())
-    np.testing.assert_allclose(sel.selected, PAPER_SELECTED_EPS)
+def _standardized_noise(n: int, seed: int = 0) -> np.ndarray:
+    """n numbers with mean exactly 0 and sample std (ddof=1) exactly 1."""
+    xi = np.random.default_rng(seed).normal(size=n)
+    xi -= xi.mean()
+    return xi / xi.std(ddof=1)
+
+
+def _concave_flags_ok(sel, lo: int, hi: int) -> bool:
+    return all(sel.concave[k] for k in range(lo + 1, hi))
+
+
+def test_selection_worked_example_of_the_docstring():
+    sel = select_extractors([0, 2, 4, 6, 8], [5.0, 3.0, 2.6, 2.0, 1.2], Delta=8)
+    assert sel.selected == [2.0, 4.0, 6.0, 8.0] and sel.chosen_range == (2.0, 8.0) and sel.eval_budget == 8.0
+    np.testing.assert_allclose(sel.second_difference[1:-1], [0.4, -0.05, -0.05])
     assert sel.second_difference[0] is None and sel.second_difference[-1] is None
-    assert sel.second_difference[1] > 0 and sel.second_difference[2] > 0 and sel.second_difference[3] <= 0
-    assert sel.reasons[0].startswith("end budget") and sel.reasons[9].startswith("end budget")
-    assert sel.reasons[1].startswith("locally convex (d2=")
-    assert sel.reasons[5].startswith("locally concave (d2=")
-    rows = sel.as_rows()
-    assert [r["selected"] for r in rows] == [False] * 3 + [True] * 6 + [False]
+    assert sel.concave == [None, False, True, True, None]
+    assert sel.reasons[0].startswith("out: a range reaching it would have 2 inside, where Delta-z is convex")
+    assert sel.reasons[1].startswith("in: an end of the chosen range")
+    assert sel.reasons[2].startswith("in: concave (d2=")
+    assert sel.reasons[4].startswith("in (evaluation budget)")
+    assert [r["selected"] for r in sel.as_rows()] == [False, True, True, True, True]
+    # per example: SE 0.1 at 2/255 keeps 0.4 clearly convex; SE 0.25 makes it noise (0.4 <= 2 * 0.25)
+    mean = np.array([5.0, 3.0, 2.6, 2.0, 1.2])
+    n = 25
+    for se, expected in ((0.1, [2.0, 4.0, 6.0, 8.0]), (0.25, [0.0, 2.0, 4.0, 6.0, 8.0])):
+        values = np.repeat(mean[:, None], n, axis=1)
+        values[1] += 2 * se * math.sqrt(n) * _standardized_noise(n)  # d2 at 2 per example: (v0 - 2 v1 + v2) / 4
+        sel = select_extractors([0, 2, 4, 6, 8], values, Delta=8)
+        assert sel.second_difference_se[1] == pytest.approx(se)
+        assert sel.selected == expected and sel.n_examples == n
 
 
-def test_selection_concave_everywhere_selects_every_interior_budget():
+def test_selection_picks_the_endpoints_when_concave_everywhere():
     eps = np.array([0, 1, 2, 4, 5, 8, 9]) / 255  # uneven spacing
-    sel = select_extractors(eps, 3.0 - 50 * eps ** 2)
-    np.testing.assert_allclose(sel.selected, eps[1:-1])
-    sel = select_extractors(eps, np.exp(eps * 10))  # convex everywhere
-    assert sel.selected == []
+    curve = 3.0 - 50 * eps ** 2
+    sel = select_extractors(eps, curve, Delta=8 / 255)
+    np.testing.assert_allclose(sel.selected, eps)  # the smallest and the largest budget included
+    assert all(sel.concave[1:-1]) and sel.chosen_range == (0.0, pytest.approx(9 / 255))
+    # the same with per-example values (noise around the curve)
+    values = curve[:, None] + 0.01 * np.random.default_rng(0).normal(size=(len(eps), 40))
+    np.testing.assert_allclose(select_extractors(eps, values, Delta=8 / 255).selected, eps)
+    # convex everywhere: only the evaluation budget and one neighbour (no interior budget at all)
+    sel = select_extractors(eps, np.exp(-eps * 10), Delta=8 / 255)
+    assert len(sel.selected) == 2 and 8 / 255 in sel.selected
+    assert not any(sel.concave[1:-1])
+
+
+def test_selection_excludes_a_convex_kink_outside_the_evaluation_budgets_range():
+    # the paper's fig. 3 shape: convex at 1/255 and 2/255, concave from 3/255 on; evaluated at 8/255
+    sel = select_extractors(PAPER_GRID, _paper_like_curve(), Delta=8 / 255)
+    np.testing.assert_allclose(sel.selected, PAPER_GRID[2:])  # 2/255 is an end: its own d2 is not needed
+    assert sel.second_difference[1] > 0 and sel.second_difference[2] > 0 and sel.second_difference[3] <= 0
+    assert sel.concave[1:3] == [False, False] and all(sel.concave[3:9])
+    assert sel.reasons[0].startswith("out: a range reaching it would have 2/255 inside")
+    assert sel.reasons[1].startswith("out: a range reaching it would have 2/255 inside")
+    assert sel.reasons[8].startswith("in (evaluation budget): concave")
+    # the paper's own choice is 3/255..8/255: this rule keeps the ends 2/255 and 9/255 as well
+    assert set(np.round(np.array(PAPER_SELECTED_EPS) * 255)) < set(np.round(np.array(sel.selected) * 255))
+    # a convex kink above the evaluation budget: everything up to it, nothing beyond
+    curve = 3.0 - 50 * np.array(PAPER_GRID) ** 2
+    curve[8] -= 0.1  # d2 > 0 at 8/255, < 0 at 7/255 and 9/255
+    sel = select_extractors(PAPER_GRID, curve, Delta=3 / 255)
+    np.testing.assert_allclose(sel.selected, PAPER_GRID[:9])
+    assert sel.reasons[9].startswith("out: a range reaching it would have 8/255 inside")
+
+
+def test_selection_noise_within_two_standard_errors_is_not_convexity():
+    eps = [0.0, 1.0, 2.0, 3.0, 4.0]
+    mean = np.array([4.0, 3.0, 2.1, 1.1, 0.0])  # d2 = +0.1 at 1, -0.1 at 2 and 3
+    n = 20
+    xi = _standardized_noise(n)
+    for s, concave_at_1 in ((0.5, True), (0.01, False)):
+        values = np.repeat(mean[:, None], n, axis=1)
+        values[1] += s * xi  # per example d2 at 1 is 0.1 - 2 s xi: SE = 2 s / sqrt(n)
+        sel = select_extractors(eps, values, Delta=4.0)
+        assert sel.second_difference[1] == pytest.approx(0.1)
+        assert sel.second_difference_se[1] == pytest.approx(2 * s / math.sqrt(n))
+        assert sel.concave[1] is concave_at_1
+        assert sel.selected == (eps if concave_at_1 else eps[1:])
+    # z sets how many standard errors: at s = 0.5, 2 SE = 0.447 absorbs 0.1 but 0.1 SE does not
+    assert select_extractors(eps, values, Delta=4.0, z=0.0).selected == eps[1:]
+    # the differences are paired: a large per-example offset, the same at every budget, changes nothing
+    offset = 100 * np.random.default_rng(1).normal(size=n)
+    paired = select_extractors(eps, values + offset, Delta=4.0)
+    np.testing.assert_allclose(paired.second_difference_se[1:-1], sel.second_difference_se[1:-1], atol=1e-9)
+    assert paired.selected == sel.selected and max(paired.std) > 50
+    # 1-D means: SE = 0, the rule as stated (tol absorbs a known small convexity)
+    assert select_extractors(eps, mean, Delta=4.0).selected == eps[1:]
+    assert select_extractors(eps, mean, Delta=4.0, tol=0.1 + 1e-9).selected == eps
 
 
 def test_second_difference_is_exact_on_uneven_grids():
     eps = np.array([0.0, 0.01, 0.05, 0.06, 0.1])
     # f = 3 eps^2 + eps: the second divided difference is f'' = 6 at every interior point
-    sel = select_extractors(eps, 3 * eps ** 2 + eps)
+    sel = select_extractors(eps, 3 * eps ** 2 + eps, Delta=0.1)
     np.testing.assert_allclose(sel.second_difference[1:-1], [6.0, 6.0, 6.0], rtol=1e-9)
+    assert len(sel.selected) == 2
     # a straight line on an uneven grid is flat (d2 = 0, counted concave); the naive
     # v- - 2v + v+ would call it convex
-    line = select_extractors(eps, 2 * eps)
+    line = select_extractors(eps, 2 * eps, Delta=0.0)
     np.testing.assert_allclose(line.second_difference[1:-1], 0, atol=1e-9)
-    assert line.selected == pytest.approx(eps[1:-1].tolist())
+    assert line.selected == pytest.approx(eps.tolist())
     # tol absorbs small convexity (measurement noise)
-    assert select_extractors(eps, 3 * eps ** 2, tol=6.5).selected == pytest.approx(eps[1:-1].tolist())
+    assert select_extractors(eps, 3 * eps ** 2, Delta=0.1, tol=6.5).selected == pytest.approx(eps.tolist())
+
+
+def test_selection_always_contains_the_evaluation_budget_and_is_the_widest():
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(1, 9))
+        eps = np.sort(rng.choice(np.arange(20), size=n, replace=False)) / 255
+        per_example = rng.normal(size=(n, 5)) + np.cumsum(rng.normal(size=n))[:, None]
+        Delta = float(rng.uniform(0, 20 / 255))
+        sel = select_extractors(eps, per_example if trial % 2 else per_example.mean(axis=1), Delta=Delta)
+        anchor = int(np.argmin(np.abs(eps - Delta)))
+        assert sel.eval_budget == eps[anchor] and eps[anchor] in sel.selected
+        lo, hi = eps.tolist().index(sel.selected[0]), eps.tolist().index(sel.selected[-1])
+        assert sel.selected == eps[lo:hi + 1].tolist()  # contiguous
+        if n >= 3:
+            assert _concave_flags_ok(sel, lo, hi)
+            widest = max(j - i for i in range(anchor + 1) for j in range(anchor, n) if _concave_flags_ok(sel, i, j))
+            assert hi - lo == widest
+        else:
+            assert sel.selected == eps.tolist() and "fewer than 3 budgets" in sel.reasons[0]
+    # without Delta: the widest concave range anywhere
+    assert select_extractors(PAPER_GRID, _paper_like_curve()).selected == pytest.approx(PAPER_GRID[2:])
+
+
+def test_selection_ties_go_near_delta_then_to_larger_budgets():
+    eps = [0.0, 1.0, 2.0, 3.0, 4.0]
+    kink = [4.0, 3.0, 2.0, 1.5, 1.0]  # convex only at 2: it can only be an end of the range
+    assert select_extractors(eps, kink, Delta=2.0).selected == [2.0, 3.0, 4.0]  # equally near: larger
+    assert select_extractors(eps, kink, Delta=1.9).selected == [0.0, 1.0, 2.0]  # centred nearer 1.9
+    assert select_extractors(eps, kink, Delta=2.1).selected == [2.0, 3.0, 4.0]
+    # float noise in the budgets (0.15 - 0.1 > 0.1 - 0.05) breaks no tie
+    assert select_extractors([0.0, 0.1, 0.2], [2.0, 0.9, 0.4], Delta=0.1).selected == [0.1, 0.2]
+
+
+def test_selection_with_fewer_than_three_budgets_chooses_all():
+    sel = select_extractors([0.0, 0.1], [[1.0, 2.0], [0.5, 0.7]], Delta=0.1)
+    assert sel.selected == [0.0, 0.1] and sel.second_difference == [None, None]
+    assert sel.delta_z == pytest.approx([1.5, 0.6]) and sel.n_examples == 2
+    assert all(r.startswith("fewer than 3 budgets") for r in sel.reasons)
+    assert select_extractors([0.1], [2.0], Delta=0.3).selected == [0.1]
 
 
 def test_selection_bad_inputs():
     with pytest.raises(ValueError, match=r"len\(delta_z\)=3"):
         select_extractors([0, 1, 2, 3], [1, 2, 3])
-    with pytest.raises(ValueError, match=r"eps must hold at least 3 budgets.*got eps=\[0\.0, 1\.0\]"):
-        select_extractors([0, 1], [1, 2])
+    with pytest.raises(ValueError, match=r"len\(delta_z\)=2"):
+        select_extractors([0, 1, 2], np.ones((2, 5)))
+    with pytest.raises(ValueError, match=r"eps must hold at least one budget, got eps=\[\]"):
+        select_extractors([], [])
     with pytest.raises(ValueError, match=r"increasing order, got eps=\[0\.0, 2\.0, 1\.0\]"):
         select_extractors([0, 2, 1], [1, 2, 3])
+    with pytest.raises(ValueError, match=r"eps must be one-dimensional"):
+        select_extractors([[0, 1, 2]], [1, 2, 3])
     with pytest.raises(ValueError, match=r"delta_z must be finite"):
         select_extractors([0, 1, 2], [1, float("nan"), 3])
+    with pytest.raises(ValueError, match=r"delta_z must be 1-D .* got delta_z with shape \(3, 2, 2\)"):
+        select_extractors([0, 1, 2], np.ones((3, 2, 2)))
+    with pytest.raises(ValueError, match=r"at least one example per budget, got delta_z with shape \(3, 0\)"):
+        select_extractors([0, 1, 2], np.ones((3, 0)))
+    with pytest.raises(ValueError, match=r"delta_z must be numbers"):
+        select_extractors([0, 1, 2], ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"Delta must be a finite number >= 0, got Delta=-0\.1"):
+        select_extractors([0, 1, 2], [1, 2, 3], Delta=-0.1)
+    with pytest.raises(ValueError, match=r"Delta=True"):
+        select_extractors([0, 1, 2], [1, 2, 3], Delta=True)
+    with pytest.raises(ValueError, match=r"z must be a finite number >= 0, got z=nan"):
+        select_extractors([0, 1, 2], [1, 2, 3], z=float("nan"))
+    with pytest.raises(ValueError, match=r"z=-1"):
+        select_extractors([0, 1, 2], [1, 2, 3], z=-1)
     with pytest.raises(ValueError, match=r"tol=nan"):
         select_extractors([0, 1, 2], [1, 2, 3], tol=float("nan"))
+
+
+# ------------------------------------------------------------------------ the selection on a run
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, one_thread):
+    """The smoke preset's three digits extractors (a few seconds), with Delta-z on 16 images."""
+    import dataclasses
+
+    from afs_kit.config import get_preset
+    from afs_kit.pipeline import Run
+
+    preset = dataclasses.replace(get_preset("smoke"), delta_z_examples=16)
+    run = Run(tmp_path_factory.mktemp("tiny-run"), preset, device="cpu", progress=False)
+    run.train_extractors()
+    return run
+
+
+def test_run_delta_z_values_uses_validation_images(tiny_run):
+    from afs_kit.data import validation_split
+
+    run = tiny_run
+    budgets, values = run.delta_z_values()
+    assert budgets == pytest.approx([0.0, 0.1, 0.2]) and values.shape == (3, 16)
+    _, val_idx = validation_split(run.data, run.preset.data.val_fraction, seed=0)
+    x_val = to_float(run.data.x_train[val_idx[:16]])
+    x_test = to_float(run.data.x_test[:16])
+    Delta = run.preset.evaluation.eps
+    for b, row in zip(budgets, values):
+        model = run.extractor(b)[0]
+        on_val = delta_z(model, x_val, Delta, generator=torch.Generator().manual_seed(0)).numpy()
+        on_test = delta_z(model, x_test, Delta, generator=torch.Generator().manual_seed(0)).numpy()
+        np.testing.assert_allclose(row, on_val, rtol=1e-6)
+        assert not np.allclose(row, on_test)
+
+
+def test_run_selection_is_stored_with_the_new_fields_and_reused(tiny_run, monkeypatch):
+    from afs_kit import reports
+    from afs_kit.runs import read_json, write_json
+
+    run = tiny_run
+    path = run.dir.root / "selection.json"
+    path.unlink(missing_ok=True)
+    vector = run.selected_subset()
+    stored = read_json(path)
+    assert stored["split"] == "validation" and stored["n_examples"] == 16 and stored["delta_z_examples"] == 16
+    assert stored["Delta"] == run.preset.evaluation.eps and len(stored["std"]) == 3
+    sel = stored["selection"]
+    assert sel["eval_budget"] == pytest.approx(0.1) and vector[1] == "1"  # the evaluation budget is in
+    assert vector == "".join("1" if b in sel["selected"] else "0" for b in stored["budgets"])
+    assert len(sel["second_difference_se"]) == 3 and sel["second_difference_se"][1] >= 0
+    assert len(sel["reasons"]) == 3 and sel["n_examples"] == 16
+
+    def no_recompute():
+        raise AssertionError("Delta-z recomputed although selection.json holds it")
+
+    monkeypatch.setattr(run, "delta_z_values", no_recompute)
+    assert run.selected_subset() == vector
+    summary = reports.selection_summary(run)
+    assert summary["std"] == stored["std"] and summary["split"] == "validation" and summary["n"] == 16
+    assert len(reports.selection_rows(summary)) == 3
+    assert "16 validation images" in reports.selection_text(summary)
+    # a selection.json from before (test images, no std) is not reused
+    write_json(path, {k: v for k, v in stored.items() if k not in ("split", "std")})
+    with pytest.raises(AssertionError, match="recomputed"):
+        run.selected_subset()
+    monkeypatch.undo()
+    assert run.selected_subset() == vector and read_json(path)["split"] == "validation"
 
 
 def test_check_eq10():

@@ -185,6 +185,13 @@ ROWS = [
     pytest.param(evaluate("--attacks", ","), r"attacks must name at least one .*, got attacks=','",
                  id="attack-empty"),
     pytest.param(merger("--mix", "nope"), r"argument --mix: invalid choice: 'nope'", id="mix-unknown"),
+    # seed counts (issue 12)
+    pytest.param(new_run("--seeds", "0"), r"--seeds must be an integer >= 1, got seeds='0'", id="seeds-zero"),
+    pytest.param(new_run("--seeds=-2"), r"--seeds must be an integer >= 1, got seeds='-2'", id="seeds-negative"),
+    pytest.param(merger("--seeds", "1.5"), r"--seeds must be an integer >= 1, got seeds='1.5'", id="seeds-fraction"),
+    pytest.param(merger("--seeds", "2"), r"seeds/seed-1 has no trained extractors; run train-extractors --seeds 2",
+                 id="seeds-untrained"),
+    pytest.param(report("--seeds", "0"), r"--seeds must be an integer >= 1, got seeds='0'", id="seeds-report"),
 ]
 
 
@@ -234,3 +241,32 @@ def test_a_good_command_still_runs_after_the_refusals(box):
             "--n", "20", "--quiet"]
     assert main(argv) == 0
     assert len(list((Path(box["run"]) / "eval").glob("*/metrics.json"))) == 1
+
+
+def test_evaluate_writes_worst_intervals_and_the_examples_hash(box):
+    import json
+
+    from afs_kit.stats import confidence_interval, examples_hash
+
+    argv = ["evaluate", "--run", box["run"], "--device", "cpu", "--model", "extractor:0.1", "--attacks", "pgd10",
+            "--n", "40", "--quiet"]
+    assert main(argv) == 0
+    (path,) = (Path(box["run"]) / "eval").glob("*/metrics.json")
+    m = json.loads(path.read_text())
+    assert set(m["ci95"]) == {"clean", "pgd10", "worst"} and m["worst"] <= m["pgd10"] <= m["clean"]
+    for name in ("clean", "pgd10", "worst"):
+        assert m["ci95"][name] == pytest.approx(list(confidence_interval(round(m[name] * 40 / 100), 40)))
+    assert m["examples"] == {"first": 40, "hash": examples_hash(range(40))}
+
+
+def test_seeds_train_one_complete_run_per_seed_inside_the_run_directory(box):
+    run = box["run"]
+    argv = ["train-extractors", "--run", run, "--device", "cpu", "--quiet", "--seeds", "2", "--eps", "0,0.1",
+            "--set", "extractor.epochs=1"]
+    assert main(argv) == 0
+    seeded = Path(run) / "seeds" / "seed-1"
+    assert len(list(seeded.glob("extractors/*/extractor.pt"))) == 2
+    from afs_kit.runs import load_checkpoint
+
+    ckpt = load_checkpoint(next(seeded.glob("extractors/*/extractor.pt")))
+    assert ckpt["config"]["seed"] == 1

@@ -43,7 +43,7 @@ def test_delta_z_figure_marks_selected():
     fig = plots.plot_delta_z(EPS, curve, std=np.full(10, 0.1), selected=sel, Delta=8 / 255)
     _check(fig, 1)
     stars = [c for c in fig.axes[0].collections if c.get_label() == "selected"]
-    assert len(stars) == 1 and len(stars[0].get_offsets()) == len(PAPER_SELECTED_EPS)
+    assert len(stars) == 1 and len(stars[0].get_offsets()) == len(sel.selected)
     assert "8/255" in fig.axes[0].get_title()
     with pytest.raises(ValueError, match=r"len\(mean\)=9"):
         plots.plot_delta_z(EPS, curve[:9])

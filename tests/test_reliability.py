@@ -407,24 +407,117 @@ class _Quantize(nn.Module):
         return torch.round(x * 4) / 4
 
 
-def test_sanity_checks_flag_masked_gradients_and_pass_the_real_model(run):
-    x, y = run.test_set(100)
-    eps = SMOKE.evaluation.eps
+class _Wrapped(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+
+class _Noisy(_Wrapped):
+    """Stochastic gradients: a random input transform in every forward pass, eval mode or not."""
+
+    def forward(self, x):
+        return self.inner((x + 0.1 * torch.randn_like(x)).clamp(0, 1))
+
+
+class _Scaled(_Wrapped):
+    """Vanishing gradients: logits x 1e4 saturate the softmax, so cross-entropy's gradient is exactly 0."""
+
+    def forward(self, x):
+        return 1e4 * self.inner(x)
+
+
+class _ReversedGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class _LyingBackward(_Wrapped):
+    """A backward pass that does not match the forward pass: the input gradient points the wrong way."""
+
+    def forward(self, x):
+        return self.inner(_ReversedGradient.apply(x))
+
+
+@pytest.fixture(scope="module")
+def honest(run, one_thread):
+    """The smoke AFS model, its first 200 test digits and its PGD-10/PGD-20 evaluation (flags included)."""
+    x, y = run.test_set(200)
     afs = run.afs_model("all")
-    good = sanity_checks(afs, x, y, eps, device="cpu")
+    cfg = dataclasses.replace(SMOKE.evaluation, n_examples=200, attacks=("pgd10", "pgd20"))
+    return afs, x, y, evaluate(afs, x, y, cfg, device="cpu", progress=False)
+
+
+def test_an_honest_model_passes_every_masking_check(run, honest):
+    # the standard-trained network: honest gradients, and PGD-20 breaks what any attack can at this budget
+    _, x, y, _ = honest
+    model = run.extractor(0.0)[0]
+    cfg = dataclasses.replace(SMOKE.evaluation, n_examples=200, attacks=("pgd10", "pgd20"))
+    result = evaluate(model, x, y, cfg, device="cpu", progress=False)
+    good = sanity_checks(model, x, y, SMOKE.evaluation.eps, result["metrics"], device="cpu", flags=result["flags"],
+                         sources={"eps 0.1": run.extractor(0.1)[0]})
     assert good["passed"] and good["failed"] == [], good
-    assert good["n"] == 100 and set(good["checks"]) >= {"budget_zero_equals_clean", "monotone_in_budget",
-                                                        "large_budget_breaks", "more_steps_not_stronger",
-                                                        "nonzero_gradients", "deterministic_eval_mode"}
-    masked = nn.Sequential(_Quantize(), run.extractor(0.1)[0])
-    with pytest.warns(RuntimeWarning, match="SANITY CHECKS FAILED: .*nonzero_gradients"):
-        bad = sanity_checks(masked, x, y, eps, device="cpu")
-    assert not bad["passed"] and "nonzero_gradients" in bad["failed"]
-    assert bad["checks"]["nonzero_gradients"]["zero_gradient_share"] == 1.0
-    # AutoAttack above PGD means the PGD numbers are wrong
+    assert good["n"] == 200 and good["strength"] == "quick"
+    assert set(good["checks"]) == {"converged", "blackbox_not_stronger", "transfer_not_stronger", "monotone_in_budget",
+                                   "large_budget_breaks", "nonzero_gradients", "deterministic_eval_mode"}
+
+
+def test_a_stacked_model_is_checked_against_transfer_from_its_own_parts(honest):
+    afs, x, y, result = honest
+    out = sanity_checks(afs, x[:50], y[:50], SMOKE.evaluation.eps, result["metrics"], device="cpu",
+                        flags={a: f[:50] for a, f in result["flags"].items()})
+    assert set(out["checks"]["transfer_not_stronger"]["per_source"]) == {
+        "extractor 0", "extractor 1", "extractor 2", "logit average"}
+
+
+# (form, how to break the model, the check that must fail)
+@pytest.mark.parametrize("form, broken, caught_by", [
+    ("shattered gradients", lambda afs: nn.Sequential(_Quantize(), afs), {"nonzero_gradients"}),
+    ("stochastic gradients", _Noisy, {"deterministic_eval_mode"}),
+    # the CW margin loss of the stronger attack does not saturate: it breaks what CE-PGD could not move
+    ("vanishing gradients", _Scaled, {"converged"}),
+    ("backward does not match forward", _LyingBackward, {"blackbox_not_stronger", "transfer_not_stronger"}),
+])
+def test_each_form_of_gradient_masking_fails_a_check(run, honest, form, broken, caught_by):
+    afs, x, y, _ = honest
+    model = broken(afs)
+    # a wrapped model is not recognised as a stack: its surrogate is the extractor at the evaluation budget
+    with pytest.warns(RuntimeWarning, match="SANITY CHECKS FAILED"):
+        out = sanity_checks(model, x, y, SMOKE.evaluation.eps, device="cpu", sources={"eps 0.1": run.extractor(0.1)[0]})
+    assert not out["passed"]
+    assert caught_by <= set(out["failed"]), (form, out["failed"])
+
+
+def test_an_attack_that_has_not_converged_fails_the_converged_check(honest):
+    afs, x, y, _ = honest
+    eps = SMOKE.evaluation.eps
+    # PGD whose 20 steps of eps/200 cannot leave a tenth of the ball
+    cfg = dataclasses.replace(SMOKE.evaluation, n_examples=200, attacks=("pgd10", "pgd20"), step_size=eps / 200)
+    weak = evaluate(afs, x, y, cfg, device="cpu", progress=False)
+    with pytest.warns(RuntimeWarning, match="converged"):
+        out = sanity_checks(afs, x, y, eps, weak["metrics"], device="cpu", flags=weak["flags"], step=eps / 200)
+    check = out["checks"]["converged"]
+    assert not check["passed"] and check["p"] < 0.05 and check["other"] < check["reported"]
+    assert check["steps"] == 100, "5x the steps of the strongest reported PGD (PGD-20)"
+
+
+def test_autoattack_above_pgd_on_the_same_examples_fails(honest):
+    afs, x, y, result = honest
+    flags = dict(result["flags"])
+    flags["aa"] = flags["clean"].clone()  # an "AutoAttack" that broke nothing PGD broke
     with pytest.warns(RuntimeWarning, match="aa_not_above_pgd"):
-        odd = sanity_checks(afs, x, y, eps, metrics={"aa": 60.0, "pgd20": 40.0, "n": 100}, device="cpu")
-    assert odd["failed"] == ["aa_not_above_pgd"]
+        out = sanity_checks(afs, x, y, SMOKE.evaluation.eps, result["metrics"], device="cpu", flags=flags)
+    assert "aa_not_above_pgd" in out["failed"]
+    # from the percentages alone where no flags are given
+    with pytest.warns(RuntimeWarning, match="aa_not_above_pgd"):
+        odd = sanity_checks(afs, x, y, SMOKE.evaluation.eps, metrics={"aa": 60.0, "pgd20": 40.0, "n": 100}, n=100,
+                            device="cpu")
+    assert "aa_not_above_pgd" in odd["failed"]
 
 
 def test_batchnorm_left_in_training_mode_is_flagged(run):
@@ -452,7 +545,11 @@ def test_batchnorm_left_in_training_mode_is_flagged(run):
 def test_stacked_models_are_evaluated_with_sanity_checks_by_default(run):
     afs = run.afs_model("all")
     m = run.evaluate("afs-default", afs, attacks=["pgd10"])
-    assert m["sanity"]["passed"] and m["sanity"]["n"] <= 100
+    assert set(m["sanity"]["checks"]) >= {"converged", "blackbox_not_stronger", "transfer_not_stronger"}
+    assert m["sanity"]["n"] == SMOKE.evaluation.n_examples
+    assert m["worst"] <= m["pgd10"] and m["ci95"]["worst"][0] <= m["worst"] <= m["ci95"]["worst"][1]
+    if not m["sanity"]["checks"]["converged"]["passed"]:  # then the stronger attack is what is reported
+        assert "pgd50" in m["attacks"] and m["worst"] <= m["pgd50"]
     assert read_json(run.dir.eval_dir("afs-default") / "metrics.json")["sanity"] == m["sanity"]
     single = run.evaluate("single-default", run.extractor(0.1)[0], attacks=["pgd10"])
     assert "sanity" not in single

@@ -1,0 +1,209 @@
+"""Checks that a robust accuracy is not inflated by gradient masking, each able to fail.
+
+After Athalye et al. (2018, "Obfuscated gradients") and Carlini et al. (2019, "On evaluating
+adversarial robustness"). Every form of masking they name is caught by at least one check:
+
+| form                                     | caught by                                          |
+|------------------------------------------|----------------------------------------------------|
+| shattered gradients (non-differentiable) | nonzero_gradients, blackbox_not_stronger           |
+| stochastic gradients (random forward)    | deterministic_eval_mode                            |
+| vanishing / exploding gradients          | nonzero_gradients, converged (its margin loss)     |
+| a backward pass that does not match      | blackbox_not_stronger, transfer_not_stronger       |
+| an attack that has not converged         | converged                                          |
+
+"Stronger" is decided per example, never on two averages: an attack is significantly stronger than
+the reported one when an exact McNemar test on the same examples gives p < 0.05 and it breaks more
+of the examples the two disagree on. One such test per check; with the default 200 examples a
+difference of about 4 points is significant.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attacks import pgd, square_attack
+from .device import resolve_device
+from .evaluation import PGD_STEPS, check_eval_inputs, correct_flags, pgd_flags
+from .stats import SIGNIFICANCE, discordant, paired_test
+
+STRENGTHS = {
+    # examples checked (None: all given), Square's queries (AutoAttack's standard run uses 5,000)
+    "quick": {"n": 200, "square_queries": 1000},
+    "full": {"n": None, "square_queries": 5000},
+}
+STRONGER_STEPS = 5     # the converged check runs 5x the steps of the strongest reported PGD ...
+STRONGER_RESTARTS = 2  # ... with 2 restarts, for CE and for the CW margin loss
+
+
+def _stronger(reported: torch.Tensor, other: torch.Tensor, **numbers) -> dict:
+    """Fails when `other` (robust flags of another attack) breaks significantly more than `reported`."""
+    only_other_breaks, only_reported_breaks = discordant(reported, other)
+    p = paired_test(reported, other)
+    failed = only_other_breaks > only_reported_breaks and p < SIGNIFICANCE
+    return {"passed": not failed, "reported": _acc(reported), "other": _acc(other),
+            "only_other_breaks": only_other_breaks, "only_reported_breaks": only_reported_breaks, "p": p,
+            **numbers}
+
+
+def _acc(flags: torch.Tensor) -> float:
+    return 100 * flags.float().mean().item() if len(flags) else 0.0
+
+
+def transfer_sources(model: nn.Module) -> dict[str, nn.Module]:
+    """The surrogates a stacked model's transfer check attacks: each extractor and their logit average."""
+    from .stacking import AFSModel, LogitAverage
+
+    if isinstance(model, AFSModel):
+        members = list(model.stack.extractors)
+    elif isinstance(model, LogitAverage):
+        members = list(model.models)
+    else:
+        return {}
+    sources = {f"extractor {i}": m for i, m in enumerate(members)}
+    if len(members) > 1:
+        sources["logit average"] = LogitAverage(members)
+    return sources
+
+
+def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: dict | None = None,
+                  n: int | None = None, seed: int = 0, device: str = "auto", flags: dict | None = None,
+                  strength: str = "quick", sources: dict[str, nn.Module] | None = None,
+                  step: float | None = None) -> dict:
+    """Gradient-masking checks on at most `n` examples (default: the strength's, 200 for "quick").
+
+    Args:
+        model, x, y, eps: the model as evaluated, its test examples and the evaluation budget.
+        metrics: the evaluation's metrics (its attacks name the reported PGD's steps; with AutoAttack
+            and PGD but no `flags`, `aa_not_above_pgd` compares the two percentages).
+        flags: the evaluation's per-example flags ({attack: BoolTensor} over the same first examples
+            as x). The reported attack is the AND of its PGD flags; without flags PGD-20 is run here.
+        strength: "quick" (200 examples, Square with 1,000 queries) or "full" (every example given,
+            Square with 5,000 queries as in AutoAttack).
+        sources: surrogate models for the transfer check; None: for an AFS model or a logit average,
+            each extractor and their logit average; for any other model the check is skipped.
+        step: the reported PGD's step size (None: eps / 4).
+
+    Checks, each `{"passed": bool, ...numbers}`:
+        converged: PGD with 5x the steps of the strongest reported PGD, 2 restarts, cross-entropy and
+            the CW margin loss, does not break significantly more examples (McNemar p < 0.05) than
+            the reported attack. `Run.evaluate` then reports the stronger attack in `worst`.
+        blackbox_not_stronger: Square (no gradients) is not significantly stronger than PGD.
+        aa_square_breaks_nothing (where AutoAttack ran): Square, run after APGD-CE, APGD-T and FAB-T,
+            lowers the robust accuracy by at most 0.2 points (pyautoattack's own warning threshold).
+        transfer_not_stronger: PGD on each surrogate, transferred to the model, breaks no significantly
+            more examples (all surrogates together) than the white-box attack.
+        aa_not_above_pgd (where AutoAttack ran): PGD does not break significantly more than AutoAttack.
+        monotone_in_budget: robust accuracy does not rise with the budget (eps/2, eps, 2 eps).
+        large_budget_breaks: at a budget of max(0.5, 8 eps) accuracy falls to at most 10%.
+        nonzero_gradients: input gradients are finite and non-zero for most examples.
+        deterministic_eval_mode: same logits twice, independent of the rest of the batch, eval mode.
+
+    Returns `{"passed", "failed": [names], "checks": {name: {...}}, "n", "strength"}`; a failed check
+    also warns loudly.
+    """
+    if strength not in STRENGTHS:
+        raise ValueError(f"strength must be one of {', '.join(STRENGTHS)}, got strength={strength!r}")
+    if n is None:
+        n = STRENGTHS[strength]["n"] or len(y)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n (examples checked) must be an integer >= 1, got n={n!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 1:
+        raise ValueError(f"eps must be in (0, 1] for the sanity checks, got eps={eps!r}")
+    dev = resolve_device(device)
+    x, y = x[:n].to(dev), y[:n].to(dev)
+    check_eval_inputs(x, y)
+    if len(y) == 0:
+        raise ValueError("the sanity checks need at least one example, got x with 0 images")
+    model = model.to(dev).eval()
+    n = len(y)
+    tol = 100 / n + 1e-9
+    alpha = eps / 4 if step is None else step
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    clean = correct_flags(model, x, y)
+    checks = {}
+
+    attacked = [a for a in (metrics or {}).get("attacks", []) if a in PGD_STEPS] or ["pgd20"]
+    reported_steps = max(PGD_STEPS[a] for a in attacked)
+    given = {a: f[:n].to(dev) for a, f in (flags or {}).items() if a in PGD_STEPS}
+    if given:
+        white = clean.clone()
+        for f in given.values():
+            white &= f
+    else:
+        white = clean & pgd_flags(model, x, y, eps, alpha, reported_steps, generator=gen)
+
+    steps = STRONGER_STEPS * reported_steps
+    strong = clean.clone()
+    for loss in ("ce", "cw"):
+        strong &= pgd_flags(model, x, y, eps, eps / 8, steps, restarts=STRONGER_RESTARTS, generator=gen, loss=loss)
+    checks["converged"] = _stronger(white, strong, attack=f"PGD-{steps} x {STRONGER_RESTARTS} restarts, CE and CW, "
+                                                         f"step eps/8", steps=steps)
+
+    queries = STRENGTHS[strength]["square_queries"]
+    square = clean & correct_flags(model, square_attack(model, x, y, eps, n_queries=queries, seed=seed), y)
+    checks["blackbox_not_stronger"] = _stronger(white, square, attack=f"Square, {queries} queries")
+    breakdown = (metrics or {}).get("aa_breakdown")
+    if breakdown and "square" in breakdown:
+        drop = 100 * breakdown["square"] / metrics["n"]
+        checks["aa_square_breaks_nothing"] = {"passed": drop <= 0.2, "square_broke": breakdown["square"],
+                                              "points": drop, "breakdown": breakdown}
+
+    sources = transfer_sources(model) if sources is None else sources
+    if sources:
+        transfer, per_source = clean.clone(), {}
+        for name, source in sources.items():
+            source = source.to(dev).eval()
+            x_adv = torch.cat([pgd(source, x[i:i + 200], y[i:i + 200], eps, alpha, reported_steps, generator=gen)
+                               for i in range(0, n, 200)])
+            hit = clean & correct_flags(model, x_adv, y)
+            per_source[name] = _acc(hit)
+            transfer &= hit
+        checks["transfer_not_stronger"] = _stronger(white, transfer, per_source=per_source)
+
+    if flags is not None and "aa" in flags and given:
+        aa = flags["aa"][:n].to(dev)
+        checks["aa_not_above_pgd"] = _stronger(aa, white, aa=_acc(aa), pgd=_acc(white))
+    elif metrics and "aa" in metrics and "pgd20" in metrics:
+        checks["aa_not_above_pgd"] = {"passed": metrics["aa"] <= metrics["pgd20"] + 100 / metrics["n"] + 1e-9,
+                                      "aa": metrics["aa"], "pgd20": metrics["pgd20"]}
+
+    budgets = [eps / 2, eps, 2 * eps]
+    curve = [_acc(clean & pgd_flags(model, x, y, min(b, 1.0), b / 4, 10, generator=gen)) for b in budgets]
+    checks["monotone_in_budget"] = {"passed": all(b <= a + tol for a, b in zip([_acc(clean)] + curve, curve)),
+                                    "budgets": [min(b, 1.0) for b in budgets], "accuracy": curve}
+    large = min(1.0, max(0.5, 8 * eps))
+    at_large = _acc(clean & pgd_flags(model, x, y, large, large / 10, 20, generator=gen))
+    checks["large_budget_breaks"] = {"passed": at_large <= 10.0, "budget": large, "accuracy": at_large}
+
+    delta = torch.zeros_like(x, requires_grad=True)
+    loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, delta)
+    zero_share = (grad.flatten(1).abs().sum(1) == 0).float().mean().item()
+    finite = bool(torch.isfinite(grad).all())
+    checks["nonzero_gradients"] = {"passed": zero_share < 0.5 and finite, "zero_gradient_share": zero_share,
+                                   "finite": finite}
+    with torch.no_grad():
+        z = model(x)
+        same = torch.equal(z, model(x))
+        # BatchNorm left in training mode, or any batch statistic, makes one example's logits
+        # depend on the others in its batch
+        half = max(1, n // 2)
+        alone = torch.allclose(model(x[:half]), z[:half], rtol=1e-4, atol=1e-4)
+    in_eval = not any(m.training for m in model.modules())
+    checks["deterministic_eval_mode"] = {"passed": same and alone and in_eval, "deterministic": same,
+                                         "batch_independent": alone, "eval_mode": in_eval}
+
+    failed = [k for k, v in checks.items() if not v["passed"]]
+    if failed:
+        details = "; ".join(f"{k}: {_brief(checks[k])}" for k in failed)
+        warnings.warn(f"SANITY CHECKS FAILED: {', '.join(failed)} -- the robust accuracy may be inflated by "
+                      f"gradient masking or a broken attack; do not trust it before finding out why ({details})",
+                      RuntimeWarning, stacklevel=2)
+    return {"passed": not failed, "failed": failed, "checks": checks, "n": n, "strength": strength}
+
+
+def _brief(check: dict) -> dict:
+    return {k: v for k, v in check.items() if k != "passed"}
