@@ -157,7 +157,10 @@ def test_l2_pgd_equals_torchattacks_from_the_same_start(model, digits):
     x, y, _ = digits
     ref = torchattacks.PGDL2(model, eps=L2_EPS, alpha=0.25, steps=10, random_start=False)(x, y)
     ours = pgd(model, x, y, L2_EPS, 0.25, 10, norm="L2", random_start=False)
-    assert (ours - ref).abs().max() <= 1e-6
+    # the two normalize the gradient with different epsilons and reduction orders, so each of the 10
+    # steps may differ by a few float32 roundings (eps 1.2e-7) of values up to 1: 10 steps x ~4 operations
+    # x 1.2e-7 = 5e-6 at most (seen: 1.07e-6 on an Intel AMX machine, below 1e-6 on AMD EPYC)
+    assert (ours - ref).abs().max() <= 1e-5
     assert torch.equal(model(ours).argmax(1), model(ref).argmax(1))
     assert accuracy(model, ours, y) < accuracy(model, x, y)
 
