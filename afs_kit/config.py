@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 TRAINERS = ("pgd", "fgsm", "trades")
 MIXES = ("loss", "split")
+ATTACK_BN = ("train", "eval")
 ATTACKS = ("clean", "pgd10", "pgd20", "aa")
+SANITY_STRENGTHS = ("quick", "full")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,9 @@ class ExtractorConfig:
     attack_steps: int = 10            # PGD steps while training
     step_size: float | None = None    # PGD step (eta); None = eps / 4
     trades_beta: float = 6.0          # TRADES weight of the KL term
+    attack_bn: str = "train"          # BatchNorm mode while crafting training attacks: "train" (batch statistics,
+                                      # running statistics updated by every attack forward pass) as the authors
+                                      # and Rice et al.; "eval" (running statistics, untouched) as TRADES and HAT
     epochs: int = 65                  # passes over the training split
     batch_size: int = 128             # examples per SGD step
     lr: float = 0.1                   # initial SGD learning rate
@@ -60,7 +65,11 @@ class MergerConfig:
     step_size: float | None = None    # PGD step; None = eps / 4 (2/255 at 8/255)
     epochs: int = 5                   # the paper trains the merger 5 epochs
     batch_size: int = 100             # the authors' merger batch
-    lr: float = 0.1                   # SGD learning rate of the first `lr_drop_epoch` epochs
+    lr: float = 0.1                   # SGD learning rate of the first `lr_drop_epoch` epochs; with normalize_lr in units
+                                      # of 1/E||f||^2 (the step is lr / E||f||^2), else as is (1/feature units^2)
+    normalize_lr: bool = False        # divide lr by E||f||^2, the mean squared norm of the stacked clean features
+                                      # (measured once on training images): SGD on a linear layer is stable only
+                                      # for lr * ||f||^2 below a constant; False = the authors' raw lr
     lr_drop_epoch: int = 2            # from this epoch on the rate is lr * 0.1 (authors: 0.1 for two epochs, then 0.01)
     momentum: float = 0.9             # SGD momentum
     weight_decay: float = 5e-4        # L2 penalty on the merger
@@ -79,6 +88,7 @@ class EvalConfig:
     budgets: tuple[float, ...] = ()   # robustness-vs-budget curve (fig. 5a); () = a default grid up to 2x eps
     seed: int = 0                     # seeds PGD random starts and AutoAttack
     precision: str = "fp32"           # reported robust accuracies come from fp32 attacks
+    sanity_strength: str = "quick"    # gradient-masking checks: quick (200 examples, Square 1,000 queries) or full
 
 
 @dataclass(frozen=True)
@@ -95,7 +105,7 @@ class Preset:
     ablation_budget_range: tuple[float, float] | None = None  # table 6 random-budget network; None = skip
     large_model: str | None = None     # table 6 "Large model": a wider network PGD-trained at the evaluation budget
     tsne_examples: int = 1000          # test examples embedded for fig. 4
-    delta_z_examples: int = 200        # test examples for Delta-z (fig. 3)
+    delta_z_examples: int = 200        # validation examples for Delta-z and the selection rule (fig. 3)
 
 
 def k255(k: float) -> float:
@@ -162,7 +172,9 @@ PRESETS: dict[str, Preset] = {
         extractor=ExtractorConfig(model="cnn-cifar", epochs=10, batch_size=128, lr=0.05, lr_milestones=(8,),
                                   attack_steps=5, step_size=k255(2), val_attack_steps=10, val_examples=200),
         budgets=tuple(k255(k) for k in range(0, 9, 2)),
-        merger=MergerConfig(eps=k255(8), epochs=3, attack_steps=10, lr_drop_epoch=2),
+        # raw lr 0.1 diverged here (loss 2.54, 6.41, 4.87 over 3 epochs: E||f||^2 = 250 for 5 stacked
+        # cnn-cifar); lr 1 in units of 1/E||f||^2 falls (2.00, 1.81, 1.74), measured on the validation split
+        merger=MergerConfig(eps=k255(8), epochs=3, attack_steps=10, lr_drop_epoch=2, lr=1.0, normalize_lr=True),
         evaluation=EvalConfig(eps=k255(8), n_examples=500, aa_examples=200,
                               budgets=tuple(k255(k) for k in (0, 2, 4, 8, 12, 16))),
         alphas=(0.0, 0.5, 1.0),
@@ -176,7 +188,7 @@ PRESETS: dict[str, Preset] = {
     "paper-cifar10": Preset(
         name="paper-cifar10",
         data=DataConfig(spec="cifar10", val_fraction=0.02, **_CIFAR_DATA),
-        extractor=ExtractorConfig(model="wrn-28-10", step_size=k255(2)),
+        extractor=ExtractorConfig(model="wrn-28-10", step_size=k255(2), attack_bn="train"),  # the authors' BN mode
         budgets=tuple(k255(k) for k in range(0, 10)),
         merger=MergerConfig(),
         evaluation=EvalConfig(budgets=tuple(k255(k) for k in (0, 2, 4, 6, 8, 10, 12, 16))),
@@ -189,7 +201,7 @@ PRESETS: dict[str, Preset] = {
     "paper-cifar100": Preset(
         name="paper-cifar100",
         data=DataConfig(spec="cifar100", val_fraction=0.02, **_CIFAR_DATA),
-        extractor=ExtractorConfig(model="wrn-28-10", step_size=k255(2)),
+        extractor=ExtractorConfig(model="wrn-28-10", step_size=k255(2), attack_bn="train"),  # the authors' BN mode
         budgets=tuple(k255(k) for k in range(0, 10)),
         merger=MergerConfig(),
         evaluation=EvalConfig(budgets=tuple(k255(k) for k in (0, 2, 4, 6, 8, 10, 12, 16))),
@@ -313,8 +325,12 @@ def validate_preset(p: Preset) -> None:
     e, m, v = p.extractor, p.merger, p.evaluation
     if e.trainer not in TRAINERS:
         raise ValueError(f"unknown trainer={e.trainer!r}; known: {', '.join(TRAINERS)}")
+    if e.attack_bn not in ATTACK_BN:
+        raise ValueError(f"unknown extractor.attack_bn={e.attack_bn!r}; known: {', '.join(ATTACK_BN)}")
     if m.mix not in MIXES:
         raise ValueError(f"unknown mix={m.mix!r}; known: {', '.join(MIXES)}")
+    if v.sanity_strength not in SANITY_STRENGTHS:
+        raise ValueError(f"unknown evaluation.sanity_strength={v.sanity_strength!r}; known: {', '.join(SANITY_STRENGTHS)}")
     for a in v.attacks:
         if a not in ATTACKS:
             raise ValueError(f"unknown attack={a!r}; known: {', '.join(ATTACKS)}")

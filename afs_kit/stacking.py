@@ -16,9 +16,10 @@ from tqdm.auto import tqdm
 
 from .attacks import pgd
 from .config import DataConfig, MergerConfig, format_budget, parse_eps_list, step_size
-from .data import Dataset, augment, iterate_batches, validation_split
+from .data import Dataset, augment, iterate_batches, to_float, validation_split
 from .device import autocast, memory_format, resolve_device
 from .runs import expect, load_checkpoint, save_checkpoint
+from .training import training_health, warn_if_unhealthy
 
 
 class FeatureStack(nn.Module):
@@ -197,13 +198,48 @@ def train_merger_epoch(model: AFSModel, optimizer, x_train: torch.Tensor, y_trai
     return total / len(batches)
 
 
+@torch.no_grad()
+def feature_sq_norm(stack: FeatureStack, x_uint8: torch.Tensor, precision: str, device,
+                    max_images: int = 1000, batch_size: int = 250) -> float:
+    """E||f||^2: the mean squared norm of the stacked features of up to `max_images` clean training
+    images (evenly spaced, no augmentation, the frozen extractors in eval mode as always).
+
+    The Hessian of the cross-entropy of a linear layer is at most E[f f^T] / 2, whose largest eigenvalue
+    is at most E||f||^2 / 2; heavy-ball SGD (momentum m) is stable below lr * lambda_max = 2 (1 + m).
+    So lr / E||f||^2 with lr < 4 (1 + m) is a stable step whatever the extractors' architecture, training
+    and number, while a raw lr is not (ReLU features are non-negative, so E||f||^2 is dominated by
+    their mean and grows with every extractor stacked).
+    """
+    n = len(x_uint8)
+    idx = torch.arange(0, n, max(1, -(-n // max_images)))
+    fmt = memory_format(precision)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for part in idx.split(batch_size):
+        x = to_float(x_uint8[part.to(x_uint8.device)]).to(device).contiguous(memory_format=fmt)
+        with autocast(precision, device):
+            feats = stack(x)
+        total += feats.double().pow(2).sum()
+    return float(total.item() / len(idx))
+
+
+def merger_step_lr(cfg: MergerConfig, epoch: int, feat_sq: float | None) -> float:
+    """The SGD learning rate of `epoch`: cfg.lr (divided by E||f||^2 with normalize_lr), a tenth of it
+    from `lr_drop_epoch` on."""
+    lr = cfg.lr / feat_sq if cfg.normalize_lr else cfg.lr
+    return lr if epoch < cfg.lr_drop_epoch else lr * 0.1
+
+
 def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg: DataConfig,
                  out_dir: str | Path | None = None, key: str = "", device: str = "auto",
                  progress: bool = True) -> tuple[AFSModel, list[dict]]:
     """Train the linear merger over a frozen stack (eq. 5); resumable when `out_dir` is given.
 
     Trains on the training split (the validation split stays held out), `cfg.epochs` epochs, SGD with
-    `cfg.lr` for `cfg.lr_drop_epoch` epochs and a tenth of it after; the final weights are kept.
+    `cfg.lr` for `cfg.lr_drop_epoch` epochs and a tenth of it after; the final weights are kept. With
+    `cfg.normalize_lr` the rate is divided by E||f||^2 (`feature_sq_norm`, measured once before the first
+    epoch and kept for a resume): the merger is still one linear layer over the raw concatenated features,
+    so its weights (importance ratios, histograms) mean what they meant; only the step size changes.
+    A RuntimeWarning says when `training_health` flags the run.
     """
     if not 0 <= cfg.alpha <= 1:
         raise ValueError(f"alpha (the clean-loss weight of eq. 5) must be in [0, 1], got alpha={cfg.alpha}")
@@ -220,7 +256,7 @@ def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg
     x_train, y_train = data.x_train[train_idx].to(dev), data.y_train[train_idx].to(dev)
 
     last_path = Path(out_dir) / "last.pt" if out_dir is not None else None
-    start, history = 0, []
+    start, history, feat_sq = 0, [], None
     if last_path is not None and last_path.is_file():
         ckpt = load_checkpoint(last_path, map_location=dev)
         expect(ckpt, last_path, key=key)
@@ -228,31 +264,38 @@ def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg
         optimizer.load_state_dict(ckpt["optimizer"])
         order_gen.set_state(ckpt["order_rng"].cpu())
         noise_gen.set_state(ckpt["noise_rng"].cpu())
-        start, history = ckpt["epoch"] + 1, ckpt["history"]
+        start, history, feat_sq = ckpt["epoch"] + 1, ckpt["history"], ckpt.get("feature_sq_norm")
         if progress:
             print(f"merger alpha={cfg.alpha:g}: resuming from {last_path} after epoch {start}/{cfg.epochs}")
+    if feat_sq is None:
+        feat_sq = feature_sq_norm(stack, x_train, cfg.precision, dev)
 
     for epoch in range(start, cfg.epochs):
-        lr = cfg.lr if epoch < cfg.lr_drop_epoch else cfg.lr * 0.1
+        lr = merger_step_lr(cfg, epoch, feat_sq)
         for group in optimizer.param_groups:
             group["lr"] = lr
         train_loss = train_merger_epoch(model, optimizer, x_train, y_train, cfg, data_cfg, dev, order_gen, noise_gen,
                                         desc=f"merger alpha={cfg.alpha:g} epoch {epoch + 1}/{cfg.epochs}",
                                         progress=progress)
-        history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss.item()})
+        history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss.item(), "feature_sq_norm": feat_sq})
         if last_path is not None:
             save_checkpoint(last_path, {"key": key, "epoch": epoch, "state_dict": merger.state_dict(),
                                         "optimizer": optimizer.state_dict(), "order_rng": order_gen.get_state(),
-                                        "noise_rng": noise_gen.get_state(), "history": history})
+                                        "noise_rng": noise_gen.get_state(), "history": history,
+                                        "feature_sq_norm": feat_sq})
     model.eval()
+    warn_if_unhealthy(training_health(history, data.num_classes), f"merger alpha={cfg.alpha:g}")
     return model, history
 
 
 def merger_checkpoint(model: AFSModel, cfg: MergerConfig, key: str, extractor_names: list[str],
                       extractor_keys: list[str], data_info: dict, history: list[dict]) -> dict:
+    """The merger's checkpoint; "health" is `training_health` of its per-epoch training losses."""
+    health = training_health(history, model.merger.linear.out_features)
     return {"key": key, "kind": "merger", "extractors": extractor_names, "extractor_keys": extractor_keys,
             "feature_dims": model.stack.feature_dims, "config": dataclasses.asdict(cfg), **data_info,
-            "state_dict": {k: v.cpu() for k, v in model.merger.state_dict().items()}, "history": history}
+            "state_dict": {k: v.cpu() for k, v in model.merger.state_dict().items()}, "history": history,
+            "health": health}
 
 
 def save_merger(path: str | Path, ckpt: dict) -> None:

@@ -8,6 +8,8 @@ training set; the test set is never looked at.
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .attacks import pgd
-from .config import TRAINERS, DataConfig, ExtractorConfig, config_hash, format_budget, step_size
+from .config import ATTACK_BN, TRAINERS, DataConfig, ExtractorConfig, config_hash, format_budget, step_size
 from .data import Dataset, augment, iterate_batches, to_float, validation_split
 from .device import autocast, check_precision, memory_format, resolve_device
 from .models import build_model
@@ -84,13 +86,20 @@ def training_loss(model, x, y, eps, cfg: ExtractorConfig, device, generator) -> 
         with autocast(cfg.precision, device):
             return F.cross_entropy(model(x), y)
     alpha = step_size(eps, cfg.step_size)
+    # attack_bn="train": the attack's forward passes use batch statistics AND update the BatchNorm running
+    # statistics (attack_steps extra momentum updates per step, on the perturbed images), as in the authors'
+    # train.py and Rice et al., whose model stays in train mode during the attack; kept on purpose (faithful).
+    # "eval": running statistics, left untouched by the attack (TRADES, HAT).
+    bn_train = cfg.attack_bn == "train"
     if cfg.trainer == "pgd":
-        x_adv = pgd(model, x, y, eps, alpha, cfg.attack_steps, precision=cfg.precision, generator=generator)
+        x_adv = pgd(model, x, y, eps, alpha, cfg.attack_steps, precision=cfg.precision, generator=generator,
+                    train_mode=bn_train)
     elif cfg.trainer == "fgsm":
         # Wong et al.: one step of 1.25 eps from a uniform random start
-        x_adv = pgd(model, x, y, eps, 1.25 * eps, 1, precision=cfg.precision, generator=generator)
-    else:  # trades: attack the KL divergence from the clean prediction
-        model.eval()
+        x_adv = pgd(model, x, y, eps, 1.25 * eps, 1, precision=cfg.precision, generator=generator,
+                    train_mode=bn_train)
+    else:  # trades: attack the KL divergence from the clean prediction (made in the attack's BatchNorm mode)
+        model.train(bn_train)
         with torch.no_grad(), autocast(cfg.precision, device):
             p_clean = F.softmax(model(x).float(), dim=1)
         model.train()
@@ -99,13 +108,60 @@ def training_loss(model, x, y, eps, cfg: ExtractorConfig, device, generator) -> 
             return F.kl_div(F.log_softmax(z.float(), dim=1), p_clean, reduction="none").sum(1)
 
         x_adv = pgd(model, x, y, eps, alpha, cfg.attack_steps, loss=kl_to_clean,
-                    precision=cfg.precision, generator=generator)
+                    precision=cfg.precision, generator=generator, train_mode=bn_train)
         with autocast(cfg.precision, device):
             z_clean, z_adv = model(torch.cat([x, x_adv])).float().chunk(2)
         kl = F.kl_div(F.log_softmax(z_adv, dim=1), F.softmax(z_clean, dim=1), reduction="batchmean")
         return F.cross_entropy(z_clean, y) + cfg.trades_beta * kl
     with autocast(cfg.precision, device):
         return F.cross_entropy(model(x_adv), y)
+
+
+RISE_TOLERANCE = 0.05  # a last epoch whose mean training loss is more than 5% above the epoch before is "rising"
+RISE_FLOOR = 0.01      # ... and more than 1% of chance (ln K) above it: near zero loss, 0.009 -> 0.011 is noise
+
+
+def training_health(history: list[dict], num_classes: int, key: str = "train_loss") -> dict:
+    """Did training go wrong? Flags a final training loss above chance or a rising last epoch.
+
+    `history`: one dict per epoch holding the epoch's mean training loss under `key` (the histories of
+    `train_extractor` and `train_merger`). Chance is ln K, the loss of a constant uniform prediction over
+    K classes. It applies to every loss the kit trains with: CE on clean or adversarial images (a constant
+    prediction is unaffected by any perturbation), eq. 5's alpha-mix of two such CEs, and TRADES'
+    CE + beta * KL (the constant prediction has CE ln K and KL 0), so a model above it has done worse
+    than learning nothing. Rising: the last epoch's loss is more than RISE_TOLERANCE (relative) above the
+    one before, by more than RISE_FLOOR * ln K (absolute; without it a well-fit network's 0.009 -> 0.011
+    would be flagged); never with a single epoch. A non-finite loss counts as above chance and rising.
+
+    Returns {"passed", "final_loss", "chance", "above_chance", "rising", "last_losses" (up to the last
+    three epochs), "epochs"}.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got num_classes={num_classes!r}")
+    if not history:
+        raise ValueError("history must hold at least one epoch, got an empty history")
+    missing = [i for i, h in enumerate(history) if key not in h]
+    if missing:
+        raise ValueError(f"every epoch of history must hold {key!r}; epochs {missing} do not")
+    losses = [float(h[key]) for h in history]
+    final, chance = losses[-1], math.log(num_classes)
+    above = not math.isfinite(final) or final > chance
+    rising = len(losses) >= 2 and (not math.isfinite(final) or (final > losses[-2] * (1 + RISE_TOLERANCE)
+                                                                and final - losses[-2] > RISE_FLOOR * chance))
+    return {"passed": not (above or rising), "final_loss": final, "chance": chance, "above_chance": above,
+            "rising": rising, "last_losses": losses[-3:], "epochs": len(losses)}
+
+
+def warn_if_unhealthy(health: dict, label: str) -> None:
+    """A RuntimeWarning naming what `training_health` flagged; nothing when it passed."""
+    if health["passed"]:
+        return
+    why = []
+    if health["above_chance"]:
+        why.append(f"final training loss {health['final_loss']:.3f} is above chance ln K = {health['chance']:.3f}")
+    if health["rising"]:
+        why.append(f"training loss rose over the last epochs ({', '.join(f'{v:.3f}' for v in health['last_losses'])})")
+    warnings.warn(f"{label} looks unhealthy: {'; '.join(why)}", RuntimeWarning, stacklevel=3)
 
 
 def train_epoch(model, optimizer, x_train: torch.Tensor, y_train: torch.Tensor, cfg: ExtractorConfig,
@@ -152,6 +208,8 @@ def check_extractor_config(cfg: ExtractorConfig) -> None:
         raise ValueError(f"step_size (the PGD step) must be > 0, got step_size={cfg.step_size!r}")
     if cfg.trainer not in TRAINERS:
         raise ValueError(f"unknown trainer={cfg.trainer!r}; known: {', '.join(TRAINERS)}")
+    if cfg.attack_bn not in ATTACK_BN:
+        raise ValueError(f"unknown attack_bn={cfg.attack_bn!r}; known: {', '.join(ATTACK_BN)}")
     check_precision(cfg.precision)
 
 
@@ -256,11 +314,13 @@ def train_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig, o
             return {"interrupted_after_epoch": epoch}
 
     model.load_state_dict(best_state, strict=True)
+    health = training_health(history, data.num_classes)
+    warn_if_unhealthy(health, label)
     ckpt = {
         "key": key, "kind": "extractor", "model_kwargs": model.model_kwargs,
         "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
         "config": dataclasses.asdict(cfg), "data_config": dataclasses.asdict(data_cfg),
-        **data_fingerprint(data), "metrics": best, "history": history,
+        **data_fingerprint(data), "metrics": best, "history": history, "health": health,
     }
     save_checkpoint(final_path, ckpt)
     last_path.unlink(missing_ok=True)
