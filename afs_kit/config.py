@@ -65,7 +65,7 @@ class MergerConfig:
     step_size: float | None = None    # PGD step; None = eps / 4 (2/255 at 8/255)
     epochs: int = 5                   # the paper trains the merger 5 epochs
     batch_size: int = 100             # the authors' merger batch
-    lr: float = 0.1                   # SGD learning rate of the first `lr_drop_epoch` epochs; with normalize_lr in units
+    lr: float = 0.1                   # SGD rate of the first `lr_drop_epoch` epochs; with normalize_lr in units
                                       # of 1/E||f||^2 (the step is lr / E||f||^2), else as is (1/feature units^2)
     normalize_lr: bool = False        # divide lr by E||f||^2, the mean squared norm of the stacked clean features
                                       # (measured once on training images): SGD on a linear layer is stable only
@@ -330,7 +330,8 @@ def validate_preset(p: Preset) -> None:
     if m.mix not in MIXES:
         raise ValueError(f"unknown mix={m.mix!r}; known: {', '.join(MIXES)}")
     if v.sanity_strength not in SANITY_STRENGTHS:
-        raise ValueError(f"unknown evaluation.sanity_strength={v.sanity_strength!r}; known: {', '.join(SANITY_STRENGTHS)}")
+        raise ValueError(f"unknown evaluation.sanity_strength={v.sanity_strength!r}; "
+                         f"known: {', '.join(SANITY_STRENGTHS)}")
     for a in v.attacks:
         if a not in ATTACKS:
             raise ValueError(f"unknown attack={a!r}; known: {', '.join(ATTACKS)}")

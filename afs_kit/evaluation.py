@@ -159,4 +159,4 @@ def write_evaluation(out_dir: str | Path, result: dict, model_info: dict) -> dic
 
 
 # the gradient-masking checks are their own module; `evaluation.sanity_checks` stays the public entry point
-from .masking import sanity_checks  # noqa: E402  (masking imports the helpers above)
+from .masking import sanity_checks  # noqa: E402, F401  (masking imports the helpers above)

@@ -15,7 +15,8 @@ from .config import (ATTACKS, Preset, budget_name, config_hash, format_budget, g
                      step_size, validate_preset)
 from .data import Dataset, load_dataset
 from .device import PRECISIONS, resolve_device
-from .evaluation import add_attack, evaluate, pgd_flags, sanity_checks, write_evaluation
+from .evaluation import add_attack, evaluate, write_evaluation
+from .masking import sanity_checks, stronger_pgd_flags
 from .models import MODEL_NAMES, is_model_name
 from .runs import RunDir, expect, load_checkpoint, read_json, write_json
 from .stacking import (AFSModel, FeatureStack, LinearMerger, LogitAverage, merger_checkpoint, parse_subset,
@@ -324,14 +325,15 @@ class Run:
                 # the reported PGD has not converged: the stronger attack, on every example, joins `worst`
                 steps = checks["checks"]["converged"]["steps"]
                 gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-                xs, ys = x.to(self.device), y.to(self.device)
-                strong = torch.ones(len(ys), dtype=torch.bool, device=self.device)
-                for loss in ("ce", "cw"):
-                    strong &= pgd_flags(model, xs, ys, cfg.eps, cfg.eps / 8, steps, cfg.batch_size, restarts=2,
-                                        generator=gen, loss=loss, progress=self.progress, desc=f"PGD-{steps} {loss}")
+                strong = stronger_pgd_flags(model, x.to(self.device), y.to(self.device), cfg.eps, steps,
+                                            cfg.batch_size, generator=gen, progress=self.progress)
                 add_attack(result, f"pgd{steps}", strong)
             result["sanity"] = checks
         metrics = write_evaluation(out_dir, result, model_info or {})
-        self.say(f"evaluation {name}: " + ", ".join(f"{a} {metrics[a]:.1f}%" for a in ("clean",) + cfg.attacks
-                                                     if a in metrics))
+        shown = dict.fromkeys(a for a in ("clean", *metrics["attacks"], "worst") if a in metrics)
+        checks = metrics.get("sanity")
+        self.say(f"evaluation {name}: " + ", ".join(
+            f"{a} {metrics[a]:.1f}% [{metrics['ci95'][a][0]:.1f}-{metrics['ci95'][a][1]:.1f}]" for a in shown)
+            + ("" if checks is None else "; masking checks " + (
+                "passed" if checks["passed"] else "FAILED: " + ", ".join(checks["failed"]))))
         return metrics

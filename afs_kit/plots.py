@@ -26,6 +26,20 @@ __all__ = [
 _BUDGET_LABEL = "x 1/255"
 
 
+def _wilson_yerr(percent: Sequence[float], n: int | None) -> np.ndarray | None:
+    """Error bars (2, k) of accuracies in percent on `n` examples: their 95% Wilson intervals
+    (`afs_kit.stats.confidence_interval`); None when `n` is None (no bars drawn)."""
+    if n is None:
+        return None
+    from .stats import confidence_interval
+
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n (examples behind each accuracy) must be an integer >= 1 or None, got n={n!r}")
+    v = np.asarray(percent, dtype=float)
+    bounds = np.array([confidence_interval(int(round(p * n / 100)), int(n)) for p in v]).reshape(-1, 2)
+    return np.clip(np.stack([v - bounds[:, 0], bounds[:, 1] - v]), 0, None)
+
+
 def _new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] | None = None):
     """A figure and its [nrows, ncols] axes, already closed in pyplot (see the module docstring)."""
     import matplotlib.pyplot as plt  # imported when a figure is made, not when the kit is imported
@@ -56,10 +70,11 @@ def _same_length(name: str, values: np.ndarray, ref_name: str, n: int) -> None:
 
 def plot_clean_vs_robust(results: Mapping[str, tuple[float, float]] | None = None,
                          reference: Sequence[ReferenceRow] | None = TABLE4_CIFAR10, robust: str = "pgd",
-                         title: str | None = None):
+                         title: str | None = None, n: int | None = None):
     """Fig. 1: clean accuracy (x) against robust accuracy (y) of several methods, each annotated.
 
     results: the kit's own methods, name -> (clean, robust), in % (filled circles).
+    n: test examples behind each of the kit's accuracies: 95% Wilson error bars in both directions.
     reference: published rows (default: table 4, CIFAR-10), drawn as open squares labelled
         "(paper)"; rows without the two values are skipped. None: no reference.
     robust: which reference column is the y value, "pgd" or "aa".
@@ -82,8 +97,9 @@ def plot_clean_vs_robust(results: Mapping[str, tuple[float, float]] | None = Non
                 ax.annotate(f"{name} (paper)", (cx, ry), textcoords="offset points", xytext=(4, 4),
                             fontsize=8, color="tab:gray")
     if results:
-        ax.scatter([p[0] for p in results.values()], [p[1] for p in results.values()], marker="o",
-                   color="tab:red", s=50, label="this run")
+        cx, ry = [p[0] for p in results.values()], [p[1] for p in results.values()]
+        ax.errorbar(cx, ry, xerr=_wilson_yerr(cx, n), yerr=_wilson_yerr(ry, n), fmt="o", color="tab:red", ms=7,
+                    capsize=3, label="this run" + (f" (95% CI, n={n})" if n else ""))
         for name, (cx, ry) in results.items():
             ax.annotate(name, (cx, ry), textcoords="offset points", xytext=(4, -10), fontsize=9, color="tab:red")
     ax.margins(x=0.15, y=0.1)  # room for the annotations
@@ -187,8 +203,9 @@ def plot_tsne(embeddings: Sequence, labels, class_names: Sequence[str] | None = 
 # ----------------------------------------------------------------------------- fig. 5a
 
 def plot_robustness_vs_budget(budgets: Sequence[float], accuracies: Mapping[str, Sequence[float]],
-                              title: str | None = None):
-    """Fig. 5a: robust accuracy (%) against the attack budget, one line per model (AFS, single extractors)."""
+                              title: str | None = None, n: int | None = None):
+    """Fig. 5a: robust accuracy (%) against the attack budget, one line per model (AFS, single extractors);
+    with `n` (test examples) 95% Wilson error bars."""
     b = _array(budgets, "budgets")
     if not accuracies:
         raise ValueError("accuracies must map at least one model name to its accuracies, got an empty mapping")
@@ -197,7 +214,8 @@ def plot_robustness_vs_budget(budgets: Sequence[float], accuracies: Mapping[str,
     for name, acc in accuracies.items():
         a = _array(acc, f"accuracies[{name!r}]")
         _same_length(f"accuracies[{name!r}]", a, "budgets", len(b))
-        ax.plot(b * 255, a, "o-", label=name, lw=2.2 if "afs" in name.lower() else 1.2)
+        ax.errorbar(b * 255, a, yerr=_wilson_yerr(a, n), fmt="o-", capsize=2, label=name,
+                    lw=2.2 if "afs" in name.lower() else 1.2)
     ax.set_xlabel(f"attack budget ({_BUDGET_LABEL})")
     ax.set_ylabel("robust accuracy (%)")
     ax.set_title(title or "Robustness under different budgets")
@@ -269,18 +287,22 @@ def plot_weight_histograms(weights: Mapping[str, object], bins: int = 60, title:
 # ----------------------------------------------------------------------------- table 2 as a figure
 
 def plot_alpha_tradeoff(alphas: Sequence[float], clean: Sequence[float], pgd10: Sequence[float],
-                        pgd20: Sequence[float] | None = None, title: str | None = None):
-    """Table 2 as a figure: clean and PGD accuracy (%) of the stacked model against the merger's alpha."""
+                        pgd20: Sequence[float] | None = None, title: str | None = None, n: int | None = None,
+                        worst: Sequence[float] | None = None):
+    """Table 2 as a figure: clean and PGD accuracy (%) of the stacked model against the merger's alpha;
+    `worst` adds the worst case over every attack, `n` (test examples) 95% Wilson error bars."""
     a = _array(alphas, "alphas")
     series = {"clean": _array(clean, "clean"), "PGD-10": _array(pgd10, "pgd10")}
     if pgd20 is not None:
         series["PGD-20"] = _array(pgd20, "pgd20")
+    if worst is not None:
+        series["worst case"] = _array(worst, "worst")
     for name, v in series.items():
         _same_length(name.lower().replace("-", ""), v, "alphas", len(a))
     fig, axes = _new_figure(figsize=(6, 4))
     ax = axes[0, 0]
-    for (name, v), marker in zip(series.items(), "osd"):
-        ax.plot(a, v, marker=marker, label=name)
+    for (name, v), marker in zip(series.items(), "osdv"):
+        ax.errorbar(a, v, yerr=_wilson_yerr(v, n), marker=marker, capsize=2, label=name)
     ax.set_xlabel("alpha (weight of the clean loss, eq. 5)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title or "Effect of alpha on the merger")

@@ -67,9 +67,11 @@ def report_section(name: str, summary: dict) -> str:
                    f"({', '.join(seconds) or 'none'} ran). Finish it with `afs-kit report --preset {name}`.")
     else:
         out.append(f"Complete: {len(seconds)} notebooks in {wall:.1f} min of wall time.")
-    seeds = summary.get("seeds")
-    out.append(f"Seeds: {', '.join(str(s) for s in seeds)}." if seeds else
-               "Seeds: one (the preset's); no spread over seeds is recorded.")
+    seeds = (summary.get("seeds") or {}).get("seeds") or []
+    out.append(f"Seeds: {', '.join(str(s) for s in seeds)} (tables 1 and 4-5 give the mean and min-max over them; "
+               f"the other tables are seed {seeds[0]})." if len(seeds) > 1 else
+               "Seeds: one; no spread over seeds is measured, so a difference between two models says nothing "
+               "about a new seed (the intervals and paired tests cover the test examples only).")
     if "comparison" in summary:
         rows = summary["comparison"]
         if not any("worst" in r for r in rows):

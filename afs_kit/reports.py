@@ -273,7 +273,7 @@ def evaluate_afs(run: Run, subset: str, alpha: float, attacks: Sequence[str] = P
     return metrics, model
 
 
-def _accuracies(metrics: dict, attacks: Sequence[str]) -> dict:
+def accuracy_row(metrics: dict, attacks: Sequence[str]) -> dict:
     """A table row's numbers: each accuracy with its 95% interval, `worst` (every attack run on the
     same examples, the headline robust accuracy), the masking checks' verdict and training health."""
     out = {}
@@ -327,7 +327,7 @@ def extractor_table(run: Run, n_examples: int | None = None) -> list[dict]:
     for i, eps in enumerate(run.budgets()):
         m = evaluate_extractor(run, eps, PGD_ATTACKS, n_examples)
         best = run.extractor(eps)[1]["metrics"]
-        rows.append({"network": i, "eps": eps, "budget": format_budget(eps), **_accuracies(m, PGD_ATTACKS),
+        rows.append({"network": i, "eps": eps, "budget": format_budget(eps), **accuracy_row(m, PGD_ATTACKS),
                      "val_clean": best.get("val_clean"), "val_pgd": best.get("val_pgd"), "n": m["n"]})
     return rows
 
@@ -478,10 +478,11 @@ def tsne_rows(study: dict) -> list[dict]:
 
 def tsne_text(study: dict) -> str:
     a, b, c = study["silhouette"]  # (a) the smaller budget, (b) the larger (more robust) one
-    order = "better" if c >= b else "worse"
-    return (f"Class separation (silhouette of the 2-D embedding): {study['titles'][0]} {a:.3f}, "
-            f"{study['titles'][1]} {b:.3f}, concatenation {c:.3f}; the concatenation separates the classes "
-            f"{order} than the more robust network alone (the paper's fig. 4 shows it separating them well).")
+    order = "higher" if c >= b else "lower"
+    return (f"Class separation (silhouette of the 2-D embedding, one t-SNE seed, no test of significance): "
+            f"{study['titles'][0]} {a:.3f}, {study['titles'][1]} {b:.3f}, concatenation {c:.3f}; the "
+            f"concatenation's is {order} than the more robust network's alone (the paper's fig. 4 shows it "
+            f"separating the classes well).")
 
 
 # ============================================================================ table 2, fig. 5
@@ -497,7 +498,7 @@ def alpha_sweep(run: Run, alphas: Sequence[float], subset: str | None = None,
     for alpha in alphas:
         m, model = evaluate_afs(run, vector, alpha, PGD_ATTACKS, n_examples)
         ratio = importance_ratio(model.merger, model.stack.feature_dims)
-        rows.append({"alpha": float(alpha), **_accuracies(m, PGD_ATTACKS),
+        rows.append({"alpha": float(alpha), **accuracy_row(m, PGD_ATTACKS),
                      "importance": [float(r) for r in ratio], "subset": vector, "n": m["n"]})
     return rows
 
@@ -564,7 +565,7 @@ def subset_table(run: Run, subsets: Sequence[str], alpha: float | None = None,
         vector = main_subset(run, spec)
         m, model = evaluate_afs(run, vector, alpha, PGD_ATTACKS, n_examples)
         rows.append({"subset": vector, "spec": spec, "extractors": len(model.stack.feature_dims),
-                     **_accuracies(m, PGD_ATTACKS),
+                     **accuracy_row(m, PGD_ATTACKS),
                      "importance": [float(r) for r in importance_ratio(model.merger, model.stack.feature_dims)],
                      "alpha": alpha, "n": m["n"]})
     return rows
@@ -636,16 +637,14 @@ def comparison_table(run: Run, subset: str | None = None, alpha: float | None = 
     rows = []
 
     def row(role, method, pgd, aa, n_models):
-        r = {"role": role, "method": method, **_accuracies(pgd, ("pgd20",)), "aa": None, "tradeoff": None, "n": pgd["n"],
-             "n_aa": None, "extractors": n_models, "pgd_eval": pgd["name"], "aa_eval": None}
+        r = {"role": role, "method": method, **accuracy_row(pgd, ("pgd20",)), "aa": None, "tradeoff": None,
+             "n": pgd["n"], "n_aa": None, "extractors": n_models, "pgd_eval": pgd["name"], "aa_eval": None}
         if aa is not None:
-            lo, hi = aa["ci95"]["aa"]
-            wlo, whi = aa["ci95"]["worst"]
+            on_aa = accuracy_row(aa, with_aa)
             # the worst case and the trade-off on the AutoAttack examples, with the clean accuracy of
-            # those same examples (tables 4-5)
-            r.update(aa=aa["aa"], aa_ci=f"{lo:.1f}-{hi:.1f}", worst=aa["worst"], worst_ci=f"{wlo:.1f}-{whi:.1f}",
-                     clean_on_aa=aa["clean"], tradeoff=aa["tradeoff"], n_aa=aa["n"], aa_eval=aa["name"],
-                     sanity=_accuracies(aa, with_aa)["sanity"], sanity_passed=_accuracies(aa, with_aa)["sanity_passed"])
+            # those same examples (tables 4-5); the masking checks of that evaluation
+            r.update({k: on_aa[k] for k in ("aa", "aa_ci", "worst", "worst_ci", "sanity", "sanity_passed")},
+                     clean_on_aa=aa["clean"], tradeoff=aa["tradeoff"], n_aa=aa["n"], aa_eval=aa["name"])
         rows.append(r)
 
     afs_pgd, _ = evaluate_afs(run, vector, alpha, PGD_ATTACKS, n_examples)
@@ -745,7 +744,7 @@ def cost_table(run: Run, subset: str | None = None, alpha: float | None = None, 
     for setting, model, m in entries:
         cost = model_cost(model, shape)
         rows.append({"setting": setting, "params_k": cost["params"] / 1e3, "macs_m": cost["macs"] / 1e6,
-                     "clean": m["clean"], "pgd20": m["pgd20"], "params": cost["params"], "macs": cost["macs"]})
+                     **accuracy_row(m, PGD_ATTACKS), "params": cost["params"], "macs": cost["macs"]})
     return rows
 
 
@@ -791,14 +790,16 @@ def weight_rows(stats: dict) -> list[dict]:
     return [{"classifier": name, **values} for name, values in stats.items()]
 
 
-def cost_text(rows: Sequence[dict]) -> str:
-    """Table 6 in a few sentences: what AFS costs and gains over the baseline; what the ablations do."""
+def cost_text(run: Run, rows: Sequence[dict]) -> str:
+    """Table 6 in a few sentences: what AFS costs and gains over the baseline; what the ablations do
+    (each difference with its paired test on the same examples)."""
     base, afs = rows[0], rows[-1]
 
     def against_base(r):
-        return (f"{r['params'] / base['params']:.1f}x the parameters and {r['macs'] / base['macs']:.1f}x the MACs "
-                f"of the baseline; clean {r['clean'] - base['clean']:+.1f} points, PGD-20 "
-                f"{r['pgd20'] - base['pgd20']:+.1f} points")
+        return (f"{r['params'] / base['params']:.2f}x the parameters and {r['macs'] / base['macs']:.2f}x the MACs "
+                f"of the baseline; clean {r['clean'] - base['clean']:+.1f} points, worst case "
+                f"{r['worst'] - base['worst']:+.1f} points ("
+                f"{paired_sentence(run, r, base, r['setting'], 'the baseline')})")
 
     text = f"AFS has {against_base(afs)}."
     for r in rows[1:-1]:

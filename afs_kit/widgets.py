@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 from .config import format_budget
 from .pipeline import Run
-from .reports import PGD_ATTACKS, evaluate_afs, extractor_points, extractor_table, main_alpha, main_subset, \
-    merger_exists, stacked_labels
+from .reports import PGD_ATTACKS, accuracy_row, evaluate_afs, extractor_points, extractor_table, main_alpha, \
+    main_subset, merger_exists, stacked_labels
 
 
 def _setting(run: Run, vector: str, alpha: float, n_examples: int | None, cache: dict) -> dict:
@@ -22,8 +22,7 @@ def _setting(run: Run, vector: str, alpha: float, n_examples: int | None, cache:
     key = (vector, round(alpha, 6))
     if key not in cache:
         metrics, model = evaluate_afs(run, vector, alpha, PGD_ATTACKS, n_examples)
-        cache[key] = {"alpha": alpha, "subset": vector, "clean": metrics["clean"], "pgd10": metrics["pgd10"],
-                      "pgd20": metrics["pgd20"],
+        cache[key] = {"alpha": alpha, "subset": vector, "n": metrics["n"], **accuracy_row(metrics, PGD_ATTACKS),
                       "importance": importance_ratio(model.merger, model.stack.feature_dims).tolist()}
     return cache[key]
 
@@ -62,12 +61,14 @@ def alpha_explorer(run: Run, alphas: Sequence[float] | None = None, subset: str 
             out.clear_output(wait=True)
             row = _setting(run, vector, alpha, n_examples, cache)
             status.value = ""
-            print(f"alpha={alpha:g}: clean {row['clean']:.1f}%, PGD-10 {row['pgd10']:.1f}%, "
-                  f"PGD-20 {row['pgd20']:.1f}% (subset {vector}); importance ratio "
+            print(f"alpha={alpha:g}: clean {row['clean']:.1f}% [{row['clean_ci']}], PGD-10 {row['pgd10']:.1f}%, "
+                  f"PGD-20 {row['pgd20']:.1f}%, worst case {row['worst']:.1f}% [{row['worst_ci']}] "
+                  f"(subset {vector}, masking checks {row['sanity']}); importance ratio "
                   + ", ".join(f"{lab}: {r:.2f}" for lab, r in zip(labels, row["importance"])))
             seen = sorted((r for (v, _), r in cache.items() if v == vector), key=lambda r: r["alpha"])
             fig = plot_alpha_tradeoff([r["alpha"] for r in seen], [r["clean"] for r in seen],
-                                      [r["pgd10"] for r in seen], [r["pgd20"] for r in seen])
+                                      [r["pgd10"] for r in seen], [r["pgd20"] for r in seen], n=row["n"],
+                                      worst=[r["worst"] for r in seen])
             fig.axes[0].axvline(alpha, color="black", ls="--", lw=1)
             display(fig)
             display(plot_importance_ratios({f"{alpha:g}": row["importance"]}, labels,
@@ -113,10 +114,12 @@ def subset_explorer(run: Run, alpha: float | None = None, n_examples: int | None
                 print(f"subset {v} has no merger yet: press 'Train and show' to train it (then it stays cached)")
                 return
             row = _setting(run, v, alpha, n_examples, cache)
-            print(f"subset={v} alpha={alpha:g}: clean {row['clean']:.1f}%, PGD-10 {row['pgd10']:.1f}%, "
-                  f"PGD-20 {row['pgd20']:.1f}%")
+            print(f"subset={v} alpha={alpha:g}: clean {row['clean']:.1f}% [{row['clean_ci']}], PGD-10 "
+                  f"{row['pgd10']:.1f}%, PGD-20 {row['pgd20']:.1f}%, worst case {row['worst']:.1f}% "
+                  f"[{row['worst_ci']}], masking checks {row['sanity']}")
             points = {**singles, **{f"AFS {s}": (r["clean"], r["pgd20"]) for (s, _), r in cache.items()}}
-            display(plot_clean_vs_robust(points, reference=None, title="AFS subsets vs single extractors (PGD-20)"))
+            display(plot_clean_vs_robust(points, reference=None, title="AFS subsets vs single extractors (PGD-20)",
+                                         n=row["n"]))
             display(plot_importance_ratios({f"{alpha:g}": row["importance"]}, stacked_labels(run, v),
                                            title=f"Importance of each extractor, subset {v}"))
 

@@ -7,7 +7,7 @@ import torch
 from matplotlib.figure import Figure
 
 from afs_kit import plots
-from afs_kit.analysis import PAPER_SELECTED_EPS, TABLE4_CIFAR10, importance_ratio, select_extractors
+from afs_kit.analysis import TABLE4_CIFAR10, importance_ratio, select_extractors
 
 EPS = np.arange(10) / 255
 

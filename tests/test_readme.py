@@ -32,7 +32,7 @@ def test_the_readme_quotes_numbers_intervals_and_sentences_from_the_summary(tmp_
     text = (tmp_path / "README.md").read_text()
     assert "| AFS 111, alpha=0.5 | 91.2 [88.0-93.7] | 60.0 [55.1-64.7] | 55.5 [48.6-62.2] | 54.5 [47.6-61.2] | 73.0 |" \
         in text
-    assert "no significant difference (p = 0.3)" in text and "3.0 min" in text
+    assert "no significant difference (p = 0.3)" in text and "3.0 min" in text and "Seeds: one" in text
     # a changed number in summary.json changes the README: the committed-README test above would fail
     (tmp_path / "smoke" / "summary.json").write_text(json.dumps(_summary(comparison=[
         {**_summary()["comparison"][0], "aa": 56.5}])))
