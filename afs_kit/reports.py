@@ -286,7 +286,8 @@ def accuracy_row(metrics: dict, attacks: Sequence[str]) -> dict:
     out["sanity"] = "not run" if sanity is None else "passed" if sanity["passed"] else \
         "FAILED: " + ", ".join(sanity["failed"])
     out["sanity_passed"] = bool(sanity and sanity["passed"])
-    out["health"] = health_label(metrics.get("model", {}).get("health"))
+    model = metrics.get("model", {})
+    out["health"] = "not trained" if model.get("kind") == "avg" else health_label(model.get("health"))
     out["eval"], out["examples_hash"] = metrics.get("name"), metrics.get("examples", {}).get("hash")
     return out
 
@@ -729,14 +730,14 @@ def cost_table(run: Run, subset: str | None = None, alpha: float | None = None, 
         lo, hi = run.preset.ablation_budget_range
         metrics = run.evaluate(_eval_name("ablation-random-budget", PGD_ATTACKS, n_examples), model,
                                attacks=PGD_ATTACKS, n_examples=n_examples,
-                               model_info={"kind": "ablation", "key": ckpt["key"]})
+                               model_info={"kind": "ablation", "key": ckpt["key"], "health": ckpt.get("health")})
         entries.append((f"Rand.pert. {format_budget(lo)}..{format_budget(hi)}", model, metrics))
     if ablation and run.preset.large_model is not None:
         ckpt = run.train_large_model()
         model = model_from_checkpoint(ckpt, run.device)
         metrics = run.evaluate(_eval_name("ablation-large-model", PGD_ATTACKS, n_examples), model,
                                attacks=PGD_ATTACKS, n_examples=n_examples,
-                               model_info={"kind": "ablation", "key": ckpt["key"]})
+                               model_info={"kind": "ablation", "key": ckpt["key"], "health": ckpt.get("health")})
         entries.append((f"Large model {run.preset.large_model} {label(run.preset.evaluation.eps)}", model, metrics))
     afs_metrics, afs = evaluate_afs(run, vector, alpha, PGD_ATTACKS, n_examples)
     entries.append((f"AFS {vector}", afs, afs_metrics))
