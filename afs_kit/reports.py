@@ -205,7 +205,8 @@ def table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: in
         for c in [*columns, *(c for c in TRUST_COLUMNS if c not in columns)]:
             wanted += [c, f"{c}_ci"]
         df = df[[c for c in dict.fromkeys(wanted) if c in df.columns]]
-    return df.round(digits)
+    # settings are shown exactly (alpha 0.25 must not read 0.2); measured numbers to `digits` places
+    return df.round({c: digits for c in df.columns if c not in ("alpha", "eps", "p")})
 
 
 def label(eps: float) -> str:
