@@ -50,7 +50,8 @@ def test_stages_skip_work_they_find(smoke_run, capsys):
 
 
 def test_merger_is_attacked_end_to_end(smoke_run):
-    """White-box PGD on the whole AFS model beats PGD transferred from any single extractor."""
+    """White-box PGD on the whole AFS model is at least as strong as PGD transferred from any single
+    extractor (the masking check `transfer_not_stronger` asks the same with a paired test)."""
     run = Run.open(smoke_run, progress=False)
     model = run.afs_model("all", alpha=0.5)
     x, y = run.test_set(100)
@@ -61,7 +62,7 @@ def test_merger_is_attacked_end_to_end(smoke_run):
         single = run.extractor(b)[0]
         x_transfer = pgd(single, x, y, eps, eps / 4, 10, generator=gen)
         transfer = correct_flags(model, x_transfer, y).float().mean()
-        assert white < transfer, f"transfer from extractor {b} is stronger than the white-box attack"
+        assert white <= transfer, f"transfer from extractor {b} is stronger than the white-box attack"
 
 
 def test_stack_is_frozen_and_stays_in_eval_mode(smoke_run):

@@ -454,12 +454,14 @@ def honest(run, one_thread):
 
 
 def test_an_honest_model_passes_every_masking_check(run, honest):
-    # the standard-trained network: honest gradients, and PGD-20 breaks what any attack can at this budget
+    # the standard-trained network at a budget where PGD-20 has converged: honest gradients, and no
+    # check may cry wolf. (At eps 0.1 the 2-epoch smoke networks keep ~44% against PGD-20 and ~40%
+    # against PGD-100 with CW: `converged` rightly fails there, and the stronger figure is reported.)
     _, x, y, _ = honest
-    model = run.extractor(0.0)[0]
-    cfg = dataclasses.replace(SMOKE.evaluation, n_examples=200, attacks=("pgd10", "pgd20"))
+    model, eps = run.extractor(0.0)[0], 0.2
+    cfg = dataclasses.replace(SMOKE.evaluation, eps=eps, n_examples=200, attacks=("pgd10", "pgd20"))
     result = evaluate(model, x, y, cfg, device="cpu", progress=False)
-    good = sanity_checks(model, x, y, SMOKE.evaluation.eps, result["metrics"], device="cpu", flags=result["flags"],
+    good = sanity_checks(model, x, y, eps, result["metrics"], device="cpu", flags=result["flags"],
                          sources={"eps 0.1": run.extractor(0.1)[0]})
     assert good["passed"] and good["failed"] == [], good
     assert good["n"] == 200 and good["strength"] == "quick"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
@@ -112,17 +113,30 @@ class _Scaled(nn.Module):
 
 def test_the_merger_step_follows_the_feature_scale(tiny, digits):
     preset, _, extractors, merger = tiny
-    scale = merger["history"][0]["feature_sq_norm"] if preset.merger.normalize_lr else 1.0
-    assert merger["history"][0]["lr"] == pytest.approx(preset.merger.lr / scale)
-    stack = FeatureStack(extractors)
-    big = FeatureStack([_Scaled(m, 30.0) for m in extractors])
+    assert preset.merger.normalize_lr, "every preset divides the merger's rate by E||f||^2"
+    first = merger["history"][0]
+    assert first["lr"] == pytest.approx(preset.merger.lr / first["feature_sq_norm"])
     x = digits.x_train[:300]
-    small_sq, big_sq = (feature_sq_norm(s, x, "fp32", "cpu") for s in (stack, big))
-    assert big_sq == pytest.approx(900 * small_sq, rel=1e-4)
-    # 900 times the squared feature norm: the raw step diverges and training health says so
-    cfg = dataclasses.replace(preset.merger, epochs=2, normalize_lr=False)
+    small_sq = feature_sq_norm(FeatureStack(extractors), x, "fp32", "cpu")
+    cfg = dataclasses.replace(preset.merger, epochs=2)
+    # stacking 8 copies of each extractor multiplies E||f||^2 by 8 (as stacking more extractors does) and
+    # leaves what a linear merger can learn unchanged: the normalized step follows, and the loss curve with it
+    many = FeatureStack(extractors * 8)
+    assert feature_sq_norm(many, x, "fp32", "cpu") == pytest.approx(8 * small_sq, rel=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a healthy merger does not warn
+        _, history = train_merger(many, digits, cfg, preset.data, None, device="cpu", progress=False)
+    assert history[0]["lr"] == pytest.approx(first["lr"] / 8, rel=0.01)
+    assert training_health(history, digits.num_classes)["passed"], history
+    for a, b in zip(history, merger["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=0.15)
+    # features 30 times larger (900 times E||f||^2) under the raw rate that was this very step: it
+    # diverges, and training health says so
+    big = FeatureStack([_Scaled(m, 30.0) for m in extractors])
+    assert feature_sq_norm(big, x, "fp32", "cpu") == pytest.approx(900 * small_sq, rel=1e-4)
+    raw_cfg = dataclasses.replace(cfg, normalize_lr=False, lr=first["lr"])
     with pytest.warns(RuntimeWarning, match="merger alpha=0.5 looks unhealthy"):
-        _, raw = train_merger(big, digits, cfg, preset.data, None, device="cpu", progress=False)
+        _, raw = train_merger(big, digits, raw_cfg, preset.data, None, device="cpu", progress=False)
     assert not training_health(raw, digits.num_classes)["passed"], raw
 
 
