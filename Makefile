@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench system-deps clean-runs
+.PHONY: setup test test-fast demo bench system-deps clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,10 @@ system-deps:
 
 test: setup system-deps
 	$(BIN)/python -m pytest -q
+
+# the quick local loop: everything but the tests marked slow (notebooks, browser, kill-and-resume)
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: setup
 	$(BIN)/afs-kit report --preset demo

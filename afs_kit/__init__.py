@@ -1,1 +1,16 @@
-"""afs-kit: Adversarial Feature Stacking."""
+"""afs-kit: Adversarial Feature Stacking (Liu & Zhao), notebook-first.
+
+The public API: `Run` (a run directory and its preset: every stage), `PRESETS`, `load_dataset`,
+`build_model`, `pgd`, `autoattack`, `evaluate` (clean, PGD and AutoAttack with `worst` and
+intervals) and `sanity_checks` (the gradient-masking checks).
+"""
+from .attacks import autoattack, pgd
+from .config import PRESETS
+from .data import load_dataset
+from .evaluation import evaluate, sanity_checks
+from .models import build_model
+from .pipeline import Run
+from .version import code_version
+
+__all__ = ["Run", "PRESETS", "load_dataset", "build_model", "pgd", "autoattack", "evaluate", "sanity_checks",
+           "code_version"]

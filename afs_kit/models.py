@@ -13,10 +13,11 @@ pooling, which is the same for 32x32 inputs and also accepts other sizes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -334,3 +335,15 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
         return SmallCNN(layers, feature_dim, kwargs, mean_list, std_list)
     raise ValueError(f"unknown model name={name!r}; known names: {', '.join(MODEL_NAMES)} "
                      f"(or any 'wrn-D-K' with (D - 4) % 6 == 0, or 'cnn-tiny-xK' etc. for a K times wider small net)")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration, then every module's own training flag back (as the attacks do)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

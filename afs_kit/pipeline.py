@@ -22,6 +22,7 @@ from .runs import RunDir, expect, load_checkpoint, read_json, write_json
 from .stacking import (AFSModel, FeatureStack, LinearMerger, LogitAverage, merger_checkpoint, parse_subset,
                        save_merger, subset_vector, train_merger)
 from .training import data_fingerprint, existing_extractor, limited, load_extractor, train_extractor
+from .version import code_version
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +88,8 @@ class Run:
     def write_info(self) -> None:
         if not self.dir.info_path.is_file():
             write_json(self.dir.info_path, {"preset": dataclasses.asdict(self.preset),
-                                            "data": data_fingerprint(self.data), "classes": list(self.data.classes)})
+                                            "data": data_fingerprint(self.data), "classes": list(self.data.classes),
+                                            "code_version": code_version()})
 
     def say(self, text: str) -> None:
         if self.progress:
@@ -198,7 +200,7 @@ class Run:
         extractor gets a generator seeded alike, so all see the same random starts (and the same
         examples: the rule takes paired, per-example differences) and the curve is reproducible.
         """
-        from .analysis import delta_z
+        from .selection import delta_z
         from .data import to_float, validation_split
 
         _, val_idx = validation_split(self.data, self.preset.data.val_fraction, seed=0)
@@ -213,7 +215,7 @@ class Run:
         """The binary vector the concavity rule chooses (`analysis.select_extractors` on the per-example
         validation Delta-z, with the evaluation budget), stored in selection.json with the extractors'
         keys and the settings it was made from; redone when either changes (or the file predates them)."""
-        from .analysis import select_extractors
+        from .selection import select_extractors
 
         path = self.dir.root / "selection.json"
         keys = [self._extractors[p][1]["key"] for _, p in self.extractor_checkpoints()]
@@ -311,11 +313,13 @@ class Run:
         if path.is_file():
             metrics = read_json(path)
             if metrics.get("key") == key:
-                self.say(f"evaluation {name}: found, skipping")
+                made_by, now = metrics.get("code_version", "unknown"), code_version()
+                note = "" if made_by == now else f" (made by code {made_by}, reused by {now})"
+                self.say(f"evaluation {name}: found, skipping{note}")
                 return metrics
         x, y = self.test_set(cfg.n_examples)
         result = evaluate(model, x, y, cfg, self.device, self.progress)
-        result["metrics"].update(key=key, name=name)
+        result["metrics"].update(key=key, name=name, code_version=code_version())
         if sanity:
             self.say(f"evaluation {name}: gradient-masking checks ({cfg.sanity_strength}) ...")
             alpha = step_size(cfg.eps, cfg.step_size)

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .analysis import TABLE4_CIFAR10, ReferenceRow, Selection, _weight_array, weight_stats
+from .analysis import weight_array, weight_stats
+from .paper import TABLE4_CIFAR10, ReferenceRow
+from .selection import Selection
 
 __all__ = [
     "plot_clean_vs_robust", "plot_delta_z", "plot_tsne", "plot_robustness_vs_budget",
@@ -270,7 +272,7 @@ def plot_weight_histograms(weights: Mapping[str, object], bins: int = 60, title:
         raise ValueError("weights must map at least one name to a weight matrix, got an empty mapping")
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins must be an integer >= 1, got bins={bins!r}")
-    mats = {name: _weight_array(w, f"weights[{name!r}]") for name, w in weights.items()}
+    mats = {name: weight_array(w, f"weights[{name!r}]") for name, w in weights.items()}
     fig, axes = _new_figure(1, len(mats), figsize=(4.2 * len(mats), 3.8))
     for ax, (name, w) in zip(axes[0], mats.items()):
         st = weight_stats(w)

@@ -383,7 +383,8 @@ def selection_summary(run: Run, dz: dict | None = None) -> dict:
     """The concavity rule's verdict as stored by the run (selection.json, made on validation images,
     with the per-budget std) and eq. 10 over the selected budgets. Delta-z is not recomputed: `dz`
     (from `delta_z_values`) is optional, and only checked against the stored curve when given."""
-    from .analysis import PAPER_SELECTED_EPS, check_eq10
+    from .paper import PAPER_SELECTED_EPS
+    from .selection import check_eq10
 
     vector = run.selected_subset()
     stored = read_json(run.dir.root / "selection.json")
@@ -686,7 +687,7 @@ def paired_comparisons(run: Run, rows: Sequence[dict]) -> list[dict]:
 
 def paper_reference(run: Run):
     """The paper's table of the same data set (quoted), or None."""
-    from .analysis import TABLE4_CIFAR10, TABLE5_CIFAR100
+    from .paper import TABLE4_CIFAR10, TABLE5_CIFAR100
 
     name = run.data.name.lower()
     if "cifar100" in name or "cifar-100" in name:
@@ -912,7 +913,11 @@ def run_report(preset: str, out: str | Path | None = None, run_dir: str | Path |
     stage_seconds: dict[str, float] = {}
     # one writer per run directory: the notebooks' kernels write into it while the report holds the lock
     # (taken first: a run in use elsewhere is refused before the report folder is touched)
-    with RunLock(run_dir):
+    from .version import pinned_code_version
+
+    # one code version for the whole report, whatever is committed while it runs (the kernels inherit it)
+    with RunLock(run_dir), pinned_code_version() as version:
+        info["code_version"] = version
         _clear_report(out, paths)
         _write_summary(out, run_dir, {"partial": True, "stage_seconds": stage_seconds, **info})
         for path in paths:

@@ -29,6 +29,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.slow,
     pytest.mark.skipif(not CHROMIUM.is_file(), reason="the browser test needs Debian's chromium at /usr/bin/chromium "
                        "(`make system-deps` or `apt-get install -y chromium chromium-driver`); not installed here"),
 ]

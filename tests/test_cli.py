@@ -257,6 +257,7 @@ def test_evaluate_writes_worst_intervals_and_the_examples_hash(box):
     for name in ("clean", "pgd10", "worst"):
         assert m["ci95"][name] == pytest.approx(list(confidence_interval(round(m[name] * 40 / 100), 40)))
     assert m["examples"] == {"first": 40, "hash": examples_hash(range(40))}
+    assert m["code_version"], "every result names the code that made it"
 
 
 def test_seeds_train_one_complete_run_per_seed_inside_the_run_directory(box):

@@ -146,6 +146,7 @@ def smoke_report(tmp_path_factory):
             "summary": json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}}
 
 
+@pytest.mark.slow
 def test_report_runs_every_notebook(smoke_report):
     out, summary = smoke_report["out"], smoke_report["summary"]
     assert smoke_report["code"] == 0, summary.get("failed")
@@ -168,6 +169,7 @@ def test_report_runs_every_notebook(smoke_report):
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
+@pytest.mark.slow
 def test_each_notebook_wrote_its_figures_and_summary(smoke_report, name):
     for fig in FIGURES[name]:
         path = smoke_report["out"] / "figures" / fig
@@ -177,6 +179,7 @@ def test_each_notebook_wrote_its_figures_and_summary(smoke_report, name):
         assert smoke_report["summary"].get(key), f"{name} did not write summary[{key!r}]"
 
 
+@pytest.mark.slow
 def test_summary_holds_the_numbers_of_every_table(smoke_report):
     s, preset = smoke_report["summary"], get_preset("smoke")
     for key in ("extractors", "selection", "alpha_sweep", "subsets", "comparison", "cost", "stage_seconds"):
@@ -195,6 +198,7 @@ def test_summary_holds_the_numbers_of_every_table(smoke_report):
         lo, hi = map(float, r["worst_ci"].split("-"))
         assert lo <= r["worst"] <= hi and abs(sum(r["importance"]) - 1) < 1e-6
     assert set(s["texts"]) >= {"extractors (table 1)", "alpha (table 2)", "headline (tables 4-5)"}
+    assert s["code_version"] and s["code_version"] != "unknown"
     assert s["seeds"]["seeds"] == [0] and set(s["seeds"]["comparison"]) == {"0"}
     assert {p["measure"] for p in s["paired"]} == {"clean", "worst"} and all(0 <= p["p"] <= 1 for p in s["paired"])
     assert [r["subset"] for r in s["subsets"]] == ["101", "111"]
@@ -208,6 +212,7 @@ def test_summary_holds_the_numbers_of_every_table(smoke_report):
     assert s["tsne"]["n"] == 100 and len(s["tsne"]["trustworthiness"]) == 3
 
 
+@pytest.mark.slow
 def test_subset_explorer_answers_from_cache_and_trains_on_demand(smoke_report, capsys):
     """The checkboxes outside a browser: a trained subset answers at once, a new one waits for the button."""
     from afs_kit import widgets
@@ -229,6 +234,7 @@ def test_subset_explorer_answers_from_cache_and_trains_on_demand(smoke_report, c
     assert "tick at least one extractor" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_failing_notebook_stops_a_partial_report(smoke_report, tmp_path, capsys):
     """Duplicate budgets fail in the first notebook: the report stops there and says it is partial."""
     out = tmp_path / "partial"

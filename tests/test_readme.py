@@ -50,3 +50,18 @@ def test_a_partial_report_says_where_it_stopped(tmp_path):
 def test_no_summaries_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no \\*/summary.json in"):
         readme.render(tmp_path)
+
+
+def test_the_public_api_and_the_code_version(tmp_path, monkeypatch):
+    import afs_kit
+    from afs_kit.version import ENV, code_version, pinned_code_version
+
+    for name in ("Run", "PRESETS", "load_dataset", "build_model", "pgd", "autoattack", "evaluate", "sanity_checks"):
+        assert hasattr(afs_kit, name)
+    monkeypatch.delenv(ENV, raising=False)
+    version = code_version()
+    assert version and version != "unknown"
+    with pinned_code_version() as pinned:
+        assert pinned == version and code_version() == version
+    monkeypatch.setenv(ENV, "abc123")
+    assert code_version() == "abc123", "a report's pinned version wins"

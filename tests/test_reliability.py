@@ -252,6 +252,7 @@ def _all_files_load(root: Path) -> None:
         read_json(p)
 
 
+@pytest.mark.slow
 def test_a_killed_extractor_training_resumes_and_matches_an_unkilled_one(tmp_path):
     args = ["train-extractors", "--preset", "smoke", "--eps", "0.1", "--set", "extractor.epochs=4"]
     victim, reference = tmp_path / "victim", tmp_path / "reference"
@@ -281,6 +282,7 @@ def test_a_killed_extractor_training_resumes_and_matches_an_unkilled_one(tmp_pat
         assert torch.equal(v, resumed["state_dict"][k]), k
 
 
+@pytest.mark.slow
 def test_a_killed_merger_training_resumes_and_matches_an_unkilled_one(sandbox, tmp_path):
     victim = _copy_run(sandbox / "run", tmp_path / "victim")
     reference = _copy_run(sandbox / "run", tmp_path / "reference")
