@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from .config import format_budget
 from .pipeline import Run
-from .reports import PGD_ATTACKS, accuracy_row, evaluate_afs, extractor_points, extractor_table, main_alpha, \
+from .studies import PGD_ATTACKS, accuracy_row, evaluate_afs, extractor_points, extractor_table, main_alpha, \
     main_subset, merger_exists, stacked_labels
 
 

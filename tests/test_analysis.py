@@ -343,7 +343,7 @@ def test_run_delta_z_values_uses_validation_images(tiny_run):
 
 
 def test_run_selection_is_stored_with_the_new_fields_and_reused(tiny_run, monkeypatch):
-    from afs_kit import reports
+    from afs_kit import studies
     from afs_kit.runs import read_json, write_json
 
     run = tiny_run
@@ -364,10 +364,10 @@ def test_run_selection_is_stored_with_the_new_fields_and_reused(tiny_run, monkey
 
     monkeypatch.setattr(run, "delta_z_values", no_recompute)
     assert run.selected_subset() == vector
-    summary = reports.selection_summary(run)
+    summary = studies.selection_summary(run)
     assert summary["std"] == stored["std"] and summary["split"] == "validation" and summary["n"] == 16
-    assert len(reports.selection_rows(summary)) == 3
-    assert "16 validation images" in reports.selection_text(summary)
+    assert len(studies.selection_rows(summary)) == 3
+    assert "16 validation images" in studies.selection_text(summary)
     # a selection.json from before (test images, no std) is not reused
     write_json(path, {k: v for k, v in stored.items() if k not in ("split", "std")})
     with pytest.raises(AssertionError, match="recomputed"):

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from afs_kit.reports import NOTEBOOKS_DIR, open_run
+from afs_kit.reports import NOTEBOOKS_DIR
+from afs_kit.studies import open_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

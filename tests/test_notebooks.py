@@ -80,7 +80,7 @@ def test_one_parameters_cell_of_literals_accepted_by_report(name):
         assert key in PARAMETERS, f"{name}: parameter {key} is unknown to afs-kit report"
         assert parse_parameter(key, _as_text(value)) == value, f"{name}: -p {key}={_as_text(value)} round trip"
     # the derived values come in the next cell, where the parameters are used
-    assert "reports.open_run(PRESET, RUN_DIR, DEVICE" in code[1].source
+    assert "studies.open_run(PRESET, RUN_DIR, DEVICE" in code[1].source
 
 
 # ------------------------------------------------------------------------ parameters on the command line
@@ -216,7 +216,7 @@ def test_summary_holds_the_numbers_of_every_table(smoke_report):
 def test_subset_explorer_answers_from_cache_and_trains_on_demand(smoke_report, capsys):
     """The checkboxes outside a browser: a trained subset answers at once, a new one waits for the button."""
     from afs_kit import widgets
-    from afs_kit.reports import merger_exists, open_run
+    from afs_kit.studies import merger_exists, open_run
 
     run = open_run("smoke", smoke_report["run"], device="cpu", progress=False)
     explorer = widgets.subset_explorer(run)

@@ -1,0 +1,239 @@
+"""What every study shares: the run a notebook works on, cached evaluations of single extractors
+and AFS models, a table row's numbers (accuracy with interval, worst case, masking checks, training
+health), paired sentences, display helpers and several seeds."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import budget_name, format_budget, get_preset, preset_from_dict
+from ..pipeline import PROJECT_ROOT, Run
+from ..runs import load_checkpoint, read_json
+
+# the attacks of tables 1-3 (clean is always measured); AutoAttack only where the paper uses it
+PGD_ATTACKS = ("pgd10", "pgd20")
+# shown in every table that has them: the per-example worst case over every attack, the
+# gradient-masking checks and the training health of the model
+TRUST_COLUMNS = ("worst", "sanity", "health")
+
+
+# ============================================================================ the run a notebook works on
+
+def default_run_dir(preset: str, seed: int = 0) -> Path:
+    return PROJECT_ROOT / "runs" / (preset if seed == 0 else f"{preset}-seed{seed}")
+
+
+def open_run(preset: str, run_dir: str | Path | None = None, device: str = "auto", seed: int = 0,
+             budgets: Sequence[float] | None = None, progress: bool = True) -> Run:
+    """The run a notebook reads and writes: an existing run keeps its stored preset (with any --set
+    overrides it was made with); `budgets` and a non-zero `seed` replace the preset's."""
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(preset, seed)
+    chosen = get_preset(preset)
+    info = run_dir / "run.json"
+    if info.is_file():
+        stored = preset_from_dict(read_json(info)["preset"])
+        if stored.name != chosen.name:
+            raise ValueError(f"run {run_dir} was made with preset={stored.name!r}, not preset={preset!r}")
+        chosen = stored
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got seed={seed!r}")
+    if seed:
+        chosen = dataclasses.replace(
+            chosen, extractor=dataclasses.replace(chosen.extractor, seed=seed),
+            merger=dataclasses.replace(chosen.merger, seed=seed),
+            evaluation=dataclasses.replace(chosen.evaluation, seed=seed))
+    if budgets is not None:
+        chosen = dataclasses.replace(chosen, budgets=tuple(float(b) for b in budgets))
+    return Run(run_dir, chosen, device=device, progress=progress)
+
+
+def figures_dir(run: Run, figures: str | Path | None = None) -> Path:
+    path = Path(figures) if figures is not None else run.dir.figures
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def show(fig, path: str | Path) -> None:
+    """Save `fig` as a PNG (the static figure of reports) and show it inline."""
+    from IPython.display import display
+
+    from ..plots import save_figure
+
+    save_figure(fig, path)
+    display(fig)
+
+
+def say(run: Run, section: str, text: str) -> None:
+    """Print a generated sentence and keep it in summary.json["texts"] (reports/README.md quotes it)."""
+    print(text)
+    summary = read_json(run.dir.summary_path) if run.dir.summary_path.is_file() else {}
+    run.dir.update_summary("texts", {**summary.get("texts", {}), section: text})
+
+
+def table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int = 1):
+    """A pandas DataFrame for display, floats rounded to `digits` places."""
+    import pandas as pd
+
+    df = pd.DataFrame(list(rows))
+    if columns is not None:
+        # every accuracy with its interval, and the headline robust accuracy and the checks behind it
+        # beside the numbers, whatever columns a notebook asks for
+        wanted = []
+        for c in [*columns, *(c for c in TRUST_COLUMNS if c not in columns)]:
+            wanted += [c, f"{c}_ci"]
+        df = df[[c for c in dict.fromkeys(wanted) if c in df.columns]]
+    # settings are shown exactly (alpha 0.25 must not read 0.2); measured numbers to `digits` places
+    return df.round({c: digits for c in df.columns if c not in ("alpha", "eps", "p")})
+
+
+def label(eps: float) -> str:
+    """An extractor's name in tables: its training budget."""
+    return f"eps={format_budget(eps)}"
+
+
+def baseline_budget(run: Run) -> float:
+    """The single network trained at (nearest) the evaluation budget: the paper's PGD-AT baseline."""
+    budgets = run.budgets()
+    if not budgets:
+        raise ValueError(f"run {run.dir.root} has no trained extractors yet")
+    eps = run.preset.evaluation.eps
+    return min(budgets, key=lambda b: (abs(b - eps), b))
+
+
+def main_subset(run: Run, subset: str | None = None) -> str:
+    """The binary vector of the main AFS model's extractors ('selected' resolved by the concavity rule)."""
+    spec = run.preset.default_subset if subset is None else subset
+    from ..stacking import subset_vector
+
+    return subset_vector(run.subset_indices(spec), len(run.budgets()))
+
+
+def main_alpha(run: Run, alpha: float | None = None) -> float:
+    return float(run.preset.merger.alpha if alpha is None else alpha)
+
+
+# ============================================================================ cached evaluations
+
+def _eval_name(base: str, attacks: Sequence[str], n: int | None) -> str:
+    return f"{base}--{'-'.join(attacks)}--n{n if n is not None else 'all'}"
+
+
+def evaluate_extractor(run: Run, eps: float, attacks: Sequence[str] = PGD_ATTACKS,
+                       n_examples: int | None = None) -> dict:
+    """One extractor under `attacks` (clean always), cached in RUN/eval/ by config and checkpoint."""
+    model, ckpt = run.extractor(eps)
+    # every robust number in a report is cross-checked against gradient masking, single networks too
+    return run.evaluate(_eval_name(f"extractor-{budget_name(eps)}", attacks, n_examples), model,
+                        attacks=tuple(attacks), n_examples=n_examples, sanity=True,
+                        model_info={"kind": "extractor", "eps": eps, "key": ckpt["key"],
+                                    "health": ckpt.get("health")})
+
+
+def afs_name(run: Run, subset: str, alpha: float) -> str:
+    """The merger folder of (subset, alpha) under the run's merger config."""
+    cfg = dataclasses.replace(run.preset.merger, alpha=float(alpha))
+    return run.merger_name(run.subset_indices(subset), cfg)[0]
+
+
+def merger_exists(run: Run, subset: str, alpha: float) -> bool:
+    return (run.dir.merger_dir(afs_name(run, subset, alpha)) / "merger.pt").is_file()
+
+
+def evaluate_afs(run: Run, subset: str, alpha: float, attacks: Sequence[str] = PGD_ATTACKS,
+                 n_examples: int | None = None) -> tuple[dict, torch.nn.Module]:
+    """The AFS model of (subset, alpha), its merger trained when missing, evaluated (cached) with the
+    gradient-masking sanity checks; returns (metrics, model)."""
+    model = run.afs_model(subset, alpha=float(alpha))
+    name = afs_name(run, subset, alpha)
+    health = load_checkpoint(run.dir.merger_dir(name) / "merger.pt").get("health")
+    metrics = run.evaluate(_eval_name(f"afs-{name}", attacks, n_examples), model, attacks=tuple(attacks),
+                           n_examples=n_examples, model_info={"kind": "merger", "name": name, "health": health})
+    return metrics, model
+
+
+def accuracy_row(metrics: dict, attacks: Sequence[str]) -> dict:
+    """A table row's numbers: each accuracy with its 95% interval, `worst` (every attack run on the
+    same examples, the headline robust accuracy), the masking checks' verdict and training health."""
+    out = {}
+    for a in ("clean", *attacks, "worst"):
+        if a in metrics:
+            out[a] = metrics[a]
+            lo, hi = metrics["ci95"][a]
+            out[f"{a}_ci"] = f"{lo:.1f}-{hi:.1f}"
+    sanity = metrics.get("sanity")
+    out["sanity"] = "not run" if sanity is None else "passed" if sanity["passed"] else \
+        "FAILED: " + ", ".join(sanity["failed"])
+    out["sanity_passed"] = bool(sanity and sanity["passed"])
+    model = metrics.get("model", {})
+    out["health"] = "not trained" if model.get("kind") == "avg" else health_label(model.get("health"))
+    out["eval"], out["examples_hash"] = metrics.get("name"), metrics.get("examples", {}).get("hash")
+    return out
+
+
+def health_label(health: dict | None) -> str:
+    """A training-health verdict in a few words (from the checkpoint's `health`)."""
+    if health is None:
+        return "not recorded"
+    if health["passed"]:
+        return "ok"
+    why = [w for w, bad in (("loss above chance", health.get("above_chance")), ("loss rising", health.get("rising")))
+           if bad]
+    return "FLAGGED: " + (", ".join(why) or "see checkpoint")
+
+
+def evaluation_flags(run: Run, name: str) -> dict[str, torch.Tensor]:
+    """The per-example flags saved beside evaluation `name`'s metrics.json (for paired tests)."""
+    return load_checkpoint(run.dir.eval_dir(name) / "flags.pt")["flags"]
+
+
+def paired_sentence(run: Run, a: dict, b: dict, name_a: str, name_b: str, measure: str = "worst") -> str:
+    """'A is better than B (...)' or 'no significant difference' for two table rows, by the exact
+    McNemar test on their per-example flags (same examples, checked by the examples' hash)."""
+    from ..stats import compare
+
+    fa, fb = evaluation_flags(run, a["eval"]), evaluation_flags(run, b["eval"])
+    if a["examples_hash"] != b["examples_hash"]:
+        raise ValueError(f"rows {name_a!r} and {name_b!r} were evaluated on different examples; no paired test")
+    return compare(fa[measure], fb[measure], name_a, name_b)["text"]
+
+
+# ============================================================================ several seeds
+
+def seed_runs(run: Run, count: int = 1) -> list[Run]:
+    """This run and its other seeds (`Run.seed_run`), `count` in all; the missing extractors of each
+    are trained."""
+    runs = [run.seed_run(s) for s in run.seeds(count)]
+    for r in runs:
+        r.train_extractors()
+    return runs
+
+
+def over_seeds(per_seed: dict[int, Sequence[dict]], by: str, columns: Sequence[str]) -> list[dict]:
+    """Mean and min-max over seeds of each `columns` value, rows matched by their `by` field (e.g.
+    the budget or the method). Seeds missing a row are left out of that row's statistics."""
+    keys = list(dict.fromkeys(r[by] for rows in per_seed.values() for r in rows))
+    out = []
+    for key in keys:
+        row = {by: key, "seeds": 0}
+        for c in columns:
+            values = [r[c] for rows in per_seed.values() for r in rows if r[by] == key and r.get(c) is not None]
+            row["seeds"] = max(row["seeds"], len(values))
+            if values:
+                row[c] = float(np.mean(values))
+                row[f"{c}_range"] = f"{min(values):.1f}-{max(values):.1f}"
+        out.append(row)
+    return out
+
+
+def seeds_summary(run: Run, per_seed: dict[str, dict[int, Sequence[dict]]]) -> None:
+    """summary.json["seeds"]: the seeds used and, per table, each seed's rows."""
+    summary = read_json(run.dir.summary_path) if run.dir.summary_path.is_file() else {}
+    stored = summary.get("seeds") or {}
+    seeds = sorted({int(s) for table in per_seed.values() for s in table} | set(stored.get("seeds", [])))
+    run.dir.update_summary("seeds", {**stored, "seeds": seeds,
+                                     **{name: {str(s): rows for s, rows in table.items()}
+                                        for name, table in per_seed.items()}})

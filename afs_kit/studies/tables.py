@@ -1,0 +1,316 @@
+"""The paper's tables for one run, each with the sentence that says what it shows: table 1 (the
+extractors), table 2 (alpha), table 3 (subsets), tables 4-5 (the comparison with paired tests) and
+table 6 (cost and ablations)."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..config import config_hash, format_budget
+from ..pipeline import Run
+from ..runs import read_json, write_json
+from .common import (PGD_ATTACKS, _eval_name, accuracy_row, afs_name, baseline_budget, evaluate_afs,
+                     evaluate_extractor, evaluation_flags, label, main_alpha, main_subset, paired_sentence)
+
+
+# ============================================================================ table 1
+
+def extractor_table(run: Run, n_examples: int | None = None) -> list[dict]:
+    """Table 1: clean, PGD-10 and PGD-20 test accuracy (%) of every trained extractor, and the
+    validation numbers its early stopping saw."""
+    rows = []
+    for i, eps in enumerate(run.budgets()):
+        m = evaluate_extractor(run, eps, PGD_ATTACKS, n_examples)
+        best = run.extractor(eps)[1]["metrics"]
+        rows.append({"network": i, "eps": eps, "budget": format_budget(eps), **accuracy_row(m, PGD_ATTACKS),
+                     "val_clean": best.get("val_clean"), "val_pgd": best.get("val_pgd"), "n": m["n"]})
+    return rows
+
+
+def extractor_points(rows: Sequence[dict], robust: str = "pgd20") -> dict[str, tuple[float, float]]:
+    """name -> (clean, robust) of table-1 rows, for `plot_clean_vs_robust`."""
+    return {label(r["eps"]): (r["clean"], r[robust]) for r in rows}
+
+
+def extractor_text(rows: Sequence[dict]) -> str:
+    """Does clean accuracy fall and robust accuracy rise with the training budget, as in table 1?"""
+    clean = [r["clean"] for r in rows]
+    robust = [r["pgd20"] for r in rows]
+    falls = all(b <= a for a, b in zip(clean, clean[1:]))
+    rises = all(b >= a for a, b in zip(robust, robust[1:]))
+    return (f"From budget {rows[0]['budget']} to {rows[-1]['budget']}: clean accuracy {clean[0]:.1f}% -> "
+            f"{clean[-1]:.1f}% ({'falls monotonically' if falls else 'not monotone'}), PGD-20 {robust[0]:.1f}% -> "
+            f"{robust[-1]:.1f}% ({'rises monotonically' if rises else 'not monotone'}). The paper's table 1 has "
+            f"both monotone.")
+
+
+def quoted(rows) -> list[dict]:
+    """The paper's published rows (dataclasses from `afs_kit.analysis`) as dicts for `table`; budgets
+    written k/255, the source (the same for every row) left out."""
+    out = []
+    for r in rows:
+        d = {k: v for k, v in dataclasses.asdict(r).items() if k != "source"}
+        if "eps" in d:
+            d["eps"] = format_budget(d["eps"])
+        out.append(d)
+    return out
+
+
+def best_single(rows: Sequence[dict], robust: str = "pgd20") -> dict:
+    """The extractor row with the best trade-off, mean(clean, robust)."""
+    return max(rows, key=lambda r: (r["clean"] + r[robust]) / 2)
+
+
+# ============================================================================ table 2, fig. 5
+
+def alpha_sweep(run: Run, alphas: Sequence[float], subset: str | None = None,
+                n_examples: int | None = None) -> list[dict]:
+    """Table 2: one merger per alpha over the main subset (trained when missing), its clean, PGD-10
+    and PGD-20 accuracy (%) and the importance ratio of each stacked extractor (fig. 5b)."""
+    from ..analysis import importance_ratio
+
+    vector = main_subset(run, subset)
+    rows = []
+    for alpha in alphas:
+        m, model = evaluate_afs(run, vector, alpha, PGD_ATTACKS, n_examples)
+        ratio = importance_ratio(model.merger, model.stack.feature_dims)
+        rows.append({"alpha": float(alpha), **accuracy_row(m, PGD_ATTACKS),
+                     "importance": [float(r) for r in ratio], "subset": vector, "n": m["n"]})
+    return rows
+
+
+def stacked_labels(run: Run, subset: str) -> list[str]:
+    budgets = run.budgets()
+    return [format_budget(budgets[i]) for i in run.subset_indices(subset)]
+
+
+def robustness_curves(run: Run, subset: str | None = None, alpha: float | None = None,
+                      n_examples: int | None = None, steps: int = 20) -> dict:
+    """Fig. 5a: PGD-`steps` accuracy (%) against the attack budget of the main AFS model and of every
+    single extractor; each curve is cached in RUN/analysis/curves/ by config."""
+    from ..evaluation import robustness_curve
+
+    ev = run.preset.evaluation
+    budgets = list(ev.budgets) or [float(v) for v in np.linspace(0, 2 * ev.eps, 9)]
+    vector, alpha = main_subset(run, subset), main_alpha(run, alpha)
+    models = {f"AFS (alpha={alpha:g})": (lambda: run.afs_model(vector, alpha=alpha),
+                                         {"kind": "merger", "name": afs_name(run, vector, alpha)})}
+    for eps in run.budgets():
+        models[label(eps)] = (lambda eps=eps: run.extractor(eps)[0],
+                              {"kind": "extractor", "key": run.extractor(eps)[1]["key"]})
+    n = n_examples if n_examples is not None else ev.n_examples
+    x, y = run.test_set(n)
+    curves = {}
+    for name, (build, info) in models.items():
+        key = config_hash(info, budgets, len(y), steps, ev.seed, ev.batch_size, ev.precision)
+        path = run.dir.root / "analysis" / "curves" / f"{config_hash(name)}.json"
+        if path.is_file() and read_json(path).get("key") == key:
+            curves[name] = read_json(path)["accuracy"]
+            continue
+        curve = robustness_curve(build(), x, y, budgets, steps=steps, batch_size=ev.batch_size, seed=ev.seed,
+                                 precision=ev.precision, device=run.device)
+        curves[name] = [c["accuracy"] for c in curve]
+        write_json(path, {"key": key, "name": name, "budgets": budgets, "accuracy": curves[name], "n": len(y)})
+    return {"budgets": budgets, "accuracy": curves, "n": int(len(y)), "steps": steps}
+
+
+def alpha_text(run: Run, rows: Sequence[dict], extractors: Sequence[dict]) -> str:
+    """Which alpha trades best (mean of clean and the worst case), and how it compares with the best
+    single network: "better" or "worse" only where the paired test says so."""
+    best = max(rows, key=lambda r: (r["clean"] + r["worst"]) / 2)
+    single = best_single(extractors)
+    afs_t, single_t = (best["clean"] + best["worst"]) / 2, (single["clean"] + single["worst"]) / 2
+    name_a, name_b = f"AFS alpha={best['alpha']:g}", f"the best single extractor {label(single['eps'])}"
+    return (f"Best alpha by mean(clean, worst case): alpha={best['alpha']:g} (clean {best['clean']:.1f}%, worst case "
+            f"{best['worst']:.1f}%, mean {afs_t:.1f}); {label(single['eps'])}: clean {single['clean']:.1f}%, "
+            f"worst case {single['worst']:.1f}%, mean {single_t:.1f} ({afs_t - single_t:+.1f} points). Clean: "
+            f"{paired_sentence(run, best, single, name_a, name_b, 'clean')}. Worst case: "
+            f"{paired_sentence(run, best, single, name_a, name_b, 'worst')}.")
+
+
+# ============================================================================ table 3
+
+def subset_table(run: Run, subsets: Sequence[str], alpha: float | None = None,
+                 n_examples: int | None = None) -> list[dict]:
+    """Table 3: the AFS model over each subset of extractors (merger trained when missing)."""
+    from ..analysis import importance_ratio
+
+    alpha = main_alpha(run, alpha)
+    rows = []
+    for spec in subsets:
+        vector = main_subset(run, spec)
+        m, model = evaluate_afs(run, vector, alpha, PGD_ATTACKS, n_examples)
+        rows.append({"subset": vector, "spec": spec, "extractors": len(model.stack.feature_dims),
+                     **accuracy_row(m, PGD_ATTACKS),
+                     "importance": [float(r) for r in importance_ratio(model.merger, model.stack.feature_dims)],
+                     "alpha": alpha, "n": m["n"]})
+    return rows
+
+
+def subset_points(extractors: Sequence[dict], rows: Sequence[dict]) -> dict[str, tuple[float, float]]:
+    """Single extractors and AFS subsets as name -> (clean, PGD-20), for `plot_clean_vs_robust`."""
+    return {**extractor_points(extractors), **{f"AFS {r['subset']}": (r["clean"], r["pgd20"]) for r in rows}}
+
+
+def subset_text(run: Run, rows: Sequence[dict]) -> str:
+    """Which subset trades best, and whether the largest stack differs from it by the paired test."""
+    best = max(rows, key=lambda r: (r["clean"] + r["worst"]) / 2)
+    most = max(rows, key=lambda r: r["extractors"])
+    text = (f"Best subset by mean(clean, worst case): {best['subset']} ({best['extractors']} extractors, clean "
+            f"{best['clean']:.1f}%, worst case {best['worst']:.1f}%). The largest stack, {most['subset']}: clean "
+            f"{most['clean']:.1f}%, worst case {most['worst']:.1f}%")
+    if best is most:
+        return text + "; it is the best."
+    return (text + f". Worst case: {paired_sentence(run, best, most, best['subset'], most['subset'])}. Clean: "
+            f"{paired_sentence(run, best, most, best['subset'], most['subset'], 'clean')}.")
+
+
+# ============================================================================ tables 4-6, fig. 1
+
+def comparison_table(run: Run, subset: str | None = None, alpha: float | None = None,
+                     n_examples: int | None = None, n_aa: int | None = None) -> list[dict]:
+    """Tables 4-5 for this run: the main AFS model, the baseline (PGD-AT at the evaluation budget),
+    the best single extractor and the logit average of eq. 9 over the same extractors.
+
+    Clean and PGD-20 on `n_examples`; AutoAttack on the first `n_aa` (default the preset's
+    `evaluation.aa_examples`, at most `n_examples`) with the
+    trade-off (mean of clean and AA) on those same examples. The logit average gets no AutoAttack.
+    """
+    if n_aa is None:
+        n_aa = run.preset.evaluation.aa_examples
+        n_aa = n_examples if n_aa is None else n_aa if n_examples is None else min(n_aa, n_examples)
+    vector, alpha = main_subset(run, subset), main_alpha(run, alpha)
+    extractors = extractor_table(run, n_examples)
+    base, single = baseline_budget(run), best_single(extractors)["eps"]
+    with_aa = (*PGD_ATTACKS, "aa")  # AutoAttack and PGD on the same examples: `worst` is over all of them
+    rows = []
+
+    def row(role, method, pgd, aa, n_models):
+        r = {"role": role, "method": method, **accuracy_row(pgd, ("pgd20",)), "aa": None, "tradeoff": None,
+             "n": pgd["n"], "n_aa": None, "extractors": n_models, "pgd_eval": pgd["name"], "aa_eval": None}
+        if aa is not None:
+            on_aa = accuracy_row(aa, with_aa)
+            # the worst case and the trade-off on the AutoAttack examples, with the clean accuracy of
+            # those same examples (tables 4-5); the masking checks of that evaluation
+            r.update({k: on_aa[k] for k in ("aa", "aa_ci", "worst", "worst_ci", "sanity", "sanity_passed")},
+                     clean_on_aa=aa["clean"], tradeoff=aa["tradeoff"], n_aa=aa["n"], aa_eval=aa["name"])
+        rows.append(r)
+
+    afs_pgd, _ = evaluate_afs(run, vector, alpha, PGD_ATTACKS, n_examples)
+    afs_aa, _ = evaluate_afs(run, vector, alpha, with_aa, n_aa)
+    row("AFS", f"AFS {vector}, alpha={alpha:g}", afs_pgd, afs_aa, vector.count("1"))
+    row("baseline", f"baseline PGD-AT {label(base)}", evaluate_extractor(run, base, PGD_ATTACKS, n_examples),
+        evaluate_extractor(run, base, with_aa, n_aa), 1)
+    if abs(single - base) > 1e-12:
+        row("best single", f"best single {label(single)}", evaluate_extractor(run, single, PGD_ATTACKS, n_examples),
+            evaluate_extractor(run, single, with_aa, n_aa), 1)
+    avg = run.logit_average(vector)
+    avg_pgd = run.evaluate(_eval_name(f"avg-{vector}", PGD_ATTACKS, n_examples), avg, attacks=PGD_ATTACKS,
+                           n_examples=n_examples, model_info={"kind": "avg", "subset": vector,
+                                                              "keys": [run.extractor(run.budgets()[i])[1]["key"]
+                                                                       for i in run.subset_indices(vector)]})
+    row("logit average", f"logit average (eq. 9) {vector}", avg_pgd, None, vector.count("1"))
+    return rows
+
+
+def paired_comparisons(run: Run, rows: Sequence[dict]) -> list[dict]:
+    """AFS (the first row) against every other row, per example on the same examples: clean and the
+    worst case over every attack, each by an exact McNemar test (`afs_kit.stats.compare`)."""
+    from ..stats import compare
+
+    afs = rows[0]
+    out = []
+    for other in rows[1:]:
+        use_aa = afs["aa_eval"] is not None and other["aa_eval"] is not None
+        key = "aa_eval" if use_aa else "pgd_eval"
+        a, b = evaluation_flags(run, afs[key]), evaluation_flags(run, other[key])
+        for what in ("clean", "worst"):
+            verdict = compare(a[what], b[what], "AFS", other["method"])
+            out.append({"against": other["method"], "measure": what, "examples": len(a[what]),
+                        "attacks": "PGD-10, PGD-20 and AutoAttack" if use_aa else "PGD-10 and PGD-20", **verdict})
+    return out
+
+
+def paper_reference(run: Run):
+    """The paper's table of the same data set (quoted), or None."""
+    from ..paper import TABLE4_CIFAR10, TABLE5_CIFAR100
+
+    name = run.data.name.lower()
+    if "cifar100" in name or "cifar-100" in name:
+        return TABLE5_CIFAR100
+    if "cifar10" in name or "cifar-10" in name:
+        return TABLE4_CIFAR10
+    return None
+
+
+def comparison_text(rows: Sequence[dict], paired: Sequence[dict]) -> str:
+    """Tables 4-5 in sentences, from the numbers: the trade-off (mean of clean and AutoAttack on the
+    same examples) of AFS and of the best single network, then every paired test, which alone may
+    say "better" or "worse"."""
+    afs = rows[0]
+    singles = [r for r in rows[1:] if r["tradeoff"] is not None]
+    best = max(singles, key=lambda r: r["tradeoff"])
+    text = (f"{afs['method']}: clean {afs['clean_on_aa']:.1f}%, AutoAttack {afs['aa']:.1f}% "
+            f"(worst case over every attack {afs['worst']:.1f}%, 95% CI {afs['worst_ci']}), trade-off "
+            f"{afs['tradeoff']:.1f}, against {best['tradeoff']:.1f} for the best single network, {best['method']} "
+            f"({afs['tradeoff'] - best['tradeoff']:+.1f} points, on {afs['n_aa']} test examples).")
+    for p in paired:
+        text += f" {p['measure'].capitalize()} accuracy: {p['text']}."
+    return text
+
+
+def cost_table(run: Run, subset: str | None = None, alpha: float | None = None, n_examples: int | None = None,
+               ablation: bool = True) -> list[dict]:
+    """Table 6: parameters, multiply-accumulates per image, clean and PGD-20 accuracy of the baseline,
+    the random-budget network and the large model (when `ablation` and the preset names them) and the
+    AFS model."""
+    from ..analysis import model_cost
+    from ..training import model_from_checkpoint
+
+    vector, alpha = main_subset(run, subset), main_alpha(run, alpha)
+    shape = run.data.image_shape
+    base = baseline_budget(run)
+    entries = [(f"Baseline {label(base)}", run.extractor(base)[0],
+                evaluate_extractor(run, base, PGD_ATTACKS, n_examples))]
+    if ablation and run.preset.ablation_budget_range is not None:
+        ckpt = run.train_ablation()
+        model = model_from_checkpoint(ckpt, run.device)
+        lo, hi = run.preset.ablation_budget_range
+        metrics = run.evaluate(_eval_name("ablation-random-budget", PGD_ATTACKS, n_examples), model,
+                               attacks=PGD_ATTACKS, n_examples=n_examples,
+                               model_info={"kind": "ablation", "key": ckpt["key"], "health": ckpt.get("health")})
+        entries.append((f"Rand.pert. {format_budget(lo)}..{format_budget(hi)}", model, metrics))
+    if ablation and run.preset.large_model is not None:
+        ckpt = run.train_large_model()
+        model = model_from_checkpoint(ckpt, run.device)
+        metrics = run.evaluate(_eval_name("ablation-large-model", PGD_ATTACKS, n_examples), model,
+                               attacks=PGD_ATTACKS, n_examples=n_examples,
+                               model_info={"kind": "ablation", "key": ckpt["key"], "health": ckpt.get("health")})
+        entries.append((f"Large model {run.preset.large_model} {label(run.preset.evaluation.eps)}", model, metrics))
+    afs_metrics, afs = evaluate_afs(run, vector, alpha, PGD_ATTACKS, n_examples)
+    entries.append((f"AFS {vector}", afs, afs_metrics))
+    rows = []
+    for setting, model, m in entries:
+        cost = model_cost(model, shape)
+        rows.append({"setting": setting, "params_k": cost["params"] / 1e3, "macs_m": cost["macs"] / 1e6,
+                     **accuracy_row(m, PGD_ATTACKS), "params": cost["params"], "macs": cost["macs"]})
+    return rows
+
+
+def cost_text(run: Run, rows: Sequence[dict]) -> str:
+    """Table 6 in a few sentences: what AFS costs and gains over the baseline; what the ablations do
+    (each difference with its paired test on the same examples)."""
+    base, afs = rows[0], rows[-1]
+
+    def against_base(r):
+        return (f"{r['params'] / base['params']:.2f}x the parameters and {r['macs'] / base['macs']:.2f}x the MACs "
+                f"of the baseline; clean {r['clean'] - base['clean']:+.1f} points, worst case "
+                f"{r['worst'] - base['worst']:+.1f} points ("
+                f"{paired_sentence(run, r, base, r['setting'], 'the baseline')})")
+
+    text = f"AFS has {against_base(afs)}."
+    for r in rows[1:-1]:
+        text += f" {r['setting']}: {against_base(r)}."
+    return text
