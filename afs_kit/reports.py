@@ -8,6 +8,7 @@ RUN/summary.json, plus the wall time of each stage). What the notebooks compute 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -159,11 +160,24 @@ def notebook_paths(folder: str | Path | None = None) -> list[Path]:
     return paths
 
 
+def _relative(path: str | Path, start: Path = PROJECT_ROOT) -> str:
+    """`path` relative to `start`: committed reports name no folder of the machine that made them."""
+    return os.path.relpath(Path(path).resolve(), start.resolve())
+
+
 def _write_html(notebook: Path, html: Path) -> None:
+    """The executed notebook's HTML, after papermill's record of where it read and wrote the notebook is
+    made relative to the project."""
     import nbformat
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nbformat.read(str(notebook), as_version=4))
+    nb = nbformat.read(str(notebook), as_version=4)
+    record = nb.metadata.get("papermill", {})
+    for key in ("input_path", "output_path"):
+        if record.get(key):
+            record[key] = _relative(record[key])
+    nbformat.write(nb, str(notebook))
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
     html.write_text(body, encoding="utf-8")
 
 
@@ -223,13 +237,16 @@ def run_report(preset: str, out: str | Path | None = None, run_dir: str | Path |
         stored = read_json(info).get("preset", {}).get("name")
         if stored != preset:
             raise ValueError(f"run {run_dir} was made with preset={stored!r}, not preset={preset!r}")
-    base = {"PRESET": preset, "RUN_DIR": str(run_dir), "DEVICE": device, "FIGURES_DIR": str(out / "figures"),
+    # the kernels run in the notebooks' folder: the paths they get are relative to it, so the executed
+    # notebooks (their injected parameters cell) name no absolute folder of this machine
+    here = paths[0].parent
+    base = {"PRESET": preset, "DEVICE": device, "FIGURES_DIR": _relative(out / "figures", here),
             "INTERACTIVE": False, **values}
-    base["RUN_DIR"] = str(run_dir)
+    base["RUN_DIR"] = _relative(run_dir, here)
 
     from .runs import RunLock
 
-    info = {"preset": preset, "run": str(run_dir), "parameters": values}
+    info = {"preset": preset, "run": _relative(run_dir), "parameters": values}
     stage_seconds: dict[str, float] = {}
     # one writer per run directory: the notebooks' kernels write into it while the report holds the lock
     # (taken first: a run in use elsewhere is refused before the report folder is touched)

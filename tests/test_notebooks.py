@@ -150,7 +150,7 @@ def smoke_report(tmp_path_factory):
 def test_report_runs_every_notebook(smoke_report):
     out, summary = smoke_report["out"], smoke_report["summary"]
     assert smoke_report["code"] == 0, summary.get("failed")
-    assert summary["partial"] is False and "failed" not in summary
+    assert summary["partial"] is False and "failed" not in summary and not os.path.isabs(summary["run"])
     assert list(summary["stage_seconds"]) == list(NOTEBOOKS)
     assert all(s > 0 for s in summary["stage_seconds"].values())
     for name in NOTEBOOKS:
@@ -161,7 +161,11 @@ def test_report_runs_every_notebook(smoke_report):
         assert not [o for c in code for o in c.outputs if o.output_type == "error"], name
         injected = [c for c in code if "injected-parameters" in c.metadata.get("tags", [])]
         assert len(injected) == 1 and "INTERACTIVE = False" in injected[0].source
-        assert f'RUN_DIR = "{smoke_report["run"]}"' in injected[0].source
+        # paths relative to the notebooks' folder: a committed report names no folder of the machine
+        relative = os.path.relpath(smoke_report["run"], NOTEBOOKS_DIR)
+        assert f'RUN_DIR = "{relative}"' in injected[0].source
+        assert f'"{smoke_report["run"].parent}' not in (out / f"{name}.ipynb").read_text(), "an absolute path"
+        assert not os.path.isabs(nb.metadata.papermill["input_path"])
         # the figures are shown inline as well as saved
         assert any("image/png" in o.get("data", {}) for c in code for o in c.outputs), f"{name}: no inline figure"
         html = (out / f"{name}.html").read_text()
