@@ -19,12 +19,10 @@ Specs understood by :func:`load_dataset`:
 from __future__ import annotations
 
 import gzip
-import numbers
 import os
 import socket
 import threading
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -435,106 +433,5 @@ def _load_folder(spec: str, path: Path) -> Dataset:
     )
 
 
-# ------------------------------------------------------------------------------------- splits and batches
-
-
-def validation_split(data: Dataset, fraction: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split the training set into (train_idx, val_idx): disjoint, together all of range(len(x_train)), sorted.
-
-    Stratified (``round(fraction * n_c)`` of each class, at least one kept on each side) when every class present
-    has at least 2 images; otherwise a plain seeded split, with a warning.
-    """
-    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0.0 < fraction < 1.0:
-        raise ValueError(f"fraction must be in (0, 1), got fraction={fraction!r}")
-    y = data.y_train
-    n = len(y)
-    if n < 2:
-        raise ValueError(f"validation_split needs at least 2 training images, got {n} in data set {data.name!r}")
-    gen = torch.Generator().manual_seed(int(seed))
-    counts = torch.bincount(y, minlength=data.num_classes)
-    present = counts[counts > 0]
-    if bool((present >= 2).all()):
-        val_parts = []
-        for c in torch.nonzero(counts).flatten().tolist():
-            idx = torch.nonzero(y == c).flatten()
-            n_val = min(max(round(fraction * len(idx)), 1), len(idx) - 1)
-            val_parts.append(idx[torch.randperm(len(idx), generator=gen)[:n_val]])
-        val_idx = torch.cat(val_parts)
-    else:
-        small = [data.classes[c] for c in torch.nonzero(counts == 1).flatten().tolist()]
-        warnings.warn(
-            f"validation_split: classes {small} have a single training image, so the split is not stratified",
-            stacklevel=2,
-        )
-        n_val = min(max(round(fraction * n), 1), n - 1)
-        val_idx = torch.randperm(n, generator=gen)[:n_val]
-    in_val = torch.zeros(n, dtype=torch.bool)
-    in_val[val_idx] = True
-    return torch.nonzero(~in_val).flatten(), torch.nonzero(in_val).flatten()
-
-
-def iterate_batches(
-    n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None = None, drop_last: bool = False
-) -> Iterator[torch.Tensor]:
-    """Yield CPU LongTensor index batches over range(n), shuffled with ``generator`` when ``shuffle``."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-        raise ValueError(f"n must be an int >= 0, got n={n!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got batch_size={batch_size!r}")
-    n, batch_size = int(n), int(batch_size)
-    if shuffle:
-        device = generator.device if generator is not None else "cpu"
-        order = torch.randperm(n, generator=generator, device=device).cpu()
-    else:
-        order = torch.arange(n)
-    stop = n - n % batch_size if drop_last else n
-    # a plain function returning a generator, so bad arguments fail at the call, not at the first next()
-    return (order[start : start + batch_size] for start in range(0, stop, batch_size))
-
-
-# ------------------------------------------------------------------------------------------ augmentation
-
-
-def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float32 in [0, 1], on the same device."""
-    if x.dtype != torch.uint8:
-        raise ValueError(f"x must be a uint8 tensor, got dtype={x.dtype}")
-    return x.to(torch.float32).div_(255.0)
-
-
-def augment(
-    x: torch.Tensor, crop_padding: int = 4, flip: bool = True, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Random crop with ``crop_padding`` pixels of zero padding and random horizontal flip, float32 in [0, 1].
-
-    One random offset and one flip decision per image, as a single gather on the device of ``x``. Random
-    numbers are drawn on the generator's device (CPU when ``generator`` is None: the global CPU generator),
-    so a seeded CPU generator gives the same batch on every device. ``crop_padding=0, flip=False`` is
-    exactly ``to_float(x)``.
-    """
-    if x.dtype != torch.uint8 or x.dim() != 4:
-        raise ValueError(f"x must be uint8 [B, C, H, W], got dtype={x.dtype}, shape={tuple(x.shape)}")
-    if isinstance(crop_padding, bool) or not isinstance(crop_padding, numbers.Integral) or crop_padding < 0:
-        raise ValueError(f"crop_padding must be an int >= 0, got crop_padding={crop_padding!r}")
-    if crop_padding == 0 and not flip:
-        return to_float(x)
-    b, c, h, w = x.shape
-    p = int(crop_padding)
-    rng_device = generator.device if generator is not None else torch.device("cpu")
-    offsets = torch.randint(0, 2 * p + 1, (2, b), generator=generator, device=rng_device).to(x.device)
-    flips = (
-        torch.rand(b, generator=generator, device=rng_device).lt(0.5).to(x.device)
-        if flip
-        else torch.zeros(b, dtype=torch.bool, device=x.device)
-    )
-    padded = torch.nn.functional.pad(x, (p, p, p, p)) if p else x
-    rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # [B, H] rows of the padded image
-    cols = offsets[1, :, None] + torch.arange(w, device=x.device)  # [B, W]
-    cols = torch.where(flips[:, None], cols.flip(1), cols)  # a flip reads the columns backwards
-    out = padded[
-        torch.arange(b, device=x.device)[:, None, None, None],
-        torch.arange(c, device=x.device)[None, :, None, None],
-        rows[:, None, :, None],
-        cols[:, None, None, :],
-    ]
-    return to_float(out)
+# where these lived before `afs_kit.batches`: users' code keeps importing them from here
+from .batches import augment, iterate_batches, to_float, validation_split  # noqa: E402, F401

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .attacks import autoattack, pgd
 from .config import ATTACKS, EvalConfig, step_size
-from .data import iterate_batches
+from .batches import iterate_batches
 from .device import autocast, resolve_device
 from .runs import save_checkpoint, write_json
 from .stats import examples_hash, interval_of

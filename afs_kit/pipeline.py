@@ -201,7 +201,7 @@ class Run:
         examples: the rule takes paired, per-example differences) and the curve is reproducible.
         """
         from .selection import delta_z
-        from .data import to_float, validation_split
+        from .batches import to_float, validation_split
 
         _, val_idx = validation_split(self.data, self.preset.data.val_fraction, seed=0)
         x = to_float(self.data.x_train[val_idx[: self.preset.delta_z_examples]]).to(self.device)

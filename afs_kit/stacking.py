@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from .attacks import pgd
 from .config import DataConfig, MergerConfig, format_budget, parse_eps_list, step_size
-from .data import Dataset, augment, iterate_batches, to_float, validation_split
+from .batches import augment, iterate_batches, to_float, validation_split
+from .data import Dataset
 from .device import autocast, memory_format, resolve_device
 from .runs import expect, load_checkpoint, save_checkpoint
 from .training import training_health, warn_if_unhealthy

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from .attacks import pgd
 from .config import ATTACK_BN, TRAINERS, DataConfig, ExtractorConfig, config_hash, format_budget, step_size
-from .data import Dataset, augment, iterate_batches, to_float, validation_split
+from .batches import augment, iterate_batches, to_float, validation_split
+from .data import Dataset
 from .device import autocast, check_precision, memory_format, resolve_device
 from .models import build_model
 from .runs import expect, load_checkpoint, save_checkpoint
