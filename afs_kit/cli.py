@@ -148,7 +148,7 @@ def _models_to_evaluate(run, specs: list[str]):
 def _build(run, what):
     """The model a --model names; a merger is refused unless it was trained on this run's extractors."""
     from .runs import expect, load_checkpoint
-    from .stacking import AFSModel, FeatureStack, LinearMerger
+    from .stacking import FeatureStack, load_merger
     from .training import data_fingerprint
     kind, arg = what
     if kind == "extractor":
@@ -171,9 +171,7 @@ def _build(run, what):
             raise ValueError(f"checkpoint {path} was trained on another extractor {name!r} (key {key}, this run's "
                              f"is {have}); refusing to use it: retrain the merger")
     stack = FeatureStack([run.extractor(found[n])[0] for n in names])
-    merger = LinearMerger(stack.feature_dim, run.data.num_classes)
-    merger.load_state_dict(ckpt["state_dict"], strict=True)
-    return AFSModel(stack, merger).eval()
+    return load_merger(path, stack, run.data.num_classes, **data_fingerprint(run.data))[0]
 
 
 def run_command(argv: list[str]) -> int:

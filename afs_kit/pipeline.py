@@ -18,9 +18,8 @@ from .device import PRECISIONS, resolve_device
 from .evaluation import add_attack, evaluate, write_evaluation
 from .masking import sanity_checks, stronger_pgd_flags
 from .models import MODEL_NAMES, is_model_name
-from .runs import RunDir, expect, load_checkpoint, read_json, write_json
-from .stacking import (AFSModel, FeatureStack, LinearMerger, LogitAverage, merger_checkpoint, parse_subset,
-                       save_merger, subset_vector, train_merger)
+from .runs import RunDir, expect, read_json, write_json
+from .stacking import AFSModel, FeatureStack, LogitAverage, load_or_train_merger, parse_subset, subset_vector
 from .training import data_fingerprint, existing_extractor, limited, load_extractor, train_extractor
 from .version import code_version
 
@@ -262,23 +261,16 @@ class Run:
             raise ValueError(f"alpha (the clean-loss weight of eq. 5) must be in [0, 1], got alpha={cfg.alpha}")
         name, key = self.merger_name(indices, cfg)
         out_dir = self.dir.merger_dir(name)
-        stack = self.stack(indices)
-        final = out_dir / "merger.pt"
-        if final.is_file():
-            ckpt = load_checkpoint(final)
-            expect(ckpt, final, kind="merger", key=key)
-            merger = LinearMerger(stack.feature_dim, self.data.num_classes)
-            merger.load_state_dict(ckpt["state_dict"], strict=True)
+        if not (out_dir / "merger.pt").is_file():
+            self.write_info()
+        found = self.extractor_checkpoints()
+        model, trained = load_or_train_merger(
+            self.stack(indices), self.data, cfg, self.preset.data, out_dir, key,
+            [found[i][1].parent.name for i in indices], [self._extractors[found[i][1]][1]["key"] for i in indices],
+            self.device, self.progress)
+        if not trained:
             self.say(f"merger {name}: found, skipping training")
-            return AFSModel(stack, merger).to(self.device).eval()
-        self.write_info()
-        model, history = train_merger(stack, self.data, cfg, self.preset.data, out_dir, key, self.device,
-                                      self.progress)
-        names = [p.parent.name for _, p in self.extractor_checkpoints()]
-        ckpt_keys = [self._extractors[p][1]["key"] for _, p in self.extractor_checkpoints()]
-        save_merger(final, merger_checkpoint(model, cfg, key, [names[i] for i in indices],
-                                             [ckpt_keys[i] for i in indices], data_fingerprint(self.data), history))
-        return model.eval()
+        return model
 
     def merger_names(self) -> list[str]:
         base = self.dir.root / "mergers"

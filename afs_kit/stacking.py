@@ -299,6 +299,38 @@ def merger_checkpoint(model: AFSModel, cfg: MergerConfig, key: str, extractor_na
             "health": health}
 
 
+def load_merger(path: str | Path, stack: FeatureStack, n_classes: int, **wanted) -> tuple[AFSModel, dict]:
+    """A trained merger over `stack`, strictly: the checkpoint must be a merger, match `wanted` (its
+    key, the data fingerprint, ...) and fit the stack's feature sizes. Returns (model in eval mode, ckpt)."""
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    expect(ckpt, path, kind="merger", **wanted)
+    dims = ckpt.get("feature_dims")
+    if dims is not None and list(dims) != list(stack.feature_dims):
+        raise ValueError(f"checkpoint {path} was trained on features of sizes {list(dims)}, but this stack has "
+                         f"{list(stack.feature_dims)}; refusing to use it: retrain the merger")
+    merger = LinearMerger(stack.feature_dim, n_classes)
+    merger.load_state_dict(ckpt["state_dict"], strict=True)
+    return AFSModel(stack, merger).eval(), ckpt
+
+
+def load_or_train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg: DataConfig,
+                         out_dir: str | Path, key: str, extractor_names: list[str], extractor_keys: list[str],
+                         device: str = "auto", progress: bool = True) -> tuple[AFSModel, bool]:
+    """The merger's whole life: loaded when `out_dir/merger.pt` holds this key, else trained (resuming
+    from `last.pt`) and saved with the extractors it stacks. Returns (model in eval mode, trained)."""
+    from .training import data_fingerprint
+
+    final = Path(out_dir) / "merger.pt"
+    if final.is_file():
+        model, _ = load_merger(final, stack, data.num_classes, key=key)
+        return model.to(resolve_device(device)), False
+    model, history = train_merger(stack, data, cfg, data_cfg, out_dir, key, device, progress)
+    save_merger(final, merger_checkpoint(model, cfg, key, extractor_names, extractor_keys, data_fingerprint(data),
+                                         history))
+    return model.eval(), True
+
+
 def save_merger(path: str | Path, ckpt: dict) -> None:
     save_checkpoint(path, ckpt)
     (Path(path).parent / "last.pt").unlink(missing_ok=True)

@@ -132,3 +132,28 @@ def test_afs_model_features_concatenate(smoke_run):
     x, _ = run.test_set(4)
     parts = [run.extractor(b)[0].features(x) for b in run.budgets()]
     assert torch.allclose(model.features(x), torch.cat(parts, 1))
+
+
+def test_the_merger_is_loaded_strictly_by_its_one_owner(smoke_run):
+    from afs_kit.stacking import load_merger, load_or_train_merger
+
+    run = Run.open(smoke_run, progress=False)
+    model = run.afs_model("all", alpha=0.5)
+    name = run.merger_name(run.subset_indices("all"), run.preset.merger)[0]
+    path = run.dir.merger_dir(name) / "merger.pt"
+    stack = run.stack(run.subset_indices("all"))
+    again, ckpt = load_merger(path, stack, run.data.num_classes, key=ckpt_key(path))
+    assert torch.equal(again.merger.weight, model.merger.weight) and ckpt["kind"] == "merger"
+    with pytest.raises(ValueError, match="features of sizes .* but this stack has"):
+        load_merger(path, run.stack([0, 1]), run.data.num_classes)
+    with pytest.raises(ValueError, match="key"):
+        load_merger(path, stack, run.data.num_classes, key="another")
+    _, trained = load_or_train_merger(stack, run.data, run.preset.merger, run.preset.data, path.parent,
+                                      ckpt_key(path), ckpt["extractors"], ckpt["extractor_keys"], "cpu", False)
+    assert trained is False, "a merger on disk with its key is loaded, not trained again"
+
+
+def ckpt_key(path):
+    from afs_kit.runs import load_checkpoint
+
+    return load_checkpoint(path)["key"]
