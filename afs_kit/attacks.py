@@ -84,6 +84,13 @@ def _check_label_range(y_top: int, num_classes: int) -> None:
                          f"got a label {y_top - 1}")
 
 
+def _cuda_devices(device: torch.device) -> list[int]:
+    """The CUDA device whose RNG pyautoattack reseeds (for `torch.random.fork_rng`); none on the CPU."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
@@ -307,9 +314,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
                 logger.addHandler(handler)
                 logger.setLevel(logging.DEBUG)
             adversary = AutoAttack(model, norm=norm, eps=eps, version=version, seed=seed, device=dev)
-            fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] \
-                if dev.type == "cuda" else []
-            with torch.random.fork_rng(devices=fork_devices):
+            with torch.random.fork_rng(devices=_cuda_devices(dev)):
                 for attack in list(adversary.attacks_to_run):
                     # one attack at a time on what is still robust: what run_standard_evaluation does
                     # internally, so each attack's share is known
@@ -359,10 +364,8 @@ def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     model.eval()
     attack = SquareAttack(model, norm=norm, n_queries=n_queries, eps=eps, p_init=0.8, n_restarts=1, seed=seed,
                           resc_schedule=True, device=x.device)
-    fork_devices = [x.device.index if x.device.index is not None else torch.cuda.current_device()] \
-        if x.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=fork_devices), torch.no_grad():
+        with torch.random.fork_rng(devices=_cuda_devices(x.device)), torch.no_grad():
             return torch.cat([attack.perturb(x[i:i + batch_size], y[i:i + batch_size])
                               for i in range(0, x.shape[0], batch_size)])
     finally:
