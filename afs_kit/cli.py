@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .config import ATTACKS, PRESETS, format_budget, get_preset, override, parse_eps_list, parse_unit, preset_from_dict
-from .runs import RunDir, read_json
+from .runs import RunDir, model_name, read_json
 
 
 class UsageError(ValueError):
@@ -113,7 +113,9 @@ def _preset_for(args):
 
 
 def _models_to_evaluate(run, specs: list[str]):
-    """(name, model, info) for each --model; validated before anything is written."""
+    """(name, (kind, what)) for each --model; validated before anything is written."""
+    from .stacking import subset_vector
+
     out = []
     for spec in specs or ["afs"]:
         kind, sep, arg = spec.partition(":")
@@ -121,24 +123,23 @@ def _models_to_evaluate(run, specs: list[str]):
             names = run.merger_names()
             if not names:
                 raise UsageError(f"run {run.dir.root} has no trained merger; run train-merger first")
-            out += [("afs-" + n, ("merger", n)) for n in names]
+            out += [(model_name("afs", n), ("merger", n)) for n in names]
         elif kind == "afs":
             if arg not in run.merger_names():
                 raise UsageError(f"model={spec!r}: no merger folder {arg!r} in {run.dir.root / 'mergers'}")
-            out.append(("afs-" + arg, ("merger", arg)))
+            out.append((model_name("afs", arg), ("merger", arg)))
         elif kind == "extractors":
-            out += [(f"extractor-{format_budget(b).replace('/', '-')}", ("extractor", b)) for b in run.budgets()]
+            out += [(model_name("extractor", b), ("extractor", b)) for b in run.budgets()]
         elif kind == "extractor":
             eps = parse_unit(arg, "model")
             run.extractor(eps)  # raises a ValueError naming the budget when missing
-            out.append((f"extractor-{format_budget(eps).replace('/', '-')}", ("extractor", eps)))
+            out.append((model_name("extractor", eps), ("extractor", eps)))
         elif kind == "avg":
             if sep and not arg.strip():  # "avg:" names an empty subset; bare "avg" means all
                 raise UsageError(f"model={spec!r} names an empty subset; use avg:all, avg:<binary vector> "
                                  f"or avg:<budgets>")
             indices = run.subset_indices(arg or "all")
-            out.append((f"avg-{''.join('1' if i in indices else '0' for i in range(len(run.budgets())))}",
-                        ("avg", arg or "all")))
+            out.append((model_name("avg", subset_vector(indices, len(run.budgets()))), ("avg", arg or "all")))
         else:
             raise UsageError(f"unknown model={spec!r}; use afs, afs:<folder>, extractors, extractor:<budget>, "
                              f"avg:<subset>")
@@ -243,7 +244,7 @@ def run_command(argv: list[str]) -> int:
             for name, what, model in targets:
                 # None: the pipeline runs the sanity checks for every stacked model
                 run.evaluate(name, model, attacks=attacks, n_examples=args.n, sanity=True if args.sanity else None,
-                             model_info={"kind": what[0], "name": str(what[1])})
+                             model_info=run.model_info(*what))
         return 0
     raise UsageError(f"unknown command {args.command!r}")
 

@@ -6,6 +6,7 @@ example already misclassified is never counted as robust), and `worst` is the AN
 """
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import torch
@@ -57,8 +58,33 @@ def pgd_flags(model, x, y, eps, alpha, steps, batch_size=200, restarts=1, precis
     return torch.cat(out)
 
 
+def attack_generator(seed: int, attack: str, device) -> torch.Generator:
+    """Each attack's random starts come from (seed, attack name) alone, so an attack gives the same
+    flags whether it runs with others or is added to an evaluation record later."""
+    return torch.Generator(device=device).manual_seed(seed + zlib.crc32(attack.encode()))
+
+
+def attack_flags(model, x, y, attack: str, cfg: EvalConfig, clean: torch.Tensor, progress: bool = False) -> dict:
+    """One attack of an evaluation on (x, y), already on the model's device: `{"flags": robust AND
+    clean}`, plus `aa_breakdown` for AutoAttack."""
+    gen = attack_generator(cfg.seed, attack, x.device)
+    if attack in PGD_STEPS:
+        # only the clean-correct examples: a misclassified one is not robust whatever the attack does
+        flags, idx = torch.zeros_like(clean), clean.nonzero().flatten()
+        flags[idx] = pgd_flags(model, x[idx], y[idx], cfg.eps, step_size(cfg.eps, cfg.step_size), PGD_STEPS[attack],
+                               cfg.batch_size, precision=cfg.precision, generator=gen, progress=progress, desc=attack)
+        return {"flags": flags}
+    if attack == "aa":
+        if progress:
+            print(f"AutoAttack on {len(y)} examples ...", flush=True)
+        robust, _, breakdown = autoattack(model, x, y, cfg.eps, seed=cfg.seed, batch_size=cfg.batch_size,
+                                          return_breakdown=True, attacks=cfg.aa_attacks or None)
+        return {"flags": clean & robust.to(x.device), "aa_breakdown": breakdown}
+    raise ValueError(f"unknown attack={attack!r}; known: {', '.join(ATTACKS)}")
+
+
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, device: str = "auto",
-             progress: bool = True) -> dict:
+             progress: bool = True, record: dict | None = None) -> dict:
     """Clean, PGD-10, PGD-20 and AutoAttack (as configured) on the first `cfg.n_examples` examples.
 
     Returns `{"metrics": {...}, "flags": {attack: BoolTensor}}`; accuracies in percent. `metrics`
@@ -66,6 +92,9 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, device: s
     accuracy), `ci95` (the 95% Wilson interval of each), `examples` (their count and a hash of their
     indices, so that a paired test can show it compares the same examples) and, where AutoAttack
     ran, `aa_breakdown` (how many examples each of its attacks broke).
+
+    `record` (an earlier result on the same examples and settings) is extended: only the attacks it
+    lacks run, every earlier attack is kept, and `worst` is recomputed over all of them.
     """
     for a in cfg.attacks:
         if a not in ATTACKS:
@@ -75,26 +104,32 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, device: s
     x, y = x[:n].to(dev).contiguous(), y[:n].to(dev)
     check_eval_inputs(x, y)
     model = model.to(dev).eval()
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-    alpha = step_size(cfg.eps, cfg.step_size)
-    flags = {"clean": correct_flags(model, x, y, cfg.batch_size)}
-    extra = {}
+    if record is None:
+        flags, extra, done = {"clean": correct_flags(model, x, y, cfg.batch_size).cpu()}, {}, ["clean"]
+    else:
+        flags, done = dict(record["flags"]), list(record["metrics"]["attacks"])
+        extra = {k: record["metrics"][k] for k in ("aa_breakdown",) if k in record["metrics"]}
+        if len(flags["clean"]) != n:
+            raise ValueError(f"the evaluation record holds {len(flags['clean'])} examples, not n_examples={n}")
+    clean = flags["clean"].to(dev)
     for name in cfg.attacks:
-        if name in PGD_STEPS:
-            robust = pgd_flags(model, x, y, cfg.eps, alpha, PGD_STEPS[name], cfg.batch_size,
-                               precision=cfg.precision, generator=gen, progress=progress, desc=name)
-            flags[name] = flags["clean"] & robust
-        elif name == "aa":
-            if progress:
-                print(f"AutoAttack on {n} examples ...", flush=True)
-            robust, _, extra["aa_breakdown"] = autoattack(model, x, y, cfg.eps, seed=cfg.seed,
-                                                          batch_size=cfg.batch_size, return_breakdown=True)
-            flags[name] = flags["clean"] & robust.to(dev)
-    flags = {a: f.cpu() for a, f in flags.items()}
+        if name not in done:
+            out = attack_flags(model, x, y, name, cfg, clean, progress)
+            flags[name] = out.pop("flags").cpu()
+            extra.update(out)
+            done.append(name)
+    flags = {a: f for a, f in flags.items() if a != "worst"}
     metrics = {**summarize(flags), **extra}
     metrics.update(n=n, examples={"first": n, "hash": examples_hash(torch.arange(n))}, eps=cfg.eps,
-                   step_size=alpha, attacks=list(cfg.attacks), seed=cfg.seed, precision=cfg.precision)
+                   step_size=step_size(cfg.eps, cfg.step_size), attacks=_ordered(done), seed=cfg.seed,
+                   precision=cfg.precision)
     return {"metrics": metrics, "flags": flags}
+
+
+def _ordered(attacks: list[str]) -> list[str]:
+    """Attack names in the protocol's order (clean, PGD-10, PGD-20, AutoAttack), added ones after."""
+    known = [a for a in ATTACKS if a in attacks]
+    return known + [a for a in attacks if a not in known]
 
 
 def summarize(flags: dict[str, torch.Tensor]) -> dict:
@@ -130,21 +165,25 @@ def tradeoff(clean: float, aa: float) -> float:
 
 def robustness_curve(model, x, y, budgets, steps: int = 20, batch_size: int = 200, seed: int = 0,
                      precision: str = "fp32", device: str = "auto", progress: bool = False) -> list[dict]:
-    """Accuracy (percent) under PGD-`steps` at each budget, step a quarter of the budget (fig. 5a)."""
+    """Accuracy (percent) under PGD-`steps` at each budget, step a quarter of the budget (fig. 5a).
+
+    Budgets are attacked from the smallest up, each on the examples still robust at the one before:
+    a perturbation within a smaller budget lies within every larger one, so an example broken there
+    is broken here too. The curve is exact for those examples and never rises.
+    """
     dev = resolve_device(device)
     x, y = x.to(dev), y.to(dev)
     model = model.to(dev).eval()
     gen = torch.Generator(device=dev).manual_seed(seed)
-    clean = correct_flags(model, x, y, batch_size)
-    out = []
-    for eps in budgets:
-        if eps == 0:
-            acc = clean
-        else:
-            acc = clean & pgd_flags(model, x, y, eps, eps / 4, steps, batch_size, precision=precision,
+    robust = correct_flags(model, x, y, batch_size)
+    accuracy = {}
+    for eps in sorted(set(float(b) for b in budgets)):
+        idx = robust.nonzero().flatten()
+        if eps > 0 and len(idx):
+            robust[idx] = pgd_flags(model, x[idx], y[idx], eps, eps / 4, steps, batch_size, precision=precision,
                                     generator=gen, progress=progress, desc=f"eps {eps:.3g}")
-        out.append({"eps": float(eps), "accuracy": 100 * acc.float().mean().item()})
-    return out
+        accuracy[eps] = 100 * robust.float().mean().item()
+    return [{"eps": float(eps), "accuracy": accuracy[float(eps)]} for eps in budgets]
 
 
 def write_evaluation(out_dir: str | Path, result: dict, model_info: dict) -> dict:

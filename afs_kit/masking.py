@@ -53,14 +53,31 @@ def _acc(flags: torch.Tensor) -> float:
 
 
 def stronger_pgd_flags(model, x, y, eps: float, steps: int, batch_size: int = 200, generator=None,
-                       progress: bool = False) -> torch.Tensor:
+                       progress: bool = False, robust: torch.Tensor | None = None) -> torch.Tensor:
     """Robust flags under the `converged` check's attack: PGD-`steps`, step eps/8, 2 restarts, run
-    once with cross-entropy and once with the CW margin loss; robust only if both fail."""
-    robust = torch.ones(len(y), dtype=torch.bool, device=y.device)
+    once with cross-entropy and once with the CW margin loss; robust only if both fail.
+
+    `robust` (e.g. the clean-correct flags) marks the examples still to attack; the rest stay False.
+    Each attack runs only on the examples every earlier one left standing, as AutoAttack does: in
+    eval mode an example's attack does not depend on the others, so this only saves the work.
+    """
+    robust = torch.ones(len(y), dtype=torch.bool, device=y.device) if robust is None else robust.clone()
     for loss in ("ce", "cw"):
-        robust &= pgd_flags(model, x, y, eps, eps / 8, steps, batch_size, restarts=STRONGER_RESTARTS,
-                            generator=generator, loss=loss, progress=progress, desc=f"PGD-{steps} {loss}")
+        idx = robust.nonzero().flatten()
+        if len(idx) == 0:
+            break
+        robust[idx] = pgd_flags(model, x[idx], y[idx], eps, eps / 8, steps, batch_size, restarts=STRONGER_RESTARTS,
+                                generator=generator, loss=loss, progress=progress, desc=f"PGD-{steps} {loss}")
     return robust
+
+
+def _on_clean(clean: torch.Tensor, x, y, attack) -> torch.Tensor:
+    """Robust flags of `attack(x, y)` run only on the clean-correct examples (the others are not robust)."""
+    flags = torch.zeros_like(clean)
+    idx = clean.nonzero().flatten()
+    if len(idx):
+        flags[idx] = attack(x[idx], y[idx])
+    return flags
 
 
 def transfer_sources(model: nn.Module) -> dict[str, nn.Module]:
@@ -144,21 +161,16 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
         for f in given.values():
             white &= f
     else:
-        white = clean & pgd_flags(model, x, y, eps, alpha, reported_steps, generator=gen)
+        white = _on_clean(clean, x, y, lambda xs, ys: pgd_flags(model, xs, ys, eps, alpha, reported_steps, generator=gen))
 
     steps = STRONGER_STEPS * reported_steps
-    strong = clean & stronger_pgd_flags(model, x, y, eps, steps, generator=gen)
+    strong = stronger_pgd_flags(model, x, y, eps, steps, generator=gen, robust=clean)
     checks["converged"] = _stronger(white, strong, attack=f"PGD-{steps} x {STRONGER_RESTARTS} restarts, CE and CW, "
                                                          f"step eps/8", steps=steps)
 
     queries = STRENGTHS[strength]["square_queries"]
     square = clean & correct_flags(model, square_attack(model, x, y, eps, n_queries=queries, seed=seed), y)
     checks["blackbox_not_stronger"] = _stronger(white, square, attack=f"Square, {queries} queries")
-    breakdown = (metrics or {}).get("aa_breakdown")
-    if breakdown and "square" in breakdown:
-        drop = 100 * breakdown["square"] / metrics["n"]
-        checks["aa_square_breaks_nothing"] = {"passed": drop <= 0.2, "square_broke": breakdown["square"],
-                                              "points": drop, "breakdown": breakdown}
 
     sources = transfer_sources(model) if sources is None else sources
     if sources:
@@ -172,19 +184,17 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
             transfer &= hit
         checks["transfer_not_stronger"] = _stronger(white, transfer, per_source=per_source)
 
-    if flags is not None and "aa" in flags and given:
-        aa = flags["aa"][:n].to(dev)
-        checks["aa_not_above_pgd"] = _stronger(aa, white, aa=_acc(aa), pgd=_acc(white))
-    elif metrics and "aa" in metrics and "pgd20" in metrics:
-        checks["aa_not_above_pgd"] = {"passed": metrics["aa"] <= metrics["pgd20"] + 100 / metrics["n"] + 1e-9,
-                                      "aa": metrics["aa"], "pgd20": metrics["pgd20"]}
+    checks.update(_autoattack_checks(metrics, flags, n))
 
     budgets = [eps / 2, eps, 2 * eps]
-    curve = [_acc(clean & pgd_flags(model, x, y, min(b, 1.0), b / 4, 10, generator=gen)) for b in budgets]
+    curve = [_acc(_on_clean(clean, x, y, lambda xs, ys, b=b: pgd_flags(model, xs, ys, min(b, 1.0), b / 4, 10,
+                                                                         generator=gen)))
+             for b in budgets]
     checks["monotone_in_budget"] = {"passed": all(b <= a + tol for a, b in zip([_acc(clean)] + curve, curve)),
                                     "budgets": [min(b, 1.0) for b in budgets], "accuracy": curve}
     large = min(1.0, max(0.5, 8 * eps))
-    at_large = _acc(clean & pgd_flags(model, x, y, large, large / 10, 20, generator=gen))
+    at_large = _acc(_on_clean(clean, x, y, lambda xs, ys: pgd_flags(model, xs, ys, large, large / 10, 20,
+                                                                     generator=gen)))
     checks["large_budget_breaks"] = {"passed": at_large <= 10.0, "budget": large, "accuracy": at_large}
 
     delta = torch.zeros_like(x, requires_grad=True)
@@ -205,12 +215,44 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
     checks["deterministic_eval_mode"] = {"passed": same and alone and in_eval, "deterministic": same,
                                          "batch_independent": alone, "eval_mode": in_eval}
 
+    return _verdict(checks, n, strength)
+
+
+def _autoattack_checks(metrics: dict | None, flags: dict | None, n: int) -> dict:
+    """The checks that compare AutoAttack with PGD on the first `n` examples (none without AutoAttack)."""
+    checks = {}
+    breakdown = (metrics or {}).get("aa_breakdown")
+    if breakdown and "square" in breakdown:
+        drop = 100 * breakdown["square"] / metrics["n"]
+        checks["aa_square_breaks_nothing"] = {"passed": drop <= 0.2, "square_broke": breakdown["square"],
+                                              "points": drop, "breakdown": breakdown}
+    pgd = [f[:n] for a, f in (flags or {}).items() if a in PGD_STEPS]
+    if flags is not None and "aa" in flags and pgd:
+        aa, white = flags["aa"][:n], flags["clean"][:n].clone()
+        for f in pgd:
+            white &= f.to(white.device)
+        checks["aa_not_above_pgd"] = _stronger(aa.to(white.device), white, aa=_acc(aa), pgd=_acc(white))
+    elif metrics and "aa" in metrics and "pgd20" in metrics:
+        checks["aa_not_above_pgd"] = {"passed": metrics["aa"] <= metrics["pgd20"] + 100 / metrics["n"] + 1e-9,
+                                      "aa": metrics["aa"], "pgd20": metrics["pgd20"]}
+    return checks
+
+
+def aa_checks(sanity: dict, metrics: dict, flags: dict) -> dict:
+    """`sanity` (a `sanity_checks` result) with its AutoAttack checks made again from an evaluation
+    record to which attacks were added; the other checks are kept as they were."""
+    checks = {k: v for k, v in sanity["checks"].items() if k not in ("aa_square_breaks_nothing", "aa_not_above_pgd")}
+    checks.update(_autoattack_checks(metrics, flags, sanity["n"]))
+    return _verdict(checks, sanity["n"], sanity["strength"])
+
+
+def _verdict(checks: dict, n: int, strength: str) -> dict:
     failed = [k for k, v in checks.items() if not v["passed"]]
     if failed:
         details = "; ".join(f"{k}: {_brief(checks[k])}" for k in failed)
         warnings.warn(f"SANITY CHECKS FAILED: {', '.join(failed)} -- the robust accuracy may be inflated by "
                       f"gradient masking or a broken attack; do not trust it before finding out why ({details})",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
     return {"passed": not failed, "failed": failed, "checks": checks, "n": n, "strength": strength}
 
 

@@ -232,9 +232,10 @@ def _cnn_small(c: int, k: int = 1) -> tuple[list[nn.Module], int]:
 
 def _cnn_cifar(c: int, k: int = 1) -> tuple[list[nn.Module], int]:
     # 32x32 colour in under 0.3 M parameters at k = 1: widths 32-64-64-128-128, pooling 32 -> 16 -> 8 -> 4.
+    # Pooling right after the first conv halves the multiply-adds (29 M instead of 57 M): a CPU network.
     layers = [
-        *_conv_bn_relu(c, 32 * k),
-        *_conv_bn_relu(32 * k, 64 * k), nn.MaxPool2d(2, ceil_mode=True),
+        *_conv_bn_relu(c, 32 * k), nn.MaxPool2d(2, ceil_mode=True),
+        *_conv_bn_relu(32 * k, 64 * k),
         *_conv_bn_relu(64 * k, 64 * k),
         *_conv_bn_relu(64 * k, 128 * k), nn.MaxPool2d(2, ceil_mode=True),
         *_conv_bn_relu(128 * k, 128 * k), nn.MaxPool2d(2, ceil_mode=True),

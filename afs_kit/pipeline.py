@@ -15,15 +15,23 @@ from .config import (ATTACKS, Preset, budget_name, config_hash, format_budget, g
                      step_size, validate_preset)
 from .data import Dataset, load_dataset
 from .device import PRECISIONS, resolve_device
-from .evaluation import add_attack, evaluate, write_evaluation
-from .masking import sanity_checks, stronger_pgd_flags
+from .evaluation import PGD_STEPS, add_attack, evaluate, write_evaluation
+from .masking import aa_checks, sanity_checks, stronger_pgd_flags
 from .models import MODEL_NAMES, is_model_name
-from .runs import RunDir, expect, read_json, write_json
+from .runs import RunDir, expect, load_checkpoint, read_json, write_json
 from .stacking import AFSModel, FeatureStack, LogitAverage, load_or_train_merger, parse_subset, subset_vector
 from .training import data_fingerprint, existing_extractor, limited, load_extractor, train_extractor
 from .version import code_version
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _more_pgd_steps(held: list[str], added: list[str]) -> bool:
+    """Whether `added` brings a PGD with more steps than any in `held`: the masking checks, sized by
+    the strongest reported PGD, must then be made again."""
+    def steps(attacks):
+        return max((PGD_STEPS[a] for a in attacks if a in PGD_STEPS), default=0)
+    return steps(added) > steps(held)
 
 
 def resolve_spec(spec: str) -> str:
@@ -280,13 +288,42 @@ class Run:
         budgets = self.budgets()
         return LogitAverage([self.extractor(budgets[i])[0] for i in self.subset_indices(subset)])
 
+    def model_info(self, kind: str, what) -> dict:
+        """What an evaluation record says of its model (and, through "key"/"keys", who it is):
+        kind "extractor" (a budget), "merger" (a merger folder) or "avg" (a subset)."""
+        if kind == "extractor":
+            ckpt = self.extractor(what)[1]
+            return {"kind": kind, "eps": what, "key": ckpt["key"], "health": ckpt.get("health")}
+        if kind == "merger":
+            ckpt = load_checkpoint(self.dir.merger_dir(what) / "merger.pt")
+            return {"kind": kind, "name": what, "health": ckpt.get("health")}
+        budgets, indices = self.budgets(), self.subset_indices(what)
+        return {"kind": kind, "subset": subset_vector(indices, len(budgets)),
+                "keys": [self.extractor(budgets[i])[1]["key"] for i in indices]}
+
     # ------------------------------------------------------------ evaluation
+    def _evaluation_record(self, out_dir: Path, key: str) -> dict | None:
+        """The record in `out_dir` when it was made of this model under these settings, else None."""
+        path = out_dir / "metrics.json"
+        if not (path.is_file() and (out_dir / "flags.pt").is_file()):
+            return None
+        metrics = read_json(path)
+        if metrics.get("key") != key:
+            self.say(f"evaluation {out_dir.name}: made for another model under this name, evaluating again")
+            return None
+        flags = load_checkpoint(out_dir / "flags.pt")["flags"]
+        return {"metrics": metrics, "flags": {a: f for a, f in flags.items() if a in metrics["attacks"]}}
+
     def evaluate(self, name: str, model: torch.nn.Module, attacks=None, n_examples=None, sanity: bool | None = None,
                  model_info: dict | None = None) -> dict:
-        """Evaluate `model` under the preset's protocol; skipped when the same evaluation exists.
+        """Evaluate model `name` under the preset's protocol on the first `n_examples` test images.
 
-        `sanity` (the gradient-masking checks, recorded in metrics.json): None runs them for stacked
-        models (AFS models and logit averages), which must never be reported without them.
+        One record per model and settings (RUN/eval/<name>--n<N>--<settings>): attacks it already
+        holds are reused, missing ones are added to it (never replacing it) and `worst` is
+        recomputed over all. `sanity` (the gradient-masking checks, recorded in metrics.json): None
+        runs them for stacked models (AFS models and logit averages), which must never be reported
+        without them. A record of a different model under the same name (a retrained network) is
+        replaced.
         """
         if sanity is None:
             sanity = isinstance(model, (AFSModel, LogitAverage))
@@ -297,34 +334,48 @@ class Run:
             if a not in ATTACKS:
                 raise ValueError(f"unknown attack={a!r}; known: {', '.join(ATTACKS)}")
         cfg = self.preset.evaluation
-        cfg = dataclasses.replace(cfg, attacks=tuple(attacks or cfg.attacks),
-                                  n_examples=n_examples if n_examples is not None else cfg.n_examples)
-        key = config_hash(cfg, model_info or {}, name, sanity)
-        out_dir = self.dir.eval_dir(name)
-        path = out_dir / "metrics.json"
-        if path.is_file():
-            metrics = read_json(path)
-            if metrics.get("key") == key:
-                made_by, now = metrics.get("code_version", "unknown"), code_version()
-                note = "" if made_by == now else f" (made by code {made_by}, reused by {now})"
-                self.say(f"evaluation {name}: found, skipping{note}")
-                return metrics
-        x, y = self.test_set(cfg.n_examples)
-        result = evaluate(model, x, y, cfg, self.device, self.progress)
-        result["metrics"].update(key=key, name=name, code_version=code_version())
-        if sanity:
-            self.say(f"evaluation {name}: gradient-masking checks ({cfg.sanity_strength}) ...")
+        x, y = self.test_set(n_examples if n_examples is not None else cfg.n_examples)
+        cfg = dataclasses.replace(cfg, attacks=tuple(attacks or cfg.attacks), n_examples=len(y))
+        settings = {k: getattr(cfg, k) for k in ("eps", "step_size", "batch_size", "seed", "precision",
+                                                 "aa_attacks")}
+        folder = self.dir.evaluation_name(name, len(y), config_hash(settings))
+        # the model's identity: its checkpoint key(s) where given (a merger's name carries its own)
+        identity = {k: v for k, v in (model_info or {}).items() if k in ("key", "keys")}
+        key = config_hash(settings, identity, name, len(y))
+        out_dir = self.dir.eval_dir(folder)
+        record = self._evaluation_record(out_dir, key)
+        held = record["metrics"]["attacks"] if record else []
+        old_checks = (record or {}).get("metrics", {}).get("sanity")
+        missing = [a for a in cfg.attacks if a not in held]
+        stale_checks = sanity and (old_checks is None or old_checks.get("strength") != cfg.sanity_strength)
+        if not missing and not stale_checks:
+            metrics = record["metrics"]
+            made_by, now = metrics.get("code_version", "unknown"), code_version()
+            note = "" if made_by == now else f" (made by code {made_by}, reused by {now})"
+            self.say(f"evaluation {folder}: found {', '.join(held)}{note}")
+            return metrics
+        if record is not None:
+            self.say(f"evaluation {folder}: found {', '.join(held)}; adding {', '.join(missing) or 'masking checks'}")
+        result = evaluate(model, x, y, cfg, self.device, self.progress, record=record)
+        result["metrics"].update(key=key, name=folder, model_name=name, code_version=code_version())
+        if sanity and (stale_checks or _more_pgd_steps(held, missing)):
+            self.say(f"evaluation {folder}: gradient-masking checks ({cfg.sanity_strength}) ...")
             alpha = step_size(cfg.eps, cfg.step_size)
             checks = sanity_checks(model, x, y, cfg.eps, result["metrics"], seed=cfg.seed, device=self.device,
-                                   flags=result["flags"], strength=cfg.sanity_strength, step=alpha)
+                                   flags=result["flags"], strength=cfg.sanity_strength, step=alpha,
+                                   n=cfg.sanity_examples if cfg.sanity_strength == "quick" else None)
             if not checks["checks"]["converged"]["passed"]:
                 # the reported PGD has not converged: the stronger attack, on every example, joins `worst`
                 steps = checks["checks"]["converged"]["steps"]
                 gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
                 strong = stronger_pgd_flags(model, x.to(self.device), y.to(self.device), cfg.eps, steps,
-                                            cfg.batch_size, generator=gen, progress=self.progress)
+                                            cfg.batch_size, generator=gen, progress=self.progress,
+                                            robust=result["flags"]["clean"].to(self.device))
                 add_attack(result, f"pgd{steps}", strong)
             result["sanity"] = checks
+        elif old_checks is not None:
+            # checks made before these attacks were added; those comparing AutoAttack with PGD are redone
+            result["sanity"] = aa_checks(old_checks, result["metrics"], result["flags"])
         metrics = write_evaluation(out_dir, result, model_info or {})
         shown = dict.fromkeys(a for a in ("clean", *metrics["attacks"], "worst") if a in metrics)
         checks = metrics.get("sanity")

@@ -166,6 +166,14 @@ class RunLock:
             self._fd = None
 
 
+def model_name(kind: str, what) -> str:
+    """A model's name in evaluation records, the same from the command line and the notebooks:
+    extractor-eps-8-255, afs-<merger folder>, avg-<subset vector>, ablation-<which>."""
+    from .config import budget_name
+
+    return f"extractor-{budget_name(what)}" if kind == "extractor" else f"{kind}-{what}"
+
+
 class RunDir:
     """Paths inside one run directory."""
 
@@ -183,7 +191,15 @@ class RunDir:
         return self.root / "mergers" / name
 
     def eval_dir(self, name: str) -> Path:
+        """The folder of evaluation record `name` (see `evaluation_name`)."""
         return self.root / "eval" / name
+
+    @staticmethod
+    def evaluation_name(model: str, n_examples: int, settings_key: str) -> str:
+        """The one name of `model`'s evaluation record on the first `n_examples` test images under
+        the settings hashed in `settings_key` (budget, step, seed, precision): the command line and
+        the notebooks call this alike, so each reuses the other's attacks."""
+        return f"{model}--n{n_examples}--{settings_key[:6]}"
 
     @property
     def figures(self) -> Path:

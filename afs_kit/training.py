@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .attacks import pgd
-from .config import ATTACK_BN, TRAINERS, DataConfig, ExtractorConfig, config_hash, format_budget, step_size
+from .config import ATTACK_BN, LR_SCHEDULES, TRAINERS, DataConfig, ExtractorConfig, config_hash, format_budget, step_size
 from .batches import augment, iterate_batches, to_float, validation_split
 from .data import Dataset
 from .device import autocast, check_precision, memory_format, resolve_device
@@ -167,11 +167,12 @@ def warn_if_unhealthy(health: dict, label: str) -> None:
 
 def train_epoch(model, optimizer, x_train: torch.Tensor, y_train: torch.Tensor, cfg: ExtractorConfig,
                 data_cfg: DataConfig, device, order_gen: torch.Generator, noise_gen: torch.Generator,
-                desc: str = "", progress: bool = False) -> torch.Tensor:
+                desc: str = "", progress: bool = False, batch_schedule=None) -> torch.Tensor:
     """One pass over the uint8 images `x_train` (already on `device`): shuffled batches, batched
     augmentation on the device, the configured adversarial loss, one optimizer step per batch.
 
     Returns the mean training loss as a 0-dim tensor (read it with .item(): no host sync per batch).
+    `batch_schedule` (a learning-rate scheduler) is stepped after every batch: the cyclic schedule.
     `train_extractor` calls this once per epoch; the benchmarks time it on its own.
     """
     fmt = memory_format(cfg.precision)
@@ -191,8 +192,25 @@ def train_epoch(model, optimizer, x_train: torch.Tensor, y_train: torch.Tensor, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if batch_schedule is not None:
+            batch_schedule.step()
         running += loss.detach()
     return running / len(batches)
+
+
+def learning_rate_schedule(optimizer, cfg: ExtractorConfig, batches_per_epoch: int):
+    """The configured schedule: "step" is stepped once per epoch, "cyclic" once per batch."""
+    if cfg.lr_schedule == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.lr_milestones), gamma=cfg.lr_gamma)
+    total = cfg.epochs * batches_per_epoch
+    peak = max(1, round(0.4 * total))  # Wong et al.: the rate peaks at 2/5 of training
+
+    def factor(step: int) -> float:
+        # LambdaLR evaluates step 0 at construction: the first batch trains at lr / peak, not 0
+        t = step + 1
+        return t / peak if t <= peak else max(0.0, (total - t) / max(1, total - peak))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def check_extractor_config(cfg: ExtractorConfig) -> None:
@@ -211,6 +229,8 @@ def check_extractor_config(cfg: ExtractorConfig) -> None:
         raise ValueError(f"unknown trainer={cfg.trainer!r}; known: {', '.join(TRAINERS)}")
     if cfg.attack_bn not in ATTACK_BN:
         raise ValueError(f"unknown attack_bn={cfg.attack_bn!r}; known: {', '.join(ATTACK_BN)}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule={cfg.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
     check_precision(cfg.precision)
 
 
@@ -268,7 +288,6 @@ def train_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig, o
     model = build_model(cfg.model, data.num_classes, in_channels=data.image_shape[0], mean=mean, std=std)
     model = model.to(dev, memory_format=fmt)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.lr_milestones), gamma=cfg.lr_gamma)
     order_gen = torch.Generator().manual_seed(cfg.seed)  # data order and per-batch budgets
     noise_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)  # augmentation and random starts
 
@@ -278,6 +297,8 @@ def train_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig, o
     x_val = to_float(data.x_train[val_idx]).to(dev, memory_format=fmt)
     y_val = data.y_train[val_idx].to(dev)
     val_eps = _validation_budget(cfg)
+    schedule = learning_rate_schedule(optimizer, cfg, math.ceil(len(y_train) / cfg.batch_size))
+    per_batch = cfg.lr_schedule == "cyclic"
 
     start, history, best = 0, [], {"val_pgd": -1.0}
     best_state = None
@@ -295,8 +316,10 @@ def train_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig, o
 
     for epoch in range(start, cfg.epochs):
         train_loss = train_epoch(model, optimizer, x_train, y_train, cfg, data_cfg, dev, order_gen, noise_gen,
-                                 desc=f"{label} epoch {epoch + 1}/{cfg.epochs}", progress=progress)
-        schedule.step()
+                                 desc=f"{label} epoch {epoch + 1}/{cfg.epochs}", progress=progress,
+                                 batch_schedule=schedule if per_batch else None)
+        if not per_batch:
+            schedule.step()
         metrics = validate(model, x_val, y_val, val_eps, cfg, dev, noise_gen)
         metrics.update(epoch=epoch, train_loss=train_loss.item(), lr=optimizer.param_groups[0]["lr"])
         history.append(metrics)

@@ -4,6 +4,7 @@ bad arguments refused with the argument and its value."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -187,6 +188,21 @@ def test_autoattack_gives_the_flags_of_pyautoattack_called_directly(model, digit
     # robust accuracy under AutoAttack is at most PGD-20's (up to one example)
     pgd_robust = model(pgd(model, x, y, EPS, ALPHA, 20, generator=gen())).argmax(1) == y
     assert robust.sum() <= pgd_robust.sum() + 1
+
+
+def test_a_chosen_subset_of_autoattack_runs_those_attacks_with_the_versions_settings(model, digits):
+    x, y, _ = digits
+    x, y = x[:24], y[:24]
+    robust, _, broken = autoattack(model, x, y, EPS, seed=0, return_breakdown=True, attacks=["apgd-ce", "apgd-dlr"])
+    assert list(broken) == ["apgd-ce", "apgd-dlr"]
+    # APGD-CE first, exactly as in the standard version (same seed, one restart)
+    _, _, standard = autoattack(model, x, y, EPS, seed=0, return_breakdown=True)
+    assert broken["apgd-ce"] == standard["apgd-ce"]
+    with torch.no_grad():
+        clean = model(x).argmax(1) == y
+    assert int(clean.sum()) - int(robust.sum()) == sum(broken.values())
+    with pytest.raises(ValueError, match="attacks must name some of apgd-ce.*got attacks=\\['pgd'\\]"):
+        autoattack(model, x, y, EPS, attacks=["pgd"])
 
 
 # ---------------------------------------------------------------- restarts, losses, eps = 0
@@ -375,3 +391,26 @@ def test_bad_autoattack_arguments_raise_value_errors_naming_them(model, digits):
         kwargs = {"x": x, "y": y, "eps": EPS, **overrides}
         with pytest.raises(ValueError, match=message):
             autoattack(net, kwargs.pop("x"), kwargs.pop("y"), **kwargs)
+
+
+def test_an_attack_added_to_a_record_gives_the_flags_it_gives_when_run_with_the_others(model, digits):
+    from afs_kit.config import EvalConfig
+    from afs_kit.evaluation import evaluate, robustness_curve
+
+    x, y, _ = digits
+    x, y = x[:60], y[:60]
+    cfg = EvalConfig(eps=EPS, attacks=("clean", "pgd10", "pgd20"))
+    together = evaluate(model, x, y, cfg, device="cpu", progress=False)
+    first = evaluate(model, x, y, dataclasses.replace(cfg, attacks=("pgd20",)), device="cpu", progress=False)
+    added = evaluate(model, x, y, dataclasses.replace(cfg, attacks=("pgd10",)), device="cpu", progress=False,
+                     record=first)
+    assert added["metrics"]["attacks"] == ["clean", "pgd10", "pgd20"]
+    for a in ("clean", "pgd10", "pgd20", "worst"):
+        assert torch.equal(added["flags"][a], together["flags"][a]), a
+    assert added["metrics"]["worst"] == together["metrics"]["worst"]
+    # fig. 5a: budget 0 is the clean accuracy and the curve never rises
+    curve = robustness_curve(model, x, y, [EPS, 0.0, 2 * EPS, EPS / 2], steps=10, device="cpu")
+    acc = {c["eps"]: c["accuracy"] for c in curve}
+    assert [c["eps"] for c in curve] == [EPS, 0.0, 2 * EPS, EPS / 2]
+    assert acc[0.0] == together["metrics"]["clean"]
+    assert acc[0.0] >= acc[EPS / 2] >= acc[EPS] >= acc[2 * EPS]

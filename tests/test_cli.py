@@ -271,3 +271,44 @@ def test_seeds_train_one_complete_run_per_seed_inside_the_run_directory(box):
 
     ckpt = load_checkpoint(next(seeded.glob("extractors/*/extractor.pt")))
     assert ckpt["config"]["seed"] == 1
+
+
+def _record(box, n):
+    import json
+
+    (path,) = (Path(box["run"]) / "eval").glob(f"extractor-eps-0.1000--n{n}--*/metrics.json")
+    return json.loads(path.read_text())
+
+
+def test_a_later_evaluation_adds_its_attacks_and_never_replaces_the_record(box, capsys):
+    """Issue: `evaluate --attacks clean` replaced a metrics.json holding PGD and AutoAttack."""
+    base = ["evaluate", "--run", box["run"], "--device", "cpu", "--model", "extractor:0.1", "--n", "30"]
+    assert main([*base, "--attacks", "pgd10"]) == 0
+    first = _record(box, 30)
+    assert main([*base, "--attacks", "clean"]) == 0
+    assert "found clean, pgd10" in capsys.readouterr().out
+    assert _record(box, 30) == first, "a cheaper request reuses the record as it is"
+    assert main([*base, "--attacks", "pgd20"]) == 0
+    m = _record(box, 30)
+    assert m["attacks"] == ["clean", "pgd10", "pgd20"]
+    assert m["pgd10"] == first["pgd10"], "the earlier attack is kept, not run again"
+    assert m["worst"] <= min(m["pgd10"], m["pgd20"]) and set(m["ci95"]) == {"clean", "pgd10", "pgd20", "worst"}
+
+
+def test_the_command_line_and_the_notebooks_share_one_evaluation(box, capsys):
+    from afs_kit.pipeline import Run
+    from afs_kit.studies import evaluate_extractor
+
+    argv = ["evaluate", "--run", box["run"], "--device", "cpu", "--model", "extractor:0.1", "--attacks",
+            "clean,pgd10", "--n", "30", "--sanity"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    run = Run.open(box["run"], device="cpu")
+    m = evaluate_extractor(run, 0.1, ("clean", "pgd10"), n_examples=30)
+    assert "found clean, pgd10" in capsys.readouterr().out
+    assert m == _record(box, 30)
+    # and the other way round: what a notebook evaluated, the command line finds
+    evaluate_extractor(run, 0.2, ("clean", "pgd10"), n_examples=30)
+    capsys.readouterr()
+    assert main([*argv[:6], "extractor:0.2", *argv[7:]]) == 0
+    assert "found clean, pgd10" in capsys.readouterr().out

@@ -186,3 +186,23 @@ def test_attack_bn_decides_whether_the_attack_moves_batchnorm_statistics(trainer
     assert not torch.equal(after["train"], after["eval"])
     if trainer != "trades":
         assert torch.equal(after["eval"], torch.zeros_like(after["eval"])), "eval mode leaves the statistics alone"
+
+
+def test_the_cyclic_rate_rises_to_its_peak_at_two_fifths_and_falls_to_zero():
+    """Wong et al.'s one cycle, moved every batch: 0 -> lr over the first 2/5 of the steps -> 0."""
+    from afs_kit.config import ExtractorConfig
+    from afs_kit.training import learning_rate_schedule
+
+    cfg = ExtractorConfig(lr=0.2, epochs=5, lr_schedule="cyclic")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    schedule = learning_rate_schedule(opt, cfg, batches_per_epoch=10)
+    rates = []
+    for _ in range(50):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert max(rates) == pytest.approx(0.2) and rates.index(max(rates)) == 19
+    assert all(a < b for a, b in zip(rates[:20], rates[1:20])) and all(a > b for a, b in zip(rates[19:], rates[20:]))
+    assert 0 < rates[0] <= 0.2 / 20 + 1e-12 and rates[-1] <= 0.2 / 30 + 1e-12
+    step = learning_rate_schedule(opt, ExtractorConfig(lr=0.2, lr_milestones=(2,)), 10)
+    assert isinstance(step, torch.optim.lr_scheduler.MultiStepLR)

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import budget_name, format_budget, get_preset, preset_from_dict
+from ..config import format_budget, get_preset, preset_from_dict
 from ..pipeline import PROJECT_ROOT, Run
-from ..runs import load_checkpoint, read_json
+from ..runs import load_checkpoint, model_name, read_json
 
 # the attacks of tables 1-3 (clean is always measured); AutoAttack only where the paper uses it
 PGD_ATTACKS = ("pgd10", "pgd20")
@@ -118,19 +118,12 @@ def main_alpha(run: Run, alpha: float | None = None) -> float:
 
 # ============================================================================ cached evaluations
 
-def _eval_name(base: str, attacks: Sequence[str], n: int | None) -> str:
-    return f"{base}--{'-'.join(attacks)}--n{n if n is not None else 'all'}"
-
-
 def evaluate_extractor(run: Run, eps: float, attacks: Sequence[str] = PGD_ATTACKS,
                        n_examples: int | None = None) -> dict:
     """One extractor under `attacks` (clean always), cached in RUN/eval/ by config and checkpoint."""
-    model, ckpt = run.extractor(eps)
     # every robust number in a report is cross-checked against gradient masking, single networks too
-    return run.evaluate(_eval_name(f"extractor-{budget_name(eps)}", attacks, n_examples), model,
-                        attacks=tuple(attacks), n_examples=n_examples, sanity=True,
-                        model_info={"kind": "extractor", "eps": eps, "key": ckpt["key"],
-                                    "health": ckpt.get("health")})
+    return run.evaluate(model_name("extractor", eps), run.extractor(eps)[0], attacks=tuple(attacks),
+                        n_examples=n_examples, sanity=True, model_info=run.model_info("extractor", eps))
 
 
 def afs_name(run: Run, subset: str, alpha: float) -> str:
@@ -149,10 +142,17 @@ def evaluate_afs(run: Run, subset: str, alpha: float, attacks: Sequence[str] = P
     gradient-masking sanity checks; returns (metrics, model)."""
     model = run.afs_model(subset, alpha=float(alpha))
     name = afs_name(run, subset, alpha)
-    health = load_checkpoint(run.dir.merger_dir(name) / "merger.pt").get("health")
-    metrics = run.evaluate(_eval_name(f"afs-{name}", attacks, n_examples), model, attacks=tuple(attacks),
-                           n_examples=n_examples, model_info={"kind": "merger", "name": name, "health": health})
+    metrics = run.evaluate(model_name("afs", name), model, attacks=tuple(attacks),
+                           n_examples=n_examples, model_info=run.model_info("merger", name))
     return metrics, model
+
+
+def autoattack_name(attacks: Sequence[str]) -> str:
+    """'AutoAttack' when its standard version ran; else which of its attacks, so nobody mistakes a
+    cheaper subset for the full evaluation."""
+    if not attacks or list(attacks) == ["apgd-ce", "apgd-t", "fab-t", "square"]:
+        return "AutoAttack"
+    return f"AutoAttack ({', '.join(a.upper() for a in attacks)} only)"
 
 
 def accuracy_row(metrics: dict, attacks: Sequence[str]) -> dict:

@@ -10,8 +10,8 @@ import numpy as np
 
 from ..config import config_hash, format_budget
 from ..pipeline import Run
-from ..runs import read_json, write_json
-from .common import (PGD_ATTACKS, _eval_name, accuracy_row, afs_name, baseline_budget, evaluate_afs,
+from ..runs import model_name, read_json, write_json
+from .common import (PGD_ATTACKS, accuracy_row, autoattack_name, afs_name, baseline_budget, evaluate_afs,
                      evaluate_extractor, evaluation_flags, label, main_alpha, main_subset, paired_sentence)
 
 
@@ -195,7 +195,8 @@ def comparison_table(run: Run, subset: str | None = None, alpha: float | None = 
             # the worst case and the trade-off on the AutoAttack examples, with the clean accuracy of
             # those same examples (tables 4-5); the masking checks of that evaluation
             r.update({k: on_aa[k] for k in ("aa", "aa_ci", "worst", "worst_ci", "sanity", "sanity_passed")},
-                     clean_on_aa=aa["clean"], tradeoff=aa["tradeoff"], n_aa=aa["n"], aa_eval=aa["name"])
+                     clean_on_aa=aa["clean"], tradeoff=aa["tradeoff"], n_aa=aa["n"], aa_eval=aa["name"],
+                     aa_attacks=list(aa.get("aa_breakdown", {})))
         rows.append(r)
 
     afs_pgd, _ = evaluate_afs(run, vector, alpha, PGD_ATTACKS, n_examples)
@@ -207,10 +208,8 @@ def comparison_table(run: Run, subset: str | None = None, alpha: float | None = 
         row("best single", f"best single {label(single)}", evaluate_extractor(run, single, PGD_ATTACKS, n_examples),
             evaluate_extractor(run, single, with_aa, n_aa), 1)
     avg = run.logit_average(vector)
-    avg_pgd = run.evaluate(_eval_name(f"avg-{vector}", PGD_ATTACKS, n_examples), avg, attacks=PGD_ATTACKS,
-                           n_examples=n_examples, model_info={"kind": "avg", "subset": vector,
-                                                              "keys": [run.extractor(run.budgets()[i])[1]["key"]
-                                                                       for i in run.subset_indices(vector)]})
+    avg_pgd = run.evaluate(model_name("avg", vector), avg, attacks=PGD_ATTACKS, n_examples=n_examples,
+                           model_info=run.model_info("avg", vector))
     row("logit average", f"logit average (eq. 9) {vector}", avg_pgd, None, vector.count("1"))
     return rows
 
@@ -229,7 +228,8 @@ def paired_comparisons(run: Run, rows: Sequence[dict]) -> list[dict]:
         for what in ("clean", "worst"):
             verdict = compare(a[what], b[what], "AFS", other["method"])
             out.append({"against": other["method"], "measure": what, "examples": len(a[what]),
-                        "attacks": "PGD-10, PGD-20 and AutoAttack" if use_aa else "PGD-10 and PGD-20", **verdict})
+                        "attacks": f"PGD-10, PGD-20 and {autoattack_name(afs['aa_attacks'])}" if use_aa
+                        else "PGD-10 and PGD-20", **verdict})
     return out
 
 
@@ -252,7 +252,8 @@ def comparison_text(rows: Sequence[dict], paired: Sequence[dict]) -> str:
     afs = rows[0]
     singles = [r for r in rows[1:] if r["tradeoff"] is not None]
     best = max(singles, key=lambda r: r["tradeoff"])
-    text = (f"{afs['method']}: clean {afs['clean_on_aa']:.1f}%, AutoAttack {afs['aa']:.1f}% "
+    text = (f"{afs['method']}: clean {afs['clean_on_aa']:.1f}%, {autoattack_name(afs['aa_attacks'])} "
+            f"{afs['aa']:.1f}% "
             f"(worst case over every attack {afs['worst']:.1f}%, 95% CI {afs['worst_ci']}), trade-off "
             f"{afs['tradeoff']:.1f}, against {best['tradeoff']:.1f} for the best single network, {best['method']} "
             f"({afs['tradeoff'] - best['tradeoff']:+.1f} points, on {afs['n_aa']} test examples).")
@@ -278,14 +279,14 @@ def cost_table(run: Run, subset: str | None = None, alpha: float | None = None, 
         ckpt = run.train_ablation()
         model = model_from_checkpoint(ckpt, run.device)
         lo, hi = run.preset.ablation_budget_range
-        metrics = run.evaluate(_eval_name("ablation-random-budget", PGD_ATTACKS, n_examples), model,
+        metrics = run.evaluate(model_name("ablation", "random-budget"), model,
                                attacks=PGD_ATTACKS, n_examples=n_examples,
                                model_info={"kind": "ablation", "key": ckpt["key"], "health": ckpt.get("health")})
         entries.append((f"Rand.pert. {format_budget(lo)}..{format_budget(hi)}", model, metrics))
     if ablation and run.preset.large_model is not None:
         ckpt = run.train_large_model()
         model = model_from_checkpoint(ckpt, run.device)
-        metrics = run.evaluate(_eval_name("ablation-large-model", PGD_ATTACKS, n_examples), model,
+        metrics = run.evaluate(model_name("ablation", "large-model"), model,
                                attacks=PGD_ATTACKS, n_examples=n_examples,
                                model_info={"kind": "ablation", "key": ckpt["key"], "health": ckpt.get("health")})
         entries.append((f"Large model {run.preset.large_model} {label(run.preset.evaluation.eps)}", model, metrics))
