@@ -1,9 +1,10 @@
-"""Splits, batches and augmentation of uint8 image tensors: the fixed stratified validation split
-(early stopping and model selection never see the test set), batch index streams, uint8 -> float
-and batched random crop + flip on the tensors' device.
+"""Which training images are used and how: the fixed stratified validation split (early stopping and
+model selection never see the test set), the `train_limit` subset, the data's fingerprint and channel
+statistics, batch index streams, uint8 -> float and batched random crop + flip on the tensors' device.
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import warnings
 from collections.abc import Iterator
@@ -11,10 +12,33 @@ from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # a type only: data.py re-exports this module's functions
+if TYPE_CHECKING:  # types only: data.py re-exports this module's functions
+    from .config import DataConfig
     from .data import Dataset
 
 # ------------------------------------------------------------------------------------- splits and batches
+
+
+def data_fingerprint(data: Dataset) -> dict:
+    """What a checkpoint must agree on with the data it is used with."""
+    return {"dataset": data.name, "num_classes": data.num_classes, "image_shape": list(data.image_shape)}
+
+
+def limited(data: Dataset, data_cfg: DataConfig) -> Dataset:
+    """The first `train_limit` training images (tiny presets); the test split is untouched."""
+    if data_cfg.train_limit is None or data_cfg.train_limit >= len(data.y_train):
+        return data
+    n = data_cfg.train_limit
+    return dataclasses.replace(data, x_train=data.x_train[:n], y_train=data.y_train[:n])
+
+
+def channel_stats(x_uint8: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the training images, for the normalization inside the model."""
+    x = to_float(x_uint8)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return [round(v, 4) for v in mean.tolist()], [round(v, 4) for v in std.tolist()]
+
 
 
 def validation_split(data: Dataset, fraction: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -150,7 +150,7 @@ def _build(run, what):
     """The model a --model names; a merger is refused unless it was trained on this run's extractors."""
     from .runs import expect, load_checkpoint
     from .stacking import FeatureStack, load_merger
-    from .training import data_fingerprint
+    from .batches import data_fingerprint
     kind, arg = what
     if kind == "extractor":
         return run.extractor(arg)[0]

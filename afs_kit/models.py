@@ -348,3 +348,10 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the network a checkpoint describes and load its weights strictly; eval mode."""
+    model = build_model(**ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    return model.to(device).eval()

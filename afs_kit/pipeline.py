@@ -20,7 +20,8 @@ from .masking import aa_checks, sanity_checks, stronger_pgd_flags
 from .models import MODEL_NAMES, is_model_name
 from .runs import RunDir, expect, load_checkpoint, read_json, write_json
 from .stacking import AFSModel, FeatureStack, LogitAverage, load_or_train_merger, parse_subset, subset_vector
-from .training import data_fingerprint, existing_extractor, limited, load_extractor, train_extractor
+from .batches import data_fingerprint, limited
+from .training import existing_extractor, load_extractor, train_extractor
 from .version import code_version
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

@@ -319,7 +319,7 @@ def load_or_train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, 
                          device: str = "auto", progress: bool = True) -> tuple[AFSModel, bool]:
     """The merger's whole life: loaded when `out_dir/merger.pt` holds this key, else trained (resuming
     from `last.pt`) and saved with the extractors it stacks. Returns (model in eval mode, trained)."""
-    from .training import data_fingerprint
+    from .batches import data_fingerprint
 
     final = Path(out_dir) / "merger.pt"
     if final.is_file():

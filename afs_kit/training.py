@@ -18,32 +18,12 @@ from tqdm.auto import tqdm
 
 from .attacks import pgd
 from .config import ATTACK_BN, LR_SCHEDULES, TRAINERS, DataConfig, ExtractorConfig, config_hash, format_budget, step_size
-from .batches import augment, iterate_batches, to_float, validation_split
+from .batches import (augment, channel_stats, data_fingerprint, iterate_batches, limited, to_float,
+                      validation_split)
 from .data import Dataset
 from .device import autocast, check_precision, memory_format, resolve_device
-from .models import build_model
+from .models import build_model, model_from_checkpoint
 from .runs import expect, load_checkpoint, save_checkpoint
-
-
-def data_fingerprint(data: Dataset) -> dict:
-    """What a checkpoint must agree on with the data it is used with."""
-    return {"dataset": data.name, "num_classes": data.num_classes, "image_shape": list(data.image_shape)}
-
-
-def limited(data: Dataset, data_cfg: DataConfig) -> Dataset:
-    """The first `train_limit` training images (tiny presets); the test split is untouched."""
-    if data_cfg.train_limit is None or data_cfg.train_limit >= len(data.y_train):
-        return data
-    n = data_cfg.train_limit
-    return dataclasses.replace(data, x_train=data.x_train[:n], y_train=data.y_train[:n])
-
-
-def channel_stats(x_uint8: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of the training images, for the normalization inside the model."""
-    x = to_float(x_uint8)
-    mean = x.mean(dim=(0, 2, 3))
-    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    return [round(v, 4) for v in mean.tolist()], [round(v, 4) for v in std.tolist()]
 
 
 def extractor_key(cfg: ExtractorConfig, data_cfg: DataConfig, data: Dataset) -> str:
@@ -349,13 +329,6 @@ def train_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig, o
     save_checkpoint(final_path, ckpt)
     last_path.unlink(missing_ok=True)
     return ckpt
-
-
-def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Rebuild the network a checkpoint describes and load its weights strictly; eval mode."""
-    model = build_model(**ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["state_dict"], strict=True)
-    return model.to(device).eval()
 
 
 def load_extractor(path: str | Path, device: str | torch.device = "cpu", data: Dataset | None = None):

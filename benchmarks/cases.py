@@ -24,7 +24,9 @@ from afs_kit.config import DataConfig, ExtractorConfig, MergerConfig
 from afs_kit.data import Dataset, load_dataset, to_float
 from afs_kit.models import build_model
 from afs_kit.stacking import AFSModel, FeatureStack, LinearMerger, train_merger_epoch
-from afs_kit.training import channel_stats, model_from_checkpoint, train_epoch, train_extractor
+from afs_kit.batches import channel_stats
+from afs_kit.models import model_from_checkpoint
+from afs_kit.training import train_epoch, train_extractor
 
 from . import references as ref
 

@@ -11,7 +11,8 @@ import torch
 from afs_kit.attacks import pgd
 from afs_kit.config import DataConfig, ExtractorConfig
 from afs_kit.data import load_dataset, to_float
-from afs_kit.training import model_from_checkpoint, train_extractor
+from afs_kit.models import model_from_checkpoint
+from afs_kit.training import train_extractor
 
 EPS, STEP, STEPS = 0.1, 0.025, 10
 

@@ -70,7 +70,7 @@ def tiny(tmp_path_factory, one_thread, digits):
     root = tmp_path_factory.mktemp("health")
     ckpts = [train_extractor(dataclasses.replace(preset.extractor, eps=eps), digits, preset.data, root / f"e{i}",
                              device="cpu", progress=False) for i, eps in enumerate((0.0, 0.1))]
-    from afs_kit.training import model_from_checkpoint
+    from afs_kit.models import model_from_checkpoint
     extractors = [model_from_checkpoint(c) for c in ckpts]
     model, history = train_merger(FeatureStack(extractors), digits, preset.merger, preset.data, root / "m",
                                   "k", device="cpu", progress=False)

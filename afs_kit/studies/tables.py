@@ -268,7 +268,7 @@ def cost_table(run: Run, subset: str | None = None, alpha: float | None = None, 
     the random-budget network and the large model (when `ablation` and the preset names them) and the
     AFS model."""
     from ..analysis import model_cost
-    from ..training import model_from_checkpoint
+    from ..models import model_from_checkpoint
 
     vector, alpha = main_subset(run, subset), main_alpha(run, alpha)
     shape = run.data.image_shape
