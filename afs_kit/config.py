@@ -272,36 +272,40 @@ def parse_eps_list(text: str, name: str = "eps") -> tuple[float, ...]:
     return tuple(parse_unit(p, name) for p in parts)
 
 
-def _parse_field(text: str, tp, name: str):
-    """Turn command-line text into the dataclass field's type."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if text.strip().lower() == "none" and type(None) in args:
+def parse_value(text: str, tp, name: str = "value"):
+    """Text into a value of type `tp`, without eval: the one parser of `--set section.field=value` and
+    `afs-kit report -p NAME=VALUE`. `X | None` takes None (or null), bool true/false/1/0/yes/no, float a
+    decimal or a fraction (`8/255`), str drops enclosing quotes, `tuple[X, ...]`/`list[X]` comma-separated
+    items or a JSON list (`["3/255,8/255", "all"]`)."""
+    origin, args, s = typing.get_origin(tp), typing.get_args(tp), str(text).strip()
+    if s.lower() in ("none", "null"):
+        if origin in (typing.Union, types.UnionType) and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _parse_field(text, inner[0], name)
+        raise ValueError(f"{name} must not be None, got {name}={text!r}")
+    if origin in (typing.Union, types.UnionType):
+        return parse_value(text, [a for a in args if a is not type(None)][0], name)
     if tp is bool:
-        low = text.strip().lower()
-        if low in ("1", "true", "yes"):
-            return True
-        if low in ("0", "false", "no"):
-            return False
-        raise ValueError(f"{name} must be true or false, got {name}={text!r}")
+        if s.lower() in ("1", "true", "yes", "0", "false", "no"):
+            return s.lower() in ("1", "true", "yes")
+        raise ValueError(f"{name} must be True or False, got {name}={text!r}")
     if tp is int:
         try:
-            return int(text)
+            return int(s)
         except ValueError as err:
             raise ValueError(f"{name} must be an integer, got {name}={text!r}") from err
     if tp is float:
-        return parse_float(text, name)
+        return parse_float(s, name)
     if tp is str:
-        return text
-    if origin is tuple:
-        items = [p for p in text.split(",") if p.strip()]
-        inner = args[0]
-        return tuple(_parse_field(p.strip(), inner, name) for p in items)
-    raise ValueError(f"{name}: cannot parse a value of type {tp}")
+        return s[1:-1] if len(s) >= 2 and s[0] == s[-1] and s[0] in "'\"" else s
+    if origin not in (tuple, list):
+        raise ValueError(f"{name}: cannot parse a value of type {tp}")
+    try:
+        items = json.loads(s) if s.startswith("[") else [p.strip() for p in s.split(",") if p.strip()]
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{name} must be a JSON list or comma-separated values, got {name}={text!r} ({err})") from err
+    if args[0] is str and not all(isinstance(v, str) for v in items):
+        raise ValueError(f"{name} must list strings, got {name}={text!r}")
+    return origin(parse_value(v if isinstance(v, str) else json.dumps(v), args[0], name) for v in items)
 
 
 def override(preset: Preset, assignments: list[str] | tuple[str, ...]) -> Preset:
@@ -319,7 +323,7 @@ def override(preset: Preset, assignments: list[str] | tuple[str, ...]) -> Preset
         hints = typing.get_type_hints(type(target))
         if fname not in hints:
             raise ValueError(f"unknown config field {key!r}; {type(target).__name__} has: {', '.join(hints)}")
-        value = _parse_field(text, hints[fname], key)
+        value = parse_value(text, hints[fname], key)
         new = dataclasses.replace(target, **{fname: value})
         preset = dataclasses.replace(preset, **{section: new}) if section else new
     validate_preset(preset)

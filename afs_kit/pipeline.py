@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -25,6 +26,8 @@ from .training import existing_extractor, load_extractor, train_extractor
 from .version import code_version
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# set to 1 (afs-kit --same-code) to refuse cached evaluations made by another commit instead of reusing them
+SAME_CODE_ENV = "AFS_KIT_SAME_CODE"
 
 
 def _more_pgd_steps(held: list[str], added: list[str]) -> bool:
@@ -312,6 +315,12 @@ class Run:
         if metrics.get("key") != key:
             self.say(f"evaluation {out_dir.name}: made for another model under this name, evaluating again")
             return None
+        made_by, now = metrics.get("code_version", "unknown"), code_version()
+        if made_by != now:
+            if os.environ.get(SAME_CODE_ENV) == "1":
+                raise ValueError(f"evaluation {out_dir} was made by code {made_by}, not {now}, and {SAME_CODE_ENV}=1 "
+                                 f"(--same-code) refuses it; delete that folder to evaluate again")
+            self.say(f"evaluation {out_dir.name}: made by code {made_by}, reused by {now}")
         flags = load_checkpoint(out_dir / "flags.pt")["flags"]
         return {"metrics": metrics, "flags": {a: f for a, f in flags.items() if a in metrics["attacks"]}}
 
@@ -350,11 +359,8 @@ class Run:
         missing = [a for a in cfg.attacks if a not in held]
         stale_checks = sanity and (old_checks is None or old_checks.get("strength") != cfg.sanity_strength)
         if not missing and not stale_checks:
-            metrics = record["metrics"]
-            made_by, now = metrics.get("code_version", "unknown"), code_version()
-            note = "" if made_by == now else f" (made by code {made_by}, reused by {now})"
-            self.say(f"evaluation {folder}: found {', '.join(held)}{note}")
-            return metrics
+            self.say(f"evaluation {folder}: found {', '.join(held)}")
+            return record["metrics"]
         if record is not None:
             self.say(f"evaluation {folder}: found {', '.join(held)}; adding {', '.join(missing) or 'masking checks'}")
         result = evaluate(model, x, y, cfg, self.device, self.progress, record=record)

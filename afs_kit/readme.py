@@ -77,8 +77,11 @@ def report_section(name: str, summary: dict) -> str:
         if not any("worst" in r for r in rows):
             out += ["", "_This report was made before intervals, the worst case and the masking checks were "
                         "recorded; regenerate it for them._"]
+        from .studies.common import autoattack_name
+
         out += ["", "### Tables 4-5: the headline", "",
-                _table(["model", "clean", "PGD-20", "AutoAttack", "worst case", "trade-off (clean+AA)/2", "n / n AA",
+                _table(["model", "clean", "PGD-20", autoattack_name(rows[0].get("aa_attacks")), "worst case",
+                        "trade-off (clean+AA)/2", "n / n AA",
                         "masking checks", "training"],
                        [[r["method"], _cell(r, "clean"), _cell(r, "pgd20"), _cell(r, "aa"), _cell(r, "worst"),
                          _pct(r.get("tradeoff")), f"{r.get('n')} / {r.get('n_aa') or '-'}", r.get("sanity", "-"),

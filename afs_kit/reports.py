@@ -7,14 +7,14 @@ RUN/summary.json, plus the wall time of each stage). What the notebooks compute 
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
-from .config import get_preset, parse_float, parse_unit
+from .config import get_preset, parse_value
 from .pipeline import PROJECT_ROOT
 from .runs import read_json, write_json
 
@@ -22,101 +22,68 @@ NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 NOTEBOOKS = ("01_extractors", "02_delta_z", "03_tsne", "04_merger_alpha", "05_subsets", "06_weights",
              "07_comparison")
 
-# Every name a notebook's `parameters` cell may hold: name -> (kind, meaning). `afs-kit report -p`
-# accepts exactly these; "?" marks kinds that also take None, a count is an integer >= 1, a unit a
-# number in [0, 1].
-PARAMETERS: dict[str, tuple[str, str]] = {
-    "PRESET": ("str", "preset name (afs-kit report sets it from --preset)"),
-    "RUN_DIR": ("str?", "run directory; None: runs/<preset> under the project root"),
-    "DEVICE": ("str", "auto (CUDA when present), cpu or cuda[:N]"),
-    "SEED": ("int", "seed of extractor, merger and evaluation (0: the preset's); t-SNE too"),
-    "SEEDS": ("count", "training seeds in one run directory: SEED and the next SEEDS-1 (tables 1 and 4-5 give "
-                       "the mean and min-max over them)"),
-    "BUDGETS": ("units?", "training budgets, one extractor each; None: the preset's"),
-    "N_EVAL": ("count?", "test examples for clean and PGD accuracy; None: the preset's"),
-    "N_AA": ("count?", "test examples for AutoAttack; None: the preset's evaluation.aa_examples (at most N_EVAL)"),
-    "TSNE_EXAMPLES": ("count?", "test examples embedded by t-SNE; None: the preset's"),
-    "ALPHAS": ("units?", "alpha sweep of the merger (table 2); None: the preset's"),
-    "ALPHA": ("unit?", "alpha of the main AFS model; None: the preset's merger alpha"),
-    "SUBSET": ("str?", "extractors of the main AFS model; None: the preset's default subset"),
-    "SUBSETS": ("strs?", "subsets of table 3 (binary vectors, 'all', 'selected'); None: the preset's"),
-    "ABLATION": ("bool", "train and compare the random-budget network of table 6"),
-    "FIGURES_DIR": ("str?", "where PNG figures go; None: RUN/figures (the report sets its own)"),
-    "INTERACTIVE": ("bool", "show the ipywidgets explorers (the report sets False)"),
+
+class Parameter(NamedTuple):
+    """A notebook parameter: the type `config.parse_value` parses `-p NAME=VALUE` into (the parser of
+    `--set` too), the range each number must lie in (a key of RULES, or None) and what it means."""
+    type: object
+    rule: str | None
+    meaning: str
+
+
+# rule -> (test of one number, the words of the message)
+RULES = {"count": (lambda v: v >= 1, ">= 1"), "int": (lambda v: v >= 0, ">= 0"),
+         "unit": (lambda v: 0 <= v <= 1, "in [0, 1]")}
+
+# Every name a notebook's `parameters` cell may hold. `afs-kit report -p` accepts exactly these; a count
+# is an integer >= 1, a unit a number in [0, 1], lists are lists as in the notebooks.
+PARAMETERS: dict[str, Parameter] = {
+    "PRESET": Parameter(str, None, "preset name (afs-kit report sets it from --preset)"),
+    "RUN_DIR": Parameter(str | None, None, "run directory; None: runs/<preset> under the project root"),
+    "DEVICE": Parameter(str, None, "auto (CUDA when present), cpu or cuda[:N]"),
+    "SEED": Parameter(int, "int", "seed of extractor, merger and evaluation (0: the preset's); t-SNE too"),
+    "SEEDS": Parameter(int, "count", "training seeds in one run directory: SEED and the next SEEDS-1 (tables 1 "
+                                     "and 4-5 give the mean and min-max over them)"),
+    "BUDGETS": Parameter(list[float] | None, "unit", "training budgets, one extractor each; None: the preset's"),
+    "N_EVAL": Parameter(int | None, "count", "test examples for clean and PGD accuracy; None: the preset's"),
+    "N_AA": Parameter(int | None, "count", "test examples for AutoAttack; None: the preset's "
+                                           "evaluation.aa_examples (at most N_EVAL)"),
+    "TSNE_EXAMPLES": Parameter(int | None, "count", "test examples embedded by t-SNE; None: the preset's"),
+    "ALPHAS": Parameter(list[float] | None, "unit", "alpha sweep of the merger (table 2); None: the preset's"),
+    "ALPHA": Parameter(float | None, "unit", "alpha of the main AFS model; None: the preset's merger alpha"),
+    "SUBSET": Parameter(str | None, None, "extractors of the main AFS model; None: the preset's default subset"),
+    "SUBSETS": Parameter(list[str] | None, None, "subsets of table 3 (binary vectors, 'all', 'selected'); "
+                                                 "None: the preset's"),
+    "ABLATION": Parameter(bool, None, "train and compare the random-budget network of table 6"),
+    "FIGURES_DIR": Parameter(str | None, None, "where PNG figures go; None: RUN/figures (the report sets its own)"),
+    "INTERACTIVE": Parameter(bool, None, "show the ipywidgets explorers (the report sets False)"),
 }
 
 
 # ============================================================================ parameters
 
 def parse_parameter(name: str, text: str):
-    """One `-p NAME=VALUE` value as the literal its kind asks for, without eval.
+    """One `-p NAME=VALUE` value, parsed by `config.parse_value` (as `--set` values are) into the
+    parameter's type, then checked against its rule; nothing is eval'd.
 
     Lists are comma-separated (`0,0.5,1`, `101,all`) or JSON (`["3/255,8/255", "all"]`); numbers
     may be fractions (`8/255`); None is `None`.
     """
     if name not in PARAMETERS:
         raise ValueError(f"unknown notebook parameter {name!r}; known: {', '.join(PARAMETERS)}")
-    kind = PARAMETERS[name][0]
-    optional = kind.endswith("?")
-    kind = kind.rstrip("?")
-    s = str(text).strip()
-    if s.lower() in ("none", "null"):
-        if optional:
-            return None
-        raise ValueError(f"parameter {name} must not be None, got {name}={text!r}")
-    if kind == "bool":
-        low = s.lower()
-        if low in ("true", "1", "yes"):
-            return True
-        if low in ("false", "0", "no"):
-            return False
-        raise ValueError(f"parameter {name} must be True or False, got {name}={text!r}")
-    if kind in ("int", "count"):
-        try:
-            value = int(s)
-        except ValueError as err:
-            raise ValueError(f"parameter {name} must be an integer, got {name}={text!r}") from err
-        lo = 1 if kind == "count" else 0
-        if value < lo:
-            raise ValueError(f"parameter {name} must be >= {lo}, got {name}={text!r}")
-        return value
-    if kind == "unit":
-        return parse_unit(s, name)
-    if kind == "str":
-        return _unquote(s)
-    items = _list_items(name, s)
-    if kind == "units":
-        values = [v if isinstance(v, (int, float)) and not isinstance(v, bool) else parse_float(str(v), name)
-                  for v in items]
-        bad = [v for v in values if not 0 <= v <= 1]
-        if bad:
-            raise ValueError(f"parameter {name} must list numbers in [0, 1], got {name}={text!r}")
-        return values
-    if not all(isinstance(v, str) for v in items):
-        raise ValueError(f"parameter {name} must list strings, got {name}={text!r}")
-    return items
-
-
-def _unquote(s: str) -> str:
-    if len(s) >= 2 and s[0] == s[-1] and s[0] in "'\"":
-        return s[1:-1]
-    return s
-
-
-def _list_items(name: str, s: str) -> list:
-    if s.startswith("["):
-        try:
-            items = json.loads(s)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"parameter {name} must be a JSON list or comma-separated values, "
-                             f"got {name}={s!r} ({err})") from err
-        if not isinstance(items, list):
-            raise ValueError(f"parameter {name} must be a list, got {name}={s!r}")
-    else:
-        items = [_unquote(p.strip()) for p in s.split(",") if p.strip()]
-    if not items:
-        raise ValueError(f"parameter {name} must list at least one value, got {name}={s!r}")
-    return items
+    tp, rule, _ = PARAMETERS[name]
+    try:
+        value = parse_value(text, tp, name)
+    except ValueError as err:
+        raise ValueError(f"parameter {err}") from err
+    if isinstance(value, list) and not value:
+        raise ValueError(f"parameter {name} must list at least one value, got {name}={text!r}")
+    if rule is not None and value is not None:
+        ok, words = RULES[rule]
+        many = isinstance(value, list)
+        if not all(ok(v) for v in (value if many else [value])):
+            raise ValueError(f"parameter {name} must {'list numbers' if many else 'be'} {words}, got {name}={text!r}")
+    return value
 
 
 def parse_parameters(assignments: Sequence[str]) -> dict:
@@ -307,5 +274,5 @@ def _clear_report(out: Path, paths: Sequence[Path]) -> None:
     (out / "figures").mkdir(exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)
 
-__all__ = ["PARAMETERS", "NOTEBOOKS", "NOTEBOOKS_DIR", "parse_parameter", "parse_parameters", "run_report",
-           "notebook_parameters", "notebook_paths"]
+__all__ = ["PARAMETERS", "Parameter", "RULES", "NOTEBOOKS", "NOTEBOOKS_DIR", "parse_parameter", "parse_parameters",
+           "run_report", "notebook_parameters", "notebook_paths"]

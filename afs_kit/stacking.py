@@ -16,11 +16,11 @@ from tqdm.auto import tqdm
 
 from .attacks import pgd
 from .config import DataConfig, MergerConfig, format_budget, parse_eps_list, step_size
-from .batches import augment, iterate_batches, to_float, validation_split
+from .batches import augment, data_fingerprint, iterate_batches, to_float, validation_split
 from .data import Dataset
 from .device import autocast, memory_format, resolve_device
 from .runs import expect, load_checkpoint, save_checkpoint
-from .training import training_health, warn_if_unhealthy
+from .training import resume, save_progress, training_health, warn_if_unhealthy
 
 
 class FeatureStack(nn.Module):
@@ -258,13 +258,8 @@ def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg
 
     last_path = Path(out_dir) / "last.pt" if out_dir is not None else None
     start, history, feat_sq = 0, [], None
-    if last_path is not None and last_path.is_file():
-        ckpt = load_checkpoint(last_path, map_location=dev)
-        expect(ckpt, last_path, key=key)
-        merger.load_state_dict(ckpt["state_dict"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        order_gen.set_state(ckpt["order_rng"].cpu())
-        noise_gen.set_state(ckpt["noise_rng"].cpu())
+    ckpt = resume(last_path, key, merger, optimizer, order_gen, noise_gen, dev)
+    if ckpt is not None:
         start, history, feat_sq = ckpt["epoch"] + 1, ckpt["history"], ckpt.get("feature_sq_norm")
         if progress:
             print(f"merger alpha={cfg.alpha:g}: resuming from {last_path} after epoch {start}/{cfg.epochs}")
@@ -280,10 +275,8 @@ def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg
                                         progress=progress)
         history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss.item(), "feature_sq_norm": feat_sq})
         if last_path is not None:
-            save_checkpoint(last_path, {"key": key, "epoch": epoch, "state_dict": merger.state_dict(),
-                                        "optimizer": optimizer.state_dict(), "order_rng": order_gen.get_state(),
-                                        "noise_rng": noise_gen.get_state(), "history": history,
-                                        "feature_sq_norm": feat_sq})
+            save_progress(last_path, key, epoch, merger, optimizer, order_gen, noise_gen, history,
+                          feature_sq_norm=feat_sq)
     model.eval()
     warn_if_unhealthy(training_health(history, data.num_classes), f"merger alpha={cfg.alpha:g}")
     return model, history
@@ -319,8 +312,6 @@ def load_or_train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, 
                          device: str = "auto", progress: bool = True) -> tuple[AFSModel, bool]:
     """The merger's whole life: loaded when `out_dir/merger.pt` holds this key, else trained (resuming
     from `last.pt`) and saved with the extractors it stacks. Returns (model in eval mode, trained)."""
-    from .batches import data_fingerprint
-
     final = Path(out_dir) / "merger.pt"
     if final.is_file():
         model, _ = load_merger(final, stack, data.num_classes, key=key)

@@ -178,6 +178,31 @@ def train_epoch(model, optimizer, x_train: torch.Tensor, y_train: torch.Tensor, 
     return running / len(batches)
 
 
+def save_progress(path: Path, key: str, epoch: int, module: torch.nn.Module, optimizer, order_gen: torch.Generator,
+                  noise_gen: torch.Generator, history: list[dict], **extra) -> None:
+    """What either trainer (extractor or merger) needs to go on after `epoch`: weights, optimizer, both
+    random streams, the history and the trainer's own `extra` (schedule, best weights, ...)."""
+    save_checkpoint(path, {"key": key, "epoch": epoch, "state_dict": module.state_dict(),
+                           "optimizer": optimizer.state_dict(), "order_rng": order_gen.get_state(),
+                           "noise_rng": noise_gen.get_state(), "history": history, **extra})
+
+
+def resume(path: Path | None, key: str, module: torch.nn.Module, optimizer, order_gen: torch.Generator,
+           noise_gen: torch.Generator, device) -> dict | None:
+    """Restore a training stopped after an epoch from `path` (written by `save_progress`) and return
+    that checkpoint (its "epoch", "history" and extras); None when there is none. Refuses a file
+    made with another config (ValueError naming it)."""
+    if path is None or not path.is_file():
+        return None
+    ckpt = load_checkpoint(path, map_location=device)
+    expect(ckpt, path, key=key)
+    module.load_state_dict(ckpt["state_dict"], strict=True)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    order_gen.set_state(ckpt["order_rng"].cpu())
+    noise_gen.set_state(ckpt["noise_rng"].cpu())
+    return ckpt
+
+
 def learning_rate_schedule(optimizer, cfg: ExtractorConfig, batches_per_epoch: int):
     """The configured schedule: "step" is stepped once per epoch, "cyclic" once per batch."""
     if cfg.lr_schedule == "step":
@@ -282,14 +307,9 @@ def train_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig, o
 
     start, history, best = 0, [], {"val_pgd": -1.0}
     best_state = None
-    if last_path.is_file():
-        ckpt = load_checkpoint(last_path, map_location=dev)
-        expect(ckpt, last_path, key=key)
-        model.load_state_dict(ckpt["state_dict"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
+    ckpt = resume(last_path, key, model, optimizer, order_gen, noise_gen, dev)
+    if ckpt is not None:
         schedule.load_state_dict(ckpt["schedule"])
-        order_gen.set_state(ckpt["order_rng"].cpu())
-        noise_gen.set_state(ckpt["noise_rng"].cpu())
         start, history, best, best_state = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"], ckpt["best_state"]
         if progress:
             print(f"{label}: resuming from {last_path} after epoch {ckpt['epoch'] + 1}/{cfg.epochs}")
@@ -309,11 +329,8 @@ def train_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig, o
         if progress:
             print(f"{label} epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.3f} "
                   f"val clean {metrics['val_clean']:.1f}% val PGD {metrics['val_pgd']:.1f}%")
-        save_checkpoint(last_path, {
-            "key": key, "epoch": epoch, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "order_rng": order_gen.get_state(),
-            "noise_rng": noise_gen.get_state(), "history": history, "best": best, "best_state": best_state,
-        })
+        save_progress(last_path, key, epoch, model, optimizer, order_gen, noise_gen, history,
+                      schedule=schedule.state_dict(), best=best, best_state=best_state)
         if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch + 1 < cfg.epochs:
             return {"interrupted_after_epoch": epoch}
 

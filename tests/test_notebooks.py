@@ -108,6 +108,28 @@ def test_parameter_values_are_literals_parsed_without_eval():
         parse_parameters(["ALPHA"])
 
 
+def test_parameters_and_set_values_share_one_parser(monkeypatch):
+    """`-p NAME=VALUE` and `--set section.field=value` are parsed by the same function, config.parse_value."""
+    from afs_kit import config, reports
+
+    assert config.parse_value("8/255", float, "eps") == 8 / 255
+    assert config.parse_value('["3/255,8/255", "all"]', tuple[str, ...], "subsets") == ("3/255,8/255", "all")
+    assert config.parse_value('[0.5, "8/255"]', list[float] | None, "x") == [0.5, 8 / 255]
+    assert config.parse_value("null", int | None, "n") is None
+    real, calls = config.parse_value, []
+
+    def spy(text, tp, name):
+        calls.append(name)
+        return real(text, tp, name)
+
+    monkeypatch.setattr(config, "parse_value", spy)
+    monkeypatch.setattr(reports, "parse_value", spy)
+    preset = config.override(get_preset("smoke"), ['evaluation.budgets=["8/255", 0.5]'])
+    assert preset.evaluation.budgets == (8 / 255, 0.5)
+    assert parse_parameter("ALPHAS", '["8/255", 0.5]') == [8 / 255, 0.5]
+    assert calls[0] == "evaluation.budgets" and "ALPHAS" in calls
+
+
 def test_report_rejects_unknown_parameter_before_anything_runs(tmp_path, capsys):
     out, run_dir = tmp_path / "report", tmp_path / "run"
     code = main(["report", "--preset", "smoke", "--out", str(out), "--run", str(run_dir), "-p", "ALPHA=0.5",

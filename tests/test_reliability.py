@@ -559,3 +559,22 @@ def test_stacked_models_are_evaluated_with_sanity_checks_by_default(run):
     assert "sanity" not in single
     assert "sanity" in run.evaluate("single-asked", run.extractor(0.1)[0], attacks=["pgd10"], sanity=True)
 
+
+
+def test_an_evaluation_made_by_other_code_is_reused_with_a_note_or_refused_on_request(run, monkeypatch, capsys):
+    from afs_kit.pipeline import SAME_CODE_ENV
+
+    model = run.extractor(0.1)[0]
+    m = run.evaluate("other-code", model, attacks=["clean"], n_examples=20)
+    path = run.dir.eval_dir(m["name"]) / "metrics.json"
+    write_json(path, {**read_json(path), "code_version": "0123abc"})
+    run.progress = True
+    try:
+        again = run.evaluate("other-code", model, attacks=["clean"], n_examples=20)
+        assert again["clean"] == m["clean"]
+        assert f"made by code 0123abc, reused by {m['code_version']}" in capsys.readouterr().out
+        monkeypatch.setenv(SAME_CODE_ENV, "1")
+        with pytest.raises(ValueError, match=r"made by code 0123abc, not .*--same-code.* refuses it; delete"):
+            run.evaluate("other-code", model, attacks=["clean"], n_examples=20)
+    finally:
+        run.progress = False
