@@ -9,12 +9,12 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Sequence
-from numbers import Real
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from .checks import check_int, check_real, is_int
 from .models import eval_mode as _eval_mode
 from .paper import (PAPER_SELECTED_EPS, TABLE1_EXTRACTORS, TABLE4_CIFAR10, TABLE5_CIFAR100,  # noqa: F401
                     TABLE6_ABLATION, CostRow, ExtractorRow, ReferenceRow)
@@ -73,18 +73,16 @@ def tsne_embedding(features, n_components: int = 2, perplexity: float = 30.0, se
     n, d = x.shape
     if not np.all(np.isfinite(x)):
         raise ValueError("features must be finite, got NaN or inf entries")
-    if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components not in (1, 2, 3):
-        raise ValueError(f"n_components must be 1, 2 or 3, got n_components={n_components!r}")
-    if isinstance(perplexity, bool) or not isinstance(perplexity, Real) or not perplexity > 0:
-        raise ValueError(f"perplexity must be > 0, got perplexity={perplexity!r}")
+    n_components = check_int("n_components", n_components, 1, 3)
+    check_real("perplexity", perplexity, 0, low_open=True, finite=False)
     if n < 3 * perplexity + 1:
         raise ValueError(f"perplexity must be below (N - 1) / 3 = {(n - 1) / 3:.4g} for N={n} points, "
                          f"got perplexity={perplexity}")
-    if pca_dim is not None and (isinstance(pca_dim, bool) or not isinstance(pca_dim, int) or pca_dim < n_components):
-        raise ValueError(f"pca_dim must be None or an integer >= n_components, got pca_dim={pca_dim!r}")
-    for name, value, lo in (("seed", seed, 0), ("early_iter", early_iter, 0), ("n_iter", n_iter, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}, got {name}={value!r}")
+    if pca_dim is not None:
+        pca_dim = check_int("pca_dim", pca_dim, n_components)
+    seed = check_int("seed", seed, 0)
+    early_iter = check_int("early_iter", early_iter, 0)
+    n_iter = check_int("n_iter", n_iter, 1)
 
     from sklearn.decomposition import PCA  # heavy imports only when used
 
@@ -133,8 +131,8 @@ def trustworthiness_score(features, embedding, n_neighbors: int = 10, max_points
     e = _to_numpy_2d(embedding, "embedding")
     if len(x) != len(e):
         raise ValueError(f"embedding must have one row per feature row ({len(x)}), got {len(e)} rows")
-    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int) or not 1 <= n_neighbors < len(x) / 2:
-        raise ValueError(f"n_neighbors must be an integer in [1, N/2) for N={len(x)}, got n_neighbors={n_neighbors!r}")
+    # below N/2: the largest integer is (N - 1) // 2
+    n_neighbors = check_int("n_neighbors", n_neighbors, 1, (len(x) - 1) // 2, what=f"below N/2 for N={len(x)}")
     if max_points is not None and len(x) > max_points:
         if max_points <= 2 * n_neighbors:
             raise ValueError(f"max_points must exceed 2 * n_neighbors, got max_points={max_points}")
@@ -165,7 +163,7 @@ def importance_ratio(merger, feature_dims: Sequence[int]) -> np.ndarray:
     """
     w = weight_array(merger, "merger.weight")
     dims = list(feature_dims)
-    if not dims or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1 for d in dims):
+    if not dims or not all(is_int(d) and d >= 1 for d in dims):
         raise ValueError(f"feature_dims must be positive integers, got feature_dims={dims!r}")
     if sum(dims) != w.shape[1]:
         raise ValueError(f"feature_dims must sum to the merger's input width {w.shape[1]}, "
@@ -252,7 +250,7 @@ def model_cost(model: nn.Module | Sequence[nn.Module], input_shape: Sequence[int
     Returns {"params", "macs", "flops"} as ints.
     """
     shape = tuple(input_shape)
-    if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in shape):
+    if len(shape) != 3 or not all(is_int(s) and s >= 1 for s in shape):
         raise ValueError(f"input_shape must be (C, H, W) of positive integers, got input_shape={input_shape!r}")
     shape = tuple(int(s) for s in shape)
     models = list(model) if isinstance(model, (list, tuple)) else [model]

@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from numbers import Real
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pyautoattack import AutoAttack
 
+from .checks import check_int, check_real
 from .config import AA_ATTACKS
 
 from .device import autocast, check_precision, resolve_device
@@ -69,9 +69,7 @@ def _check_images(x: torch.Tensor, y: torch.Tensor, need_int_labels: bool = True
 def _check_eps(eps: float, norm: str, image_shape: tuple[int, ...]) -> float:
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got norm={norm!r}")
-    if isinstance(eps, bool) or not isinstance(eps, Real):
-        raise ValueError(f"eps must be a float, got eps={eps!r}")
-    eps = float(eps)
+    eps = check_real("eps", eps, finite=False)  # NaN is refused just below, with the range
     # the largest distance between two images in [0,1]^d: 1 in Linf, sqrt(d) in L2
     top = 1.0 if norm == "Linf" else math.sqrt(math.prod(image_shape))
     if not 0 <= eps <= top:
@@ -91,12 +89,6 @@ def _cuda_devices(device: torch.device) -> list[int]:
     if device.type != "cuda":
         return []
     return [device.index if device.index is not None else torch.cuda.current_device()]
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
-    return value
 
 
 def _cw_loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -209,11 +201,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
     """
     _check_images(x, y, need_int_labels=not callable(loss))
     eps = _check_eps(eps, norm, tuple(x.shape[1:]))
-    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not alpha > 0:
-        raise ValueError(f"alpha (the PGD step size) must be > 0, got alpha={alpha!r}")
-    alpha = float(alpha)
-    _check_int("steps", steps, 1)
-    _check_int("restarts", restarts, 1)
+    alpha = check_real("alpha", alpha, 0, low_open=True, finite=False, what="the PGD step size")
+    steps, restarts = check_int("steps", steps, 1), check_int("restarts", restarts, 1)
     if not callable(loss) and loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES} or a callable (logits, y) -> [N], got loss={loss!r}")
     check_precision(precision)
@@ -295,8 +284,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
         unknown = [a for a in attacks if a not in AA_ATTACKS]
         if not attacks or unknown:
             raise ValueError(f"attacks must name some of {', '.join(AA_ATTACKS)}, got attacks={attacks!r}")
-    _check_int("seed", seed, 0)
-    _check_int("batch_size", batch_size, 1)
+    seed, batch_size = check_int("seed", seed, 0), check_int("batch_size", batch_size, 1)
     dev = x.device if device is None else resolve_device(device)
     if x.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.bool, device=y.device), x.detach().clone()
@@ -366,9 +354,8 @@ def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
 
     _check_images(x, y)
     eps = _check_eps(eps, norm, tuple(x.shape[1:]))
-    _check_int("n_queries", n_queries, 1)
-    _check_int("seed", seed, 0)
-    _check_int("batch_size", batch_size, 1)
+    n_queries = check_int("n_queries", n_queries, 1)
+    seed, batch_size = check_int("seed", seed, 0), check_int("batch_size", batch_size, 1)
     if eps == 0 or x.shape[0] == 0:
         return x.detach().clone()
     x = x.detach().contiguous()

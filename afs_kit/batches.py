@@ -5,12 +5,13 @@ statistics, batch index streams, uint8 -> float and batched random crop + flip o
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
+
+from .checks import check_int, check_real
 
 if TYPE_CHECKING:  # types only: data.py re-exports this module's functions
     from .config import DataConfig
@@ -47,8 +48,7 @@ def validation_split(data: Dataset, fraction: float = 0.1, seed: int = 0) -> tup
     Stratified (``round(fraction * n_c)`` of each class, at least one kept on each side) when every class present
     has at least 2 images; otherwise a plain seeded split, with a warning.
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0.0 < fraction < 1.0:
-        raise ValueError(f"fraction must be in (0, 1), got fraction={fraction!r}")
+    check_real("fraction", fraction, 0, 1, low_open=True, high_open=True)
     y = data.y_train
     n = len(y)
     if n < 2:
@@ -80,11 +80,7 @@ def iterate_batches(
     n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None = None, drop_last: bool = False
 ) -> Iterator[torch.Tensor]:
     """Yield CPU LongTensor index batches over range(n), shuffled with ``generator`` when ``shuffle``."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-        raise ValueError(f"n must be an int >= 0, got n={n!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got batch_size={batch_size!r}")
-    n, batch_size = int(n), int(batch_size)
+    n, batch_size = check_int("n", n, 0), check_int("batch_size", batch_size, 1)
     if shuffle:
         device = generator.device if generator is not None else "cpu"
         order = torch.randperm(n, generator=generator, device=device).cpu()
@@ -117,8 +113,7 @@ def augment(
     """
     if x.dtype != torch.uint8 or x.dim() != 4:
         raise ValueError(f"x must be uint8 [B, C, H, W], got dtype={x.dtype}, shape={tuple(x.shape)}")
-    if isinstance(crop_padding, bool) or not isinstance(crop_padding, numbers.Integral) or crop_padding < 0:
-        raise ValueError(f"crop_padding must be an int >= 0, got crop_padding={crop_padding!r}")
+    crop_padding = check_int("crop_padding", crop_padding, 0)
     if crop_padding == 0 and not flip:
         return to_float(x)
     b, c, h, w = x.shape

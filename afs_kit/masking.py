@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attacks import pgd, square_attack
+from .checks import check_int, check_real
 from .device import resolve_device
 from .evaluation import PGD_STEPS, check_eval_inputs, correct_flags, pgd_flags
 from .stats import SIGNIFICANCE, discordant, paired_test
@@ -136,10 +137,8 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
         raise ValueError(f"strength must be one of {', '.join(STRENGTHS)}, got strength={strength!r}")
     if n is None:
         n = STRENGTHS[strength]["n"] or len(y)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n (examples checked) must be an integer >= 1, got n={n!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 1:
-        raise ValueError(f"eps must be in (0, 1] for the sanity checks, got eps={eps!r}")
+    n = check_int("n", n, 1, what="examples checked")
+    check_real("eps", eps, 0, 1, low_open=True, what="the sanity checks' budget")
     dev = resolve_device(device)
     x, y = x[:n].to(dev), y[:n].to(dev)
     check_eval_inputs(x, y)

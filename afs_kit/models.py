@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import re
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .checks import check_int
 
 __all__ = ["MODEL_NAMES", "FeatureNet", "build_model", "is_model_name", "parse_wrn_name"]
 
@@ -312,12 +313,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
     """
     if not isinstance(name, str):
         raise ValueError(f"name must be a string, got name={name!r}")
-    # numbers.Integral also admits numpy integers; model_kwargs stores plain ints.
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got num_classes={num_classes!r}")
-    if isinstance(in_channels, bool) or not isinstance(in_channels, numbers.Integral) or in_channels < 1:
-        raise ValueError(f"in_channels must be an integer >= 1, got in_channels={in_channels!r}")
-    num_classes, in_channels = int(num_classes), int(in_channels)
+    # numpy integers are accepted; model_kwargs stores plain ints.
+    num_classes, in_channels = check_int("num_classes", num_classes, 2), check_int("in_channels", in_channels, 1)
     mean_list = _channel_values(mean, "mean", in_channels, 0.5)
     std_list = _channel_values(std, "std", in_channels, 0.5)
     if any(s <= 0 for s in std_list):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .analysis import weight_array, weight_stats
+from .checks import check_int
 from .paper import TABLE4_CIFAR10, ReferenceRow
 from .selection import Selection
 
@@ -35,10 +36,9 @@ def _wilson_yerr(percent: Sequence[float], n: int | None) -> np.ndarray | None:
         return None
     from .stats import confidence_interval
 
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n (examples behind each accuracy) must be an integer >= 1 or None, got n={n!r}")
+    n = check_int("n", n, 1, what="examples behind each accuracy, or None")
     v = np.asarray(percent, dtype=float)
-    bounds = np.array([confidence_interval(int(round(p * n / 100)), int(n)) for p in v]).reshape(-1, 2)
+    bounds = np.array([confidence_interval(int(round(p * n / 100)), n) for p in v]).reshape(-1, 2)
     return np.clip(np.stack([v - bounds[:, 0], bounds[:, 1] - v]), 0, None)
 
 
@@ -270,8 +270,7 @@ def plot_weight_histograms(weights: Mapping[str, object], bins: int = 60, title:
     """
     if not weights:
         raise ValueError("weights must map at least one name to a weight matrix, got an empty mapping")
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"bins must be an integer >= 1, got bins={bins!r}")
+    bins = check_int("bins", bins, 1)
     mats = {name: weight_array(w, f"weights[{name!r}]") for name, w in weights.items()}
     fig, axes = _new_figure(1, len(mats), figsize=(4.2 * len(mats), 3.8))
     for ax, (name, w) in zip(axes[0], mats.items()):

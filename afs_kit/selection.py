@@ -7,13 +7,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Real
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .attacks import pgd
+from .checks import check_int, check_real
 from .config import format_budget
 from .models import eval_mode as _eval_mode
 
@@ -81,17 +81,12 @@ def delta_z(model: nn.Module, x: torch.Tensor, Delta: float, norm: str = "Linf",
     """
     if norm not in _P_OF_NORM:
         raise ValueError(f"norm must be one of {tuple(_P_OF_NORM)}, got norm={norm!r}")
-    if isinstance(Delta, bool) or not isinstance(Delta, Real) or not math.isfinite(Delta) or Delta < 0:
-        raise ValueError(f"Delta must be a finite number >= 0, got Delta={Delta!r}")
-    p = _P_OF_NORM[norm] if p is None else p
-    if isinstance(p, bool) or not isinstance(p, Real) or not p >= 1:
-        raise ValueError(f"p must be a number >= 1 (or math.inf), got p={p!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got batch_size={batch_size!r}")
+    Delta = check_real("Delta", Delta, 0)
+    p = check_real("p", _P_OF_NORM[norm] if p is None else p, 1, finite=False, what="math.inf allowed")
+    batch_size = check_int("batch_size", batch_size, 1)
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a batch of images [N,C,H,W], got x.shape={shape}")
-    Delta, p = float(Delta), float(p)
     alpha = Delta / 4 if alpha is None else alpha
     out = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
     if Delta == 0 or x.shape[0] == 0:
@@ -200,14 +195,6 @@ def _second_divided_differences(e: np.ndarray, v: np.ndarray) -> np.ndarray:
     return 2.0 * np.diff(slopes, axis=0) / span
 
 
-def _check_number(value, name: str, low: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) \
-            or (low is not None and value < low):
-        bound = f" >= {low:g}" if low is not None else ""
-        raise ValueError(f"{name} must be a finite number{bound}, got {name}={value!r}")
-    return float(value)
-
-
 def _check_selection_input(eps, delta_z) -> tuple[np.ndarray, np.ndarray]:
     """Budgets (>= 1, strictly increasing) and delta_z as [n_budgets] means or [n_budgets, N] per example."""
     e = _as_1d_float(eps, "eps")
@@ -285,10 +272,10 @@ def select_extractors(eps: Sequence[float], delta_z, Delta: float | None = None,
         z: how many standard errors a positive second difference may be and still count as concave.
         tol: a further allowance on d2 (in delta_z per eps^2); 0 is the rule as stated.
     """
-    z = _check_number(z, "z", low=0.0)
-    tol = _check_number(tol, "tol")
+    z = check_real("z", z, 0.0)
+    tol = check_real("tol", tol)
     if Delta is not None:
-        Delta = _check_number(Delta, "Delta", low=0.0)
+        Delta = check_real("Delta", Delta, 0.0)
     e, v = _check_selection_input(eps, delta_z)
     n = len(e)
     per_example = v.ndim == 2

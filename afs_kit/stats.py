@@ -13,25 +13,20 @@
 from __future__ import annotations
 
 import hashlib
-from numbers import Integral
 
 import numpy as np
 import torch
 from scipy.stats import binomtest
 
+from .checks import check_int
+
 CONFIDENCE = 0.95
 SIGNIFICANCE = 0.05  # "better" / "worse" only below this p-value
 
 
-def _check_count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {name}={value!r}")
-    return int(value)
-
-
 def confidence_interval(correct: int, n: int) -> tuple[float, float]:
     """95% Wilson score interval (percent) of `correct` successes out of `n` examples."""
-    correct, n = _check_count("correct", correct), _check_count("n", n)
+    correct, n = check_int("correct", correct, 0), check_int("n", n, 0)
     if n == 0:
         raise ValueError(f"n must be >= 1 for an interval, got n={n}")
     if correct > n:

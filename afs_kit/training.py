@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .attacks import pgd
+from .checks import check_choice, check_int, check_real
 from .config import ATTACK_BN, LR_SCHEDULES, TRAINERS, DataConfig, ExtractorConfig, config_hash, format_budget, step_size
 from .batches import (augment, channel_stats, data_fingerprint, iterate_batches, limited, to_float,
                       validation_split)
@@ -117,8 +118,7 @@ def training_health(history: list[dict], num_classes: int, key: str = "train_los
     Returns {"passed", "final_loss", "chance", "above_chance", "rising", "last_losses" (up to the last
     three epochs), "epochs"}.
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got num_classes={num_classes!r}")
+    check_int("num_classes", num_classes, 2)
     if not history:
         raise ValueError("history must hold at least one epoch, got an empty history")
     missing = [i for i, h in enumerate(history) if key not in h]
@@ -220,22 +220,16 @@ def learning_rate_schedule(optimizer, cfg: ExtractorConfig, batches_per_epoch: i
 
 def check_extractor_config(cfg: ExtractorConfig) -> None:
     """Everything `train_extractor` needs of its config, checked before anything is written."""
-    if isinstance(cfg.eps, bool) or not isinstance(cfg.eps, (int, float)) or not 0 <= cfg.eps <= 1:
-        raise ValueError(f"eps must be in [0, 1], got eps={cfg.eps!r}")
+    check_real("eps", cfg.eps, 0, 1)
     if cfg.eps_range is not None and not (len(cfg.eps_range) == 2 and 0 <= cfg.eps_range[0] <= cfg.eps_range[1] <= 1):
         raise ValueError(f"eps_range must satisfy 0 <= lo <= hi <= 1, got eps_range={cfg.eps_range!r}")
     for name in ("epochs", "batch_size", "attack_steps", "val_attack_steps", "val_examples"):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
+        check_int(name, getattr(cfg, name), 1)
     if cfg.step_size is not None and not cfg.step_size > 0:
         raise ValueError(f"step_size (the PGD step) must be > 0, got step_size={cfg.step_size!r}")
-    if cfg.trainer not in TRAINERS:
-        raise ValueError(f"unknown trainer={cfg.trainer!r}; known: {', '.join(TRAINERS)}")
-    if cfg.attack_bn not in ATTACK_BN:
-        raise ValueError(f"unknown attack_bn={cfg.attack_bn!r}; known: {', '.join(ATTACK_BN)}")
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr_schedule={cfg.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
+    check_choice("trainer", cfg.trainer, TRAINERS)
+    check_choice("attack_bn", cfg.attack_bn, ATTACK_BN)
+    check_choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
     check_precision(cfg.precision)
 
 

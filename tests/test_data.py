@@ -308,7 +308,7 @@ def test_augment_crop_shift_within_padding(mini: Dataset) -> None:
 
 
 def test_augment_bad_input(mini: Dataset) -> None:
-    with pytest.raises(ValueError, match=r"crop_padding must be an int >= 0, got crop_padding=-1"):
+    with pytest.raises(ValueError, match=r"crop_padding must be an integer >= 0, got crop_padding=-1"):
         augment(mini.x_train[:2], crop_padding=-1, flip=False)
     with pytest.raises(ValueError, match=r"x must be uint8 \[B, C, H, W\], got dtype=torch.float32"):
         augment(to_float(mini.x_train[:2]), crop_padding=4, flip=True)
@@ -330,7 +330,7 @@ def test_iterate_batches() -> None:
     again = torch.cat(list(iterate_batches(103, 10, shuffle=True, generator=torch.Generator().manual_seed(0))))
     assert torch.equal(flat, again)
     assert list(iterate_batches(0, 4, shuffle=True)) == []
-    with pytest.raises(ValueError, match=r"batch_size must be an int >= 1, got batch_size=0"):
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got batch_size=0"):
         iterate_batches(10, 0, shuffle=False)
-    with pytest.raises(ValueError, match=r"n must be an int >= 0, got n=-1"):
+    with pytest.raises(ValueError, match=r"n must be an integer >= 0, got n=-1"):
         iterate_batches(-1, 4, shuffle=False)
