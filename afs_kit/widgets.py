@@ -1,8 +1,9 @@
 """ipywidgets explorers: an alpha slider and extractor-subset checkboxes over one run.
 
 A setting already trained answers at once (mergers and evaluations are cached on disk by config,
-and in memory once seen); a new one trains its merger on demand, with a progress bar in the
-explorer's output, and then stays cached. Every figure shown here also exists as a static figure
+and in memory once seen); a new one trains its merger only when "Train and show" is pressed, with a
+progress bar in the explorer's output, and then stays cached. The kernel is the one source of
+truth: every redraw reads the controls' values and locks them while it works. Every figure shown here also exists as a static figure
 made by the notebooks, since executed reports keep no widget state.
 """
 from __future__ import annotations
@@ -49,34 +50,46 @@ def alpha_explorer(run: Run, alphas: Sequence[float] | None = None, subset: str 
         _setting(run, vector, float(a), n_examples, cache)
     slider = w.FloatSlider(value=start, min=0.0, max=1.0, step=step, description="alpha", readout_format=".2f",
                            continuous_update=False, layout=w.Layout(width="420px"))
+    button = w.Button(description="Train and show", button_style="primary")
     status = w.HTML()
     out = w.Output()
     labels = stacked_labels(run, vector)
 
-    def redraw(alpha: float) -> None:
-        alpha = round(alpha, 6)
-        trained = merger_exists(run, vector, alpha)
-        status.value = "" if trained else f"alpha={alpha:g}: training its merger (then cached) ..."
-        with out:
-            out.clear_output(wait=True)
-            row = _setting(run, vector, alpha, n_examples, cache)
+    def redraw(train: bool) -> None:
+        # the kernel is the one source of truth: read the slider now, not the value a message carried,
+        # and lock the controls while working so the page cannot move ahead of the kernel
+        alpha = round(slider.value, 6)
+        if not train and (vector, alpha) not in cache and not merger_exists(run, vector, alpha):
+            # a slider passing through values (keys, drags) must not train a merger for each of them
+            status.value = f"alpha={alpha:g} has no merger yet: press 'Train and show' to train it (then cached)"
+            return
+        slider.disabled = button.disabled = True
+        status.value = "" if (vector, alpha) in cache or merger_exists(run, vector, alpha) else \
+            f"alpha={alpha:g}: training its merger (then cached) ..."
+        try:
+            with out:
+                out.clear_output(wait=True)
+                row = _setting(run, vector, alpha, n_examples, cache)
+                print(f"alpha={alpha:g}: clean {row['clean']:.1f}% [{row['clean_ci']}], PGD-10 {row['pgd10']:.1f}%, "
+                      f"PGD-20 {row['pgd20']:.1f}%, worst case {row['worst']:.1f}% [{row['worst_ci']}] "
+                      f"(subset {vector}, masking checks {row['sanity']}); importance ratio "
+                      + ", ".join(f"{lab}: {r:.2f}" for lab, r in zip(labels, row["importance"])))
+                seen = sorted((r for (v, _), r in cache.items() if v == vector), key=lambda r: r["alpha"])
+                fig = plot_alpha_tradeoff([r["alpha"] for r in seen], [r["clean"] for r in seen],
+                                          [r["pgd10"] for r in seen], [r["pgd20"] for r in seen], n=row["n"],
+                                          worst=[r["worst"] for r in seen])
+                fig.axes[0].axvline(alpha, color="black", ls="--", lw=1)
+                display(fig)
+                display(plot_importance_ratios({f"{alpha:g}": row["importance"]}, labels,
+                                               title=f"Importance of each extractor, alpha={alpha:g}"))
             status.value = ""
-            print(f"alpha={alpha:g}: clean {row['clean']:.1f}% [{row['clean_ci']}], PGD-10 {row['pgd10']:.1f}%, "
-                  f"PGD-20 {row['pgd20']:.1f}%, worst case {row['worst']:.1f}% [{row['worst_ci']}] "
-                  f"(subset {vector}, masking checks {row['sanity']}); importance ratio "
-                  + ", ".join(f"{lab}: {r:.2f}" for lab, r in zip(labels, row["importance"])))
-            seen = sorted((r for (v, _), r in cache.items() if v == vector), key=lambda r: r["alpha"])
-            fig = plot_alpha_tradeoff([r["alpha"] for r in seen], [r["clean"] for r in seen],
-                                      [r["pgd10"] for r in seen], [r["pgd20"] for r in seen], n=row["n"],
-                                      worst=[r["worst"] for r in seen])
-            fig.axes[0].axvline(alpha, color="black", ls="--", lw=1)
-            display(fig)
-            display(plot_importance_ratios({f"{alpha:g}": row["importance"]}, labels,
-                                           title=f"Importance of each extractor, alpha={alpha:g}"))
+        finally:
+            slider.disabled = button.disabled = False
 
-    slider.observe(lambda change: redraw(change["new"]), names="value")
-    redraw(start)
-    return w.VBox([w.HBox([slider, status]), out])
+    slider.observe(lambda _change: redraw(False), names="value")
+    button.on_click(lambda _button: redraw(True))
+    redraw(True)
+    return w.VBox([w.HBox([slider, button, status]), out])
 
 
 def subset_explorer(run: Run, alpha: float | None = None, n_examples: int | None = None,
@@ -104,7 +117,18 @@ def subset_explorer(run: Run, alpha: float | None = None, n_examples: int | None
         return "".join("1" if b.value else "0" for b in boxes)
 
     def redraw(train: bool) -> None:
+        # one observer for every box, reading all of them: the kernel is the one source of truth, and
+        # the boxes are locked while it works so the page cannot move ahead of it
         v = vector()
+        for b in (*boxes, button):
+            b.disabled = True
+        try:
+            show(v, train)
+        finally:
+            for b in (*boxes, button):
+                b.disabled = False
+
+    def show(v: str, train: bool) -> None:
         with out:
             out.clear_output(wait=True)
             if "1" not in v:

@@ -1,5 +1,6 @@
-"""The alpha slider in a real browser: JupyterLab on localhost, headless Chromium, Run All, move the
-slider, and check that the explorer redraws for the new alpha (training its merger on demand).
+"""The explorers in a real browser: JupyterLab on localhost, headless Chromium, Run All, then the alpha
+slider (keys pressed quickly train nothing; "Train and show" trains the value shown) and the subset
+checkboxes clicked 100 ms apart, checking the kernel's state against what the page shows.
 
 Needs Debian's `chromium` (`make system-deps` installs it where apt works); skipped with a message
 where /usr/bin/chromium is absent. Playwright drives it: `playwright install` cannot download
@@ -72,6 +73,10 @@ def lab(tmp_path_factory):
     nb = parameterize_notebook(source, {"PRESET": "smoke", "RUN_DIR": str(run_dir), "DEVICE": "cpu",
                                         "ALPHAS": [0.5], "N_EVAL": 50, "INTERACTIVE": True})
     nbformat.write(nb, str(root / "alpha.ipynb"))
+    source = load_notebook_node(str(NOTEBOOKS_DIR / "05_subsets.ipynb"))
+    nb = parameterize_notebook(source, {"PRESET": "smoke", "RUN_DIR": str(run_dir), "DEVICE": "cpu",
+                                        "SUBSETS": ["111"], "N_EVAL": 50, "INTERACTIVE": True})
+    nbformat.write(nb, str(root / "subsets.ipynb"))
 
     port, token = _free_port(), secrets.token_hex(16)
     home = root / "home"
@@ -124,22 +129,35 @@ def _wait(page, predicate, what: str, log: Path, timeout: float) -> None:
                          f"{errors[-3000:]}\nserver log:\n{log.read_text()[-2000:]}")
 
 
-def test_alpha_slider_redraws_in_a_real_browser(lab):
+def _open_and_run_all(page, lab, notebook: str) -> None:
+    page.goto(f"{lab['url']}/lab/tree/{notebook}?reset&token={lab['token']}")
+    # the app is exposed (expose_app_in_browser): wait for it, the notebook and an idle kernel
+    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
+                           " && window.jupyterapp.shell.currentWidget.sessionContext"
+                           " && window.jupyterapp.shell.currentWidget.sessionContext.session"
+                           " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel"
+                           " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status"
+                           " === 'idle'", timeout=60_000)
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+
+
+def _kernel_idle(page) -> bool:
+    return page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status"
+                         " === 'idle'")
+
+
+def _alphas_trained(run_dir: Path) -> set[str]:
+    names = open_run("smoke", run_dir, device="cpu", progress=False).merger_names()
+    return {n.split("-alpha-")[1].split("-")[0] for n in names}
+
+
+def test_alpha_slider_trains_only_what_is_asked_in_a_real_browser(lab):
     sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs Playwright's Python package")
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"{lab['url']}/lab/tree/alpha.ipynb?reset&token={lab['token']}")
-            # the app is exposed (expose_app_in_browser): wait for it, the notebook and an idle kernel
-            page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
-                                   " && window.jupyterapp.shell.currentWidget.sessionContext"
-                                   " && window.jupyterapp.shell.currentWidget.sessionContext.session"
-                                   " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel"
-                                   " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status"
-                                   " === 'idle'", timeout=60_000)
-            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-
+            _open_and_run_all(page, lab, "alpha.ipynb")
             _wait(page, lambda: "alpha=0.5:" in _explorer_text(page), "the explorer's first drawing (alpha=0.5)",
                   lab["log"], 90)
             handle = page.locator(".jupyter-widgets .widget-slider .noUi-handle").first
@@ -148,12 +166,20 @@ def test_alpha_slider_redraws_in_a_real_browser(lab):
             assert readout.text_content().strip() == "0.50"
             before = _explorer_images(page)
             assert len(before) == 2, f"the explorer draws two figures, found {len(before)}"
+            assert _alphas_trained(lab["run"]) == {"0.5"}
 
-            trained = open_run("smoke", lab["run"], device="cpu", progress=False).merger_names()
-            assert not any("-alpha-0.6-" in n for n in trained), "alpha 0.6 must be new to the run"
+            # keys pressed 100 ms apart pass through 0.6 and 0.7 to 0.8: nothing is trained on the way
             handle.focus()
-            page.keyboard.press("ArrowRight")  # one step of 0.1: alpha 0.6 has no merger yet, so it trains
-            _wait(page, lambda: "alpha=0.6:" in _explorer_text(page), "the redraw at alpha=0.6", lab["log"], 90)
+            for _ in range(3):
+                page.keyboard.press("ArrowRight")
+                page.wait_for_timeout(100)
+            _wait(page, lambda: "alpha=0.8 has no merger yet" in page.content() and _kernel_idle(page),
+                  "the note that alpha 0.8 has no merger", lab["log"], 30)
+            assert readout.text_content().strip() == "0.80"
+            assert _alphas_trained(lab["run"]) == {"0.5"}, "a slider passing through values trains none of them"
+
+            page.get_by_role("button", name="Train and show").click()
+            _wait(page, lambda: "alpha=0.8:" in _explorer_text(page), "the redraw at alpha=0.8", lab["log"], 90)
             _wait(page, lambda: len(_explorer_images(page)) == 2 and _explorer_images(page) != before,
                   "the redrawn figures", lab["log"], 30)
             text = _explorer_text(page)
@@ -161,9 +187,42 @@ def test_alpha_slider_redraws_in_a_real_browser(lab):
             assert "clean" in text and "PGD-10" in text and "importance ratio" in text
         finally:
             browser.close()
-    # the new setting was trained on demand and is now cached on disk
-    run = open_run("smoke", lab["run"], device="cpu", progress=False)
-    names = run.merger_names()
-    assert any("-alpha-0.6-" in n for n in names), names
+    # only the value asked for was trained, and it is now cached on disk
+    assert _alphas_trained(lab["run"]) == {"0.5", "0.8"}
     summary = json.loads((lab["run"] / "summary.json").read_text())
     assert [r["alpha"] for r in summary["alpha_sweep"]["rows"]] == [0.5]
+
+
+def test_subset_checkboxes_clicked_100_ms_apart_stay_in_step_with_the_kernel(lab):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs Playwright's Python package")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            _open_and_run_all(page, lab, "subsets.ipynb")
+            _wait(page, lambda: "subset=111" in _explorer_text(page), "the explorer's first drawing (subset 111)",
+                  lab["log"], 120)
+            boxes = page.locator(".jupyter-widgets .widget-checkbox input[type=checkbox]")
+            assert boxes.count() == 3
+            # untick, tick, untick, ... 100 ms apart, across the boxes, while the kernel redraws
+            for i in (0, 0, 0, 1, 1, 1, 2, 0, 2, 1, 0):
+                boxes.nth(i).click(force=True)
+                page.wait_for_timeout(100)
+            _wait(page, lambda: _kernel_idle(page), "an idle kernel", lab["log"], 60)
+            page.wait_for_timeout(1000)
+            shown = "".join("1" if boxes.nth(i).is_checked() else "0" for i in range(3))
+            text = _explorer_text(page)
+            kernel = [line for line in text.splitlines() if "subset" in line or "tick at least" in line][-1]
+            expected = "tick at least one extractor" if shown == "000" else f"subset {shown} has no merger yet" \
+                if shown != "111" else "subset=111"
+            assert expected in kernel, f"the page shows {shown}; the kernel says: {kernel}"
+            # every box still talks to the kernel: tick all three and the kernel draws subset 111 again
+            for _ in range(10):  # a click on a box locked while the kernel works is dropped: click again
+                for i in range(3):
+                    if not boxes.nth(i).is_checked():
+                        boxes.nth(i).click(force=True)
+                        _wait(page, lambda: _kernel_idle(page), "an idle kernel", lab["log"], 60)
+                        page.wait_for_timeout(300)
+            _wait(page, lambda: "subset=111" in _explorer_text(page), "subset 111 drawn again", lab["log"], 60)
+        finally:
+            browser.close()
