@@ -6,7 +6,8 @@ registers Jupyter's display hook; a bare `matplotlib.figure.Figure` would print 
 No backend is chosen here: scripts get matplotlib's default (Agg without a display), notebooks inline.
 `save_figure` writes a PNG atomically.
 
-Budgets are floats in pixel scale (8/255) and are drawn in units of 1/255.
+Budgets are floats in pixel scale (8/255). A figure draws them in the unit its report's tables use
+(`config.format_budget`): multiples of 1/255 in units of 1/255 (CIFAR), any other budgets as decimals.
 """
 from __future__ import annotations
 
@@ -26,7 +27,24 @@ __all__ = [
     "plot_importance_ratios", "plot_weight_histograms", "plot_alpha_tradeoff", "save_figure",
 ]
 
-_BUDGET_LABEL = "x 1/255"
+MIN_SPAN = 10.0  # percentage points: an accuracy axis spans at least this, so a 0.3-point gap looks small
+
+
+def _budget_unit(values: np.ndarray) -> tuple[float, str]:
+    """(scale, axis unit) for budgets: 255 and "x 1/255" when all are multiples of 1/255, else 1 and ""."""
+    k = np.asarray(values, dtype=float) * 255
+    if np.all(np.abs(k - np.round(k)) < 1e-6):
+        return 255.0, " (x 1/255)"
+    return 1.0, ""
+
+
+def _at_least(ax, axis: str, span: float = MIN_SPAN) -> None:
+    """Widen an accuracy axis to `span` points around its data (within 0-100) so small gaps stay small."""
+    lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    if hi - lo >= span:
+        return
+    lo = min(max(0.0, (lo + hi - span) / 2), 100.0 - span)
+    (ax.set_xlim if axis == "x" else ax.set_ylim)(lo, lo + span)
 
 
 def _wilson_yerr(percent: Sequence[float], n: int | None) -> np.ndarray | None:
@@ -72,7 +90,7 @@ def _same_length(name: str, values: np.ndarray, ref_name: str, n: int) -> None:
 
 def plot_clean_vs_robust(results: Mapping[str, tuple[float, float]] | None = None,
                          reference: Sequence[ReferenceRow] | None = TABLE4_CIFAR10, robust: str = "pgd",
-                         title: str | None = None, n: int | None = None):
+                         title: str | None = None, n: int | None = None, robust_label: str = "PGD-20"):
     """Fig. 1: clean accuracy (x) against robust accuracy (y) of several methods, each annotated.
 
     results: the kit's own methods, name -> (clean, robust), in % (filled circles).
@@ -80,6 +98,9 @@ def plot_clean_vs_robust(results: Mapping[str, tuple[float, float]] | None = Non
     reference: published rows (default: table 4, CIFAR-10), drawn as open squares labelled
         "(paper)"; rows without the two values are skipped. None: no reference.
     robust: which reference column is the y value, "pgd" or "aa".
+    robust_label: the attack behind the kit's own y values when `robust` is "pgd" (the y axis says it).
+    Each of the kit's models gets its own colour and legend entry; both axes span at least
+    `MIN_SPAN` points, so that a small gap is drawn small.
     """
     if robust not in ("pgd", "aa"):
         raise ValueError(f"robust must be 'pgd' or 'aa', got robust={robust!r}")
@@ -98,19 +119,20 @@ def plot_clean_vs_robust(results: Mapping[str, tuple[float, float]] | None = Non
             for name, cx, ry in pts:
                 ax.annotate(f"{name} (paper)", (cx, ry), textcoords="offset points", xytext=(4, 4),
                             fontsize=8, color="tab:gray")
-    if results:
-        cx, ry = [p[0] for p in results.values()], [p[1] for p in results.values()]
-        ax.errorbar(cx, ry, xerr=_wilson_yerr(cx, n), yerr=_wilson_yerr(ry, n), fmt="o", color="tab:red", ms=7,
-                    capsize=3, label="this run" + (f" (95% CI, n={n})" if n else ""))
-        for name, (cx, ry) in results.items():
-            ax.annotate(name, (cx, ry), textcoords="offset points", xytext=(4, -10), fontsize=9, color="tab:red")
-    ax.margins(x=0.15, y=0.1)  # room for the annotations
-    ax.set_xlabel("clean accuracy (%)")
-    ax.set_ylabel(f"robust accuracy, {'PGD' if robust == 'pgd' else 'AutoAttack'} (%)")
+    colours = _distinct_colours(len(results))
+    for (name, (cx, ry)), colour in zip(results.items(), colours):
+        # one colour and one legend entry per model, with its interval
+        ax.errorbar([cx], [ry], xerr=_wilson_yerr([cx], n), yerr=_wilson_yerr([ry], n), fmt="o", color=colour,
+                    ms=7, capsize=3, label=name)
+    ax.margins(x=0.15, y=0.1)
+    _at_least(ax, "x")
+    _at_least(ax, "y")
+    ax.set_xlabel("clean accuracy (%)" + (f", 95% CI over n={n}" if n and results else ""))
+    ax.set_ylabel(f"robust accuracy, {robust_label if robust == 'pgd' else 'AutoAttack'} (%)")
     ax.set_title(title or "Accuracy-robustness trade-off")
     ax.grid(alpha=0.3)
     if results or reference:
-        ax.legend(loc="best", fontsize=8)
+        ax.legend(loc="best", fontsize=7)
     return fig
 
 
@@ -129,7 +151,8 @@ def plot_delta_z(eps: Sequence[float], mean: Sequence[float], std: Sequence[floa
     _same_length("mean", m, "eps", len(e))
     fig, axes = _new_figure(figsize=(6, 4))
     ax = axes[0, 0]
-    k = e * 255
+    scale, unit = _budget_unit(e if Delta is None else np.append(e, Delta))
+    k = e * scale
     ax.plot(k, m, "o-", color="tab:blue", label="mean over examples")
     if std is not None:
         s = _array(std, "std")
@@ -139,9 +162,9 @@ def plot_delta_z(eps: Sequence[float], mean: Sequence[float], std: Sequence[floa
         chosen = selected.selected if isinstance(selected, Selection) else list(selected)
         mask = np.array([any(np.isclose(v, c, rtol=0, atol=1e-9) for c in chosen) for v in e])
         ax.scatter(k[mask], m[mask], s=140, marker="*", color="tab:orange", zorder=3, label="selected")
-    ax.set_xlabel(f"training budget eps ({_BUDGET_LABEL})")
+    ax.set_xlabel(f"training budget eps{unit}")
     ax.set_ylabel("Delta_z (largest logit change)")
-    at = f" at Delta = {Delta * 255:g}/255" if Delta is not None else ""
+    at = "" if Delta is None else f" at Delta = {Delta * scale:g}" + ("/255" if scale == 255 else "")
     ax.set_title(title or f"Delta_z{at} vs training budget")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -150,7 +173,8 @@ def plot_delta_z(eps: Sequence[float], mean: Sequence[float], std: Sequence[floa
 
 # ----------------------------------------------------------------------------- fig. 4
 
-def _class_colors(n: int):
+def _distinct_colours(n: int):
+    """`n` colours told apart at a glance: tab10, tab20, then a continuous map."""
     import matplotlib as mpl
 
     if n <= 10:
@@ -185,7 +209,7 @@ def plot_tsne(embeddings: Sequence, labels, class_names: Sequence[str] | None = 
                          f"got {len(names)} names")
     if titles is not None and len(titles) != len(embs):
         raise ValueError(f"titles must have one title per embedding ({len(embs)}), got titles={list(titles)!r}")
-    colors = _class_colors(max(n_classes, 1))
+    colors = _distinct_colours(max(n_classes, 1))
     fig, axes = _new_figure(1, len(embs), figsize=(4.2 * len(embs) + 1.5, 4.2))
     for i, (ax, e) in enumerate(zip(axes[0], embs)):
         for c in range(n_classes):
@@ -213,12 +237,13 @@ def plot_robustness_vs_budget(budgets: Sequence[float], accuracies: Mapping[str,
         raise ValueError("accuracies must map at least one model name to its accuracies, got an empty mapping")
     fig, axes = _new_figure(figsize=(6, 4))
     ax = axes[0, 0]
+    scale, unit = _budget_unit(b)
     for name, acc in accuracies.items():
         a = _array(acc, f"accuracies[{name!r}]")
         _same_length(f"accuracies[{name!r}]", a, "budgets", len(b))
-        ax.errorbar(b * 255, a, yerr=_wilson_yerr(a, n), fmt="o-", capsize=2, label=name,
+        ax.errorbar(b * scale, a, yerr=_wilson_yerr(a, n), fmt="o-", capsize=2, label=name,
                     lw=2.2 if "afs" in name.lower() else 1.2)
-    ax.set_xlabel(f"attack budget ({_BUDGET_LABEL})")
+    ax.set_xlabel(f"attack budget{unit}")
     ax.set_ylabel("robust accuracy (%)")
     ax.set_title(title or "Robustness under different budgets")
     ax.grid(alpha=0.3)

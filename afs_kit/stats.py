@@ -75,6 +75,14 @@ def paired_test(flags_a, flags_b) -> float:
     return float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
 
 
+def points_apart(diff: float) -> str:
+    """A difference of accuracies in words: "1.0 point above", "2.5 points below", "level with"."""
+    if round(abs(diff), 1) == 0:
+        return "level with"
+    size = f"{abs(diff):.1f} point{'' if round(abs(diff), 1) == 1 else 's'}"
+    return f"{size} {'above' if diff > 0 else 'below'}"
+
+
 def compare(flags_a, flags_b, name_a: str = "A", name_b: str = "B") -> dict:
     """A paired verdict for reports: accuracies, discordant counts, p and a sentence that says
     "better" or "worse" only when p < 0.05."""
@@ -82,12 +90,13 @@ def compare(flags_a, flags_b, name_a: str = "A", name_b: str = "B") -> dict:
     only_a, only_b = discordant(a, b)
     p = paired_test(a, b)
     diff = 100 * (a.mean() - b.mean()) if len(a) else 0.0
+    gap = f"{name_a} {points_apart(diff)} {name_b}"
     if p < SIGNIFICANCE:
         verdict = "better" if only_a > only_b else "worse"
-        text = f"{name_a} is {verdict} than {name_b} ({diff:+.1f} points, p = {p:.2g}, n = {len(a)})"
+        text = f"{name_a} is {verdict} than {name_b}: {gap} (p = {p:.2g}, n = {len(a)})"
     else:
         verdict = "no significant difference"
-        text = f"{name_a} vs {name_b}: no significant difference ({diff:+.1f} points, p = {p:.2g}, n = {len(a)})"
+        text = f"{name_a} vs {name_b}: no significant difference ({gap}, p = {p:.2g}, n = {len(a)})"
     return {"a": name_a, "b": name_b, "difference": float(diff), "only_a": only_a, "only_b": only_b, "p": p,
             "n": len(a), "verdict": verdict, "text": text}
 

@@ -28,8 +28,17 @@ def test_clean_vs_robust_marks_quoted_and_own_points():
     fig = plots.plot_clean_vs_robust({"AFS (kit)": (88.0, 50.0), "PGD-AT (kit)": (82.0, 49.0)})
     _check(fig, 1)
     texts = [t.get_text() for t in fig.axes[0].texts]
-    assert "AFS (kit)" in texts and "FAT (paper)" in texts
-    assert len(texts) == 2 + len(TABLE4_CIFAR10)
+    assert "FAT (paper)" in texts and len(texts) == len(TABLE4_CIFAR10)
+    # the kit's own models: one colour and one legend entry each, named
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "AFS (kit)" in legend and "PGD-AT (kit)" in legend
+    colours = {c.get_label(): tuple(c.lines[0].get_color()) for c in fig.axes[0].containers}
+    assert set(colours) == {"AFS (kit)", "PGD-AT (kit)"} and len(set(colours.values())) == 2
+    assert "PGD-20" in fig.axes[0].get_ylabel()
+    # a 0.35-point gap is not blown up to fill the axes
+    close = plots.plot_clean_vs_robust({"a": (98.85, 70.0), "b": (99.20, 70.3)}, reference=None, n=1000)
+    lo, hi = close.axes[0].get_xlim()
+    assert hi - lo >= plots.MIN_SPAN and 0 <= lo and hi <= 100
     _check(plots.plot_clean_vs_robust(None, robust="aa"), 1)
     with pytest.raises(ValueError, match=r"robust='cw'"):
         plots.plot_clean_vs_robust(robust="cw")
@@ -44,7 +53,11 @@ def test_delta_z_figure_marks_selected():
     _check(fig, 1)
     stars = [c for c in fig.axes[0].collections if c.get_label() == "selected"]
     assert len(stars) == 1 and len(stars[0].get_offsets()) == len(sel.selected)
-    assert "8/255" in fig.axes[0].get_title()
+    assert "8/255" in fig.axes[0].get_title() and "1/255" in fig.axes[0].get_xlabel()
+    # budgets that are not multiples of 1/255 (digits, Fashion-MNIST) are drawn as the tables print them
+    fig = plots.plot_delta_z([0, 0.05, 0.1, 0.15], [1.0, 0.8, 0.7, 0.65], Delta=0.15)
+    assert "/255" not in fig.axes[0].get_title() + fig.axes[0].get_xlabel()
+    assert "Delta = 0.15" in fig.axes[0].get_title() and max(fig.axes[0].lines[0].get_xdata()) == 0.15
     with pytest.raises(ValueError, match=r"len\(mean\)=9"):
         plots.plot_delta_z(EPS, curve[:9])
 

@@ -11,6 +11,7 @@ import numpy as np
 from ..config import config_hash, format_budget
 from ..pipeline import Run
 from ..runs import model_name, read_json, write_json
+from ..stats import points_apart
 from .common import (PGD_ATTACKS, accuracy_row, autoattack_name, afs_name, baseline_budget, evaluate_afs,
                      evaluate_extractor, evaluation_flags, label, main_alpha, main_subset, paired_sentence)
 
@@ -125,7 +126,7 @@ def alpha_text(run: Run, rows: Sequence[dict], extractors: Sequence[dict]) -> st
     name_a, name_b = f"AFS alpha={best['alpha']:g}", f"the best single extractor {label(single['eps'])}"
     return (f"Best alpha by mean(clean, worst case): alpha={best['alpha']:g} (clean {best['clean']:.1f}%, worst case "
             f"{best['worst']:.1f}%, mean {afs_t:.1f}); {label(single['eps'])}: clean {single['clean']:.1f}%, "
-            f"worst case {single['worst']:.1f}%, mean {single_t:.1f} ({afs_t - single_t:+.1f} points). Clean: "
+            f"worst case {single['worst']:.1f}%, mean {single_t:.1f} (AFS {points_apart(afs_t - single_t)}). Clean: "
             f"{paired_sentence(run, best, single, name_a, name_b, 'clean')}. Worst case: "
             f"{paired_sentence(run, best, single, name_a, name_b, 'worst')}.")
 
@@ -256,7 +257,7 @@ def comparison_text(rows: Sequence[dict], paired: Sequence[dict]) -> str:
             f"{afs['aa']:.1f}% "
             f"(worst case over every attack {afs['worst']:.1f}%, 95% CI {afs['worst_ci']}), trade-off "
             f"{afs['tradeoff']:.1f}, against {best['tradeoff']:.1f} for the best single network, {best['method']} "
-            f"({afs['tradeoff'] - best['tradeoff']:+.1f} points, on {afs['n_aa']} test examples).")
+            f"(AFS {points_apart(afs['tradeoff'] - best['tradeoff'])}, on {afs['n_aa']} test examples).")
     for p in paired:
         text += f" {p['measure'].capitalize()} accuracy: {p['text']}."
     return text
@@ -307,8 +308,8 @@ def cost_text(run: Run, rows: Sequence[dict]) -> str:
 
     def against_base(r):
         return (f"{r['params'] / base['params']:.2f}x the parameters and {r['macs'] / base['macs']:.2f}x the MACs "
-                f"of the baseline; clean {r['clean'] - base['clean']:+.1f} points, worst case "
-                f"{r['worst'] - base['worst']:+.1f} points ("
+                f"of the baseline; clean {points_apart(r['clean'] - base['clean'])} it, worst case "
+                f"{points_apart(r['worst'] - base['worst'])} it ("
                 f"{paired_sentence(run, r, base, r['setting'], 'the baseline')})")
 
     text = f"AFS has {against_base(afs)}."
