@@ -247,7 +247,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "Linf",
                version: str = "standard", seed: int = 0, batch_size: int = 500, verbose: bool = False,
                device: str | torch.device | None = None, return_breakdown: bool = False,
-               attacks: Sequence[str] | None = None):
+               attacks: Sequence[str] | None = None, say=None):
     """AutoAttack (Croce & Hein, 2020) through the authors' package `pyautoattack`.
 
     Returns `(robust, x_adv)`: `robust` a BoolTensor [N] on y's device, True where the example is
@@ -272,6 +272,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
         attacks: None runs the version's attacks; a list (of apgd-ce, apgd-dlr, apgd-t, fab, fab-t,
             square) runs those instead, in that order, with the version's settings: cheaper and weaker
             than the whole version, so say so wherever its numbers are shown.
+        say: called with one line as each attack starts (e.g. `print`); None: silent.
 
     The model is in eval mode during the call; every module's training flag is restored afterwards.
     """
@@ -322,6 +323,8 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
                     broken[attack] = 0
                     if len(idx) == 0:
                         continue
+                    if say is not None:
+                        say(f"  AutoAttack {attack} on the {len(idx)} of {len(y)} examples still robust ...")
                     adversary.attacks_to_run = [attack]
                     xa, ya = adversary.run_standard_evaluation(x[idx.to(x.device)], y[idx].to(dev),
                                                                batch_size=batch_size)

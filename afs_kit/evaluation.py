@@ -75,10 +75,9 @@ def attack_flags(model, x, y, attack: str, cfg: EvalConfig, clean: torch.Tensor,
                                cfg.batch_size, precision=cfg.precision, generator=gen, progress=progress, desc=attack)
         return {"flags": flags}
     if attack == "aa":
-        if progress:
-            print(f"AutoAttack on {len(y)} examples ...", flush=True)
         robust, _, breakdown = autoattack(model, x, y, cfg.eps, seed=cfg.seed, batch_size=cfg.batch_size,
-                                          return_breakdown=True, attacks=cfg.aa_attacks or None)
+                                          return_breakdown=True, attacks=cfg.aa_attacks or None,
+                                          say=(lambda line: print(line, flush=True)) if progress else None)
         return {"flags": clean & robust.to(x.device), "aa_breakdown": breakdown}
     raise ValueError(f"unknown attack={attack!r}; known: {', '.join(ATTACKS)}")
 

@@ -100,7 +100,7 @@ def transfer_sources(model: nn.Module) -> dict[str, nn.Module]:
 def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: dict | None = None,
                   n: int | None = None, seed: int = 0, device: str = "auto", flags: dict | None = None,
                   strength: str = "quick", sources: dict[str, nn.Module] | None = None,
-                  step: float | None = None) -> dict:
+                  step: float | None = None, say=None) -> dict:
     """Gradient-masking checks on at most `n` examples (default: the strength's, 200 for "quick").
 
     Args:
@@ -114,6 +114,7 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
         sources: surrogate models for the transfer check; None: for an AFS model or a logit average,
             each extractor and their logit average; for any other model the check is skipped.
         step: the reported PGD's step size (None: eps / 4).
+        say: called with one line as each slow check starts (e.g. `print`); None: silent.
 
     Checks, each `{"passed": bool, ...numbers}`:
         converged: PGD with 5x the steps of the strongest reported PGD, 2 restarts, cross-entropy and
@@ -163,28 +164,38 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
         white = _on_clean(clean, x, y, lambda xs, ys: pgd_flags(model, xs, ys, eps, alpha, reported_steps, generator=gen))
 
     steps = STRONGER_STEPS * reported_steps
+    say = say or (lambda _line: None)
+    say(f"  masking check 1 of 4: converged, PGD-{steps} x {STRONGER_RESTARTS} restarts, CE and CW, "
+        f"on the {int(clean.sum())} of {n} examples classified correctly ...")
     strong = stronger_pgd_flags(model, x, y, eps, steps, generator=gen, robust=clean)
     checks["converged"] = _stronger(white, strong, attack=f"PGD-{steps} x {STRONGER_RESTARTS} restarts, CE and CW, "
                                                          f"step eps/8", steps=steps)
 
     queries = STRENGTHS[strength]["square_queries"]
+    say(f"  masking check 2 of 4: Square, {queries} queries ...")
     square = clean & correct_flags(model, square_attack(model, x, y, eps, n_queries=queries, seed=seed), y)
     checks["blackbox_not_stronger"] = _stronger(white, square, attack=f"Square, {queries} queries")
 
     sources = transfer_sources(model) if sources is None else sources
     if sources:
+        say(f"  masking check 3 of 4: transfer from {len(sources)} surrogates ...")
         transfer, per_source = clean.clone(), {}
         for name, source in sources.items():
             source = source.to(dev).eval()
-            x_adv = torch.cat([pgd(source, x[i:i + 200], y[i:i + 200], eps, alpha, reported_steps, generator=gen)
-                               for i in range(0, n, 200)])
-            hit = clean & correct_flags(model, x_adv, y)
+
+            def transferred(xs, ys, source=source):
+                x_adv = torch.cat([pgd(source, xs[i:i + 200], ys[i:i + 200], eps, alpha, reported_steps,
+                                       generator=gen) for i in range(0, len(ys), 200)])
+                return correct_flags(model, x_adv, ys)
+
+            hit = _on_clean(clean, x, y, transferred)
             per_source[name] = _acc(hit)
             transfer &= hit
         checks["transfer_not_stronger"] = _stronger(white, transfer, per_source=per_source)
 
     checks.update(_autoattack_checks(metrics, flags, n))
 
+    say("  masking check 4 of 4: budgets eps/2 to 8 eps, gradients, determinism ...")
     budgets = [eps / 2, eps, 2 * eps]
     curve = [_acc(_on_clean(clean, x, y, lambda xs, ys, b=b: pgd_flags(model, xs, ys, min(b, 1.0), b / 4, 10,
                                                                          generator=gen)))

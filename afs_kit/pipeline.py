@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -146,15 +147,22 @@ class Run:
         for eps in budgets:  # checked before anything is written
             if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
                 raise ValueError(f"eps must be in [0, 1], got eps={eps!r}")
-        for eps in budgets:  # a checkpoint made for other data or another model is refused before any write
-            existing_extractor(self.extractor_config(eps), self.data, self.preset.data,
-                               self.dir.extractor_dir(budget_name(eps)))
+        # a checkpoint made for other data or another model is refused before any write
+        out = {eps: existing_extractor(self.extractor_config(eps), self.data, self.preset.data,
+                                       self.dir.extractor_dir(budget_name(eps))) for eps in budgets}
         self.write_info()
-        out = []
-        for eps in budgets:
-            out.append(train_extractor(self.extractor_config(eps), self.data, self.preset.data,
-                                       self.dir.extractor_dir(budget_name(eps)), self.device, self.progress))
-        return out
+        found = [eps for eps, ckpt in out.items() if ckpt is not None]
+        todo = [eps for eps, ckpt in out.items() if ckpt is None]
+        if found:  # one line for what is on disk, not one per extractor
+            self.say(f"extractors {', '.join(format_budget(e) for e in found)}: found in {self.dir.root}")
+        started = time.monotonic()
+        for k, eps in enumerate(todo):
+            done = time.monotonic() - started
+            eta = "" if k == 0 else f", about {done / k * (len(todo) - k) / 60:.0f} min left for all"
+            self.say(f"extractor {k + 1} of {len(todo)} to train (eps {format_budget(eps)}){eta}")
+            out[eps] = train_extractor(self.extractor_config(eps), self.data, self.preset.data,
+                                       self.dir.extractor_dir(budget_name(eps)), self.device, self.progress)
+        return [out[eps] for eps in budgets]
 
     def train_ablation(self) -> dict | None:
         """Table 6 'Rand.pert.': one network with a budget drawn per batch from the preset's range."""
@@ -280,8 +288,9 @@ class Run:
             self.stack(indices), self.data, cfg, self.preset.data, out_dir, key,
             [found[i][1].parent.name for i in indices], [self._extractors[found[i][1]][1]["key"] for i in indices],
             self.device, self.progress)
-        if not trained:
-            self.say(f"merger {name}: found, skipping training")
+        stacked = ", ".join(format_budget(self.budgets()[i]) for i in indices)
+        self.say(f"merger {name} (subset {subset} = eps {stacked}, alpha {cfg.alpha:g}): "
+                 + (f"trained, saved in {out_dir}" if trained else f"found in {out_dir}"))
         return model
 
     def merger_names(self) -> list[str]:
@@ -370,7 +379,7 @@ class Run:
             alpha = step_size(cfg.eps, cfg.step_size)
             checks = sanity_checks(model, x, y, cfg.eps, result["metrics"], seed=cfg.seed, device=self.device,
                                    flags=result["flags"], strength=cfg.sanity_strength, step=alpha,
-                                   n=cfg.sanity_examples if cfg.sanity_strength == "quick" else None)
+                                   n=cfg.sanity_examples if cfg.sanity_strength == "quick" else None, say=self.say)
             if not checks["checks"]["converged"]["passed"]:
                 # the reported PGD has not converged: the stronger attack, on every example, joins `worst`
                 steps = checks["checks"]["converged"]["steps"]

@@ -46,7 +46,9 @@ def test_stages_skip_work_they_find(smoke_run, capsys):
     assert main(["train-extractors", "--preset", "smoke", "--run", str(smoke_run)]) == 0
     assert main(["train-merger", "--run", str(smoke_run), "--subset", "111", "--alpha", "0.5"]) == 0
     out = capsys.readouterr().out
-    assert out.count("skipping") == 4, out
+    # one line for the extractors found on disk, one for the merger; nothing trained
+    assert out.count("found in") == 2 and "extractors 0, 0.1, 0.2: found in" in out, out
+    assert "to train" not in out and "trained, saved" not in out, out
 
 
 def test_merger_is_attacked_end_to_end(smoke_run):
