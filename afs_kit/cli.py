@@ -17,10 +17,51 @@ class UsageError(ValueError):
     """Bad input on the command line (exit status 2)."""
 
 
+INTERRUPTED = "afs-kit: interrupted; run the same command again to resume (finished stages are kept)"
+
+# the last lines of each command's --help
+EXAMPLES = {
+    "train-extractors": ["afs-kit train-extractors --preset demo",
+                         "afs-kit train-extractors --preset smoke --run runs/try --set extractor.epochs=3"],
+    "train-merger": ["afs-kit train-merger --run runs/demo",
+                     "afs-kit train-merger --run runs/demo --subset 1010101 --alpha 0.5"],
+    "evaluate": ["afs-kit evaluate --run runs/demo --model afs --attacks clean,pgd20",
+                 "afs-kit evaluate --run runs/demo --model extractor:0.1 --attacks clean,pgd10 --n 500"],
+    "report": ["afs-kit report --preset demo", "afs-kit report --readme"],
+    "presets": ["afs-kit presets"],
+}
+
+
+class _Version(argparse.Action):
+    """--version: the package's version and the code's (git commit, "-dirty"), computed only when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the package and code versions and exit", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib import metadata
+
+        from .version import code_version
+        try:
+            package = metadata.version("afs-kit")
+        except metadata.PackageNotFoundError:
+            package = "(not installed)"
+        code = code_version()
+        print(f"afs-kit {package}" + ("" if code == f"afs-kit {package}" else f" (code {code})"))
+        parser.exit(0)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="afs-kit", description="Adversarial Feature Stacking (Liu & Zhao): train "
                                 "extractors at several budgets, stack them, train the merger, attack the whole model.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action=_Version)
+    subparsers = p.add_subparsers(dest="command", required=True)
+
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:  # every command's help ends with examples
+        examples = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
+        return subparsers.add_parser(name, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     **kwargs)
 
     def common(sp, needs_run=False):
         sp.add_argument("--run", required=needs_run, help="run directory (default runs/<preset>)")
@@ -29,21 +70,21 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
         sp.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
-    sp = sub.add_parser("train-extractors", help="PGD-AT one extractor per budget (resumes, skips finished ones)")
+    sp = command("train-extractors", help="PGD-AT one extractor per budget (resumes, skips finished ones)")
     sp.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (required for a new run)")
     sp.add_argument("--eps", help="comma-separated budgets in [0,1], decimals or k/255 (default: the preset's)")
     sp.add_argument("--ablation", action="store_true", help="also train table 6's random-budget network and large model")
     seeds_option(sp)
     common(sp)
 
-    sp = sub.add_parser("train-merger", help="train the linear merger over a subset of the run's extractors")
+    sp = command("train-merger", help="train the linear merger over a subset of the run's extractors")
     sp.add_argument("--subset", help="'all', 'selected', a binary vector (leftmost = smallest budget) or budgets")
     sp.add_argument("--alpha", help="weight of the clean loss in eq. 5, in [0,1] (default: the preset's)")
     sp.add_argument("--mix", choices=("loss", "split"), help="loss: eq. 5; split: authors' clean/adv batch split")
     seeds_option(sp)
     common(sp, needs_run=True)
 
-    sp = sub.add_parser("evaluate", help="clean, PGD-10, PGD-20 and AutoAttack; writes metrics.json")
+    sp = command("evaluate", help="clean, PGD-10, PGD-20 and AutoAttack; writes metrics.json")
     sp.add_argument("--model", action="append", default=[], metavar="MODEL",
                     help="afs (every trained AFS model; the default), afs:<merger folder>, extractors, "
                          "extractor:<budget>, avg:<subset> (logit averaging, eq. 9); repeatable")
@@ -55,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
                     "example and Square with 5,000 queries (default: 200 examples, 1,000 queries)")
     common(sp, needs_run=True)
 
-    sp = sub.add_parser("report", help="execute the notebook sequence with papermill into reports/<preset>/")
+    sp = command("report", help="execute the notebook sequence with papermill into reports/<preset>/")
     sp.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (required unless --readme)")
     sp.add_argument("--readme", action="store_true", help="instead: write reports/README.md from every "
                     "reports/*/summary.json (or --out's parent folder)")
@@ -66,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     seeds_option(sp)
     sp.add_argument("--device", default="auto")
 
-    sub.add_parser("presets", help="list the presets")
+    command("presets", help="list the presets")
     return p
 
 
@@ -88,8 +129,22 @@ def _seed_count(args) -> int:
     return count
 
 
+def _check_run_path(run_dir) -> None:
+    """A run directory that is a file (or lies under one) is refused before anything is made."""
+    if run_dir is None:
+        return
+    run_dir = Path(run_dir)
+    for path in (run_dir, *run_dir.parents):
+        if path.exists():
+            if path.is_dir():
+                return
+            where = "is a file" if path == run_dir else f"lies under {path}, which is a file"
+            raise UsageError(f"--run={run_dir} {where}, not a run directory")
+
+
 def _preset_for(args):
     """The preset of a new run (--preset) or of an existing one (run.json), with --set applied."""
+    _check_run_path(args.run)
     run_dir = Path(args.run) if args.run else None
     stored = None
     info_path = RunDir(run_dir).info_path if run_dir is not None else None
@@ -106,10 +161,16 @@ def _preset_for(args):
         preset = stored or preset
     elif stored is not None:
         preset = stored
-    else:
+    elif args.command == "train-extractors":
         raise UsageError(f"run={str(run_dir)!r} holds no run.json; give --preset to start a new run")
+    else:  # train-merger and evaluate take no --preset: a run starts with train-extractors
+        there = "no run there yet" if run_dir.is_dir() else "no such directory"
+        raise UsageError(f"run={str(run_dir)!r} holds no run.json ({there}); start the run with "
+                         f"`afs-kit train-extractors --preset <name> --run {run_dir}` first")
     preset = override(preset, args.overrides)
-    return preset, run_dir or Path("runs") / preset.name
+    run_dir = run_dir or Path("runs") / preset.name
+    _check_run_path(run_dir)
+    return preset, run_dir
 
 
 def _models_to_evaluate(run, specs: list[str]):
@@ -192,6 +253,7 @@ def run_command(argv: list[str]) -> int:
         from .reports import run_report
         if args.preset is None:
             raise UsageError("report needs --preset (or --readme)")
+        _check_run_path(args.run)
         params = [*args.params, f"SEEDS={_seed_count(args)}"] if args.seeds is not None else args.params
         return run_report(args.preset, out=args.out, run_dir=args.run, params=params, device=args.device)
 
@@ -255,6 +317,18 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(argv)
     except (ValueError, FileNotFoundError) as err:
         print(f"afs-kit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C: every stage writes atomically, so what finished is kept
+        # a Ctrl-C that landed inside an exec(<string>) (dataclasses, torch's lazy imports) leaves CPython's
+        # "unhandled KeyboardInterrupt" flag set, so `python -m` would die by SIGINT (status -2) even though
+        # it was handled here; evaluating any string resets that flag
+        exec("None")  # pylint: disable=exec-used
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+    except (PermissionError, FileExistsError, NotADirectoryError) as err:
+        # RunLock names an unwritable run directory in its message; elsewhere, one line naming the path
+        print(f"afs-kit: error: {err.strerror.lower()}: {err.filename}" if err.filename and err.strerror else
+              f"afs-kit: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
         if "in use by" in str(err):

@@ -85,6 +85,10 @@ def save_checkpoint(path: str | Path, obj: dict) -> None:
     atomic_write(Path(path), lambda f: torch.save(payload, f))
 
 
+_REMAKE = ("delete the file and rerun the command that wrote it (train-extractors for an extractor, train-merger "
+           "for a merger) to train it again")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """The one reader. `weights_only=True`: a pickle payload that would run code is refused, never run."""
     path = Path(path)
@@ -92,13 +96,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if not zipfile.is_zipfile(path):
         raise ValueError(f"checkpoint {path} is not a torch zip archive (truncated or foreign file); "
-                         f"expected an afs-kit checkpoint written by afs_kit.runs.save_checkpoint")
+                         f"expected an afs-kit checkpoint written by afs_kit.runs.save_checkpoint; {_REMAKE}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError depending on damage
         raise ValueError(f"checkpoint {path} could not be read safely as an afs-kit checkpoint "
                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                         f"refusing to load it") from err
+                         f"refusing to load it; {_REMAKE}") from err
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"checkpoint {path} has format {found!r}, expected {FORMAT!r}")
@@ -133,9 +137,8 @@ class RunLock:
     def __enter__(self) -> RunLock:
         if self.held:
             raise RuntimeError(f"the lock {self.path} is already held by this RunLock")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o666)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -157,6 +160,20 @@ class RunLock:
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
             self._fd = fd
             return self
+
+    def _open(self) -> int:
+        """The lock file's descriptor (made, with the run directory, when missing); a run directory that
+        cannot be written or is a file gives a one-line error naming it."""
+        root = self.path.parent
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_CREAT | os.O_RDWR, 0o666)
+        except PermissionError:
+            what = f"is not writable (cannot write {self.path})" if root.is_dir() else "cannot be created here"
+            raise PermissionError(f"run directory {root} {what}: permission denied; make it writable or use "
+                                  f"another run directory") from None
+        except (FileExistsError, NotADirectoryError):
+            raise ValueError(f"run directory {root} is a file, not a directory (or lies under one)") from None
 
     def __exit__(self, *exc) -> None:
         if self._fd is not None:

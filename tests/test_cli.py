@@ -312,3 +312,165 @@ def test_the_command_line_and_the_notebooks_share_one_evaluation(box, capsys):
     capsys.readouterr()
     assert main([*argv[:6], "extractor:0.2", *argv[7:]]) == 0
     assert "found clean, pgd10" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- the command line's own failures (UX issue)
+def afs_kit(*argv: str, cwd, prefix: tuple[str, ...] = (), timeout: int = 120) -> subprocess.CompletedProcess:
+    """`python -m afs_kit ARGV` as a user runs it (optionally under `prefix`, e.g. setpriv)."""
+    return subprocess.run([*prefix, sys.executable, "-m", "afs_kit", *argv], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The refusal: status 2, exactly one `afs-kit: error:` line on stderr, no traceback."""
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("afs-kit: error: "), proc.stderr
+    return lines[0]
+
+
+COMMANDS = {  # every command that takes --run, with what it needs besides
+    "train-extractors": ["train-extractors", "--preset", "smoke", "--device", "cpu"],
+    "train-merger": ["train-merger", "--device", "cpu"],
+    "evaluate": ["evaluate", "--model", "extractors", "--attacks", "clean", "--n", "10", "--device", "cpu"],
+    "report": ["report", "--preset", "smoke", "--out", OUT, "--device", "cpu"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("under", [False, True], ids=["file", "under-a-file"])
+def test_a_run_that_is_a_file_exits_2_naming_it(command, under, box):
+    """Was a 15-line FileExistsError traceback."""
+    afile = Path(box["root"]) / "afile"
+    afile.write_text("not a run\n")
+    run = afile / "sub" if under else afile
+    before = snapshot(box["root"])
+    line = one_error_line(afs_kit(*fill(COMMANDS[command], box, Path()), "--run", str(run), cwd=box["root"]))
+    expected = f"--run={run} lies under {afile}, which is a file" if under else f"--run={run} is a file"
+    assert f"{expected}, not a run directory" in line
+    assert snapshot(box["root"]) == before and not Path(box["out"]).exists()
+
+
+def _unwritable_prefix(folder: Path) -> tuple[str, ...]:
+    """How to run a command that cannot write `folder` (made read-only): nothing for a plain user; as
+    root (where chmod stops no write), setpriv dropping the capability that overrides permissions."""
+    if os.geteuid() != 0:
+        return ()
+    prefix = ("setpriv", "--inh-caps=-dac_override,-dac_read_search",
+              "--bounding-set=-dac_override,-dac_read_search")
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: a read-only folder cannot be simulated")
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import os, sys; sys.exit(os.access(sys.argv[1], os.W_OK))",
+                            str(folder)], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"running as root and setpriv cannot drop CAP_DAC_OVERRIDE: {probe.stderr!r}")
+    return prefix
+
+
+def _chmod_tree(root: Path, writable: bool) -> None:
+    for p in [root, *root.rglob("*")]:
+        mode = p.stat().st_mode
+        p.chmod(mode | 0o200 if writable else mode & ~0o222)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_read_only_run_directory_exits_2_naming_it(command, box):
+    """Was a PermissionError traceback on RUN/.lock."""
+    run = Path(box["run"])
+    _chmod_tree(run, writable=False)
+    try:
+        prefix = _unwritable_prefix(run)
+        before = snapshot(box["root"])
+        line = one_error_line(afs_kit(*fill(COMMANDS[command], box, Path()), "--run", str(run), cwd=box["root"],
+                                      prefix=prefix))
+        assert f"run directory {run} is not writable" in line
+        assert snapshot(box["root"]) == before and not Path(box["out"]).exists()
+    finally:
+        _chmod_tree(run, writable=True)
+
+
+@pytest.mark.parametrize("command", ["train-merger", "evaluate"])
+@pytest.mark.parametrize("exists", [False, True], ids=["missing", "empty"])
+def test_a_command_without_preset_says_to_train_extractors_first(command, exists, box):
+    """train-merger and evaluate take no --preset, so they must not ask for one."""
+    run = Path(box["new"])
+    if exists:
+        run.mkdir()
+    before = snapshot(box["root"])
+    line = one_error_line(afs_kit(*COMMANDS[command], "--run", str(run), cwd=box["root"]))
+    assert f"run={str(run)!r} holds no run.json" in line and f"train-extractors --preset <name> --run {run}" in line
+    assert "give --preset" not in line
+    assert snapshot(box["root"]) == before and run.exists() == exists
+
+
+def test_version_names_the_package_and_the_code(tmp_path):
+    from importlib import metadata
+
+    from afs_kit.version import code_version
+
+    proc = afs_kit("--version", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.startswith(f"afs-kit {metadata.version('afs-kit')}") and code_version() in proc.stdout
+    assert len(proc.stdout.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["train-extractors", "train-merger", "evaluate", "report", "presets"])
+def test_every_help_ends_with_examples(command, tmp_path):
+    proc = afs_kit(command, "--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    head, sep, tail = proc.stdout.rpartition("examples:\n")
+    assert sep and "options:" in head, proc.stdout
+    examples = tail.strip().splitlines()
+    assert 1 <= len(examples) <= 2 and all(e.strip().startswith(f"afs-kit {command}") for e in examples), tail
+
+
+@pytest.mark.parametrize("argv", [["train-merger"], ["evaluate", "--model", "extractor:0.1", "--attacks", "clean"]],
+                         ids=["train-merger", "evaluate"])
+def test_a_truncated_checkpoint_is_named_with_what_to_do(argv, box):
+    path = Path(box["run"]) / "extractors" / "eps-0.1000" / "extractor.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    before = snapshot(box["root"])
+    line = one_error_line(afs_kit(*argv, "--run", box["run"], "--device", "cpu", cwd=box["root"]))
+    assert str(path) in line and "delete the file and rerun" in line and "train it again" in line
+    assert snapshot(box["root"]) == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_with_one_line_and_keeps_the_run_resumable(tmp_path):
+    """Was a 30-line KeyboardInterrupt traceback."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "afs_kit", "train-extractors", "--preset", "smoke", "--run", str(run), "--set",
+            "extractor.epochs=50", "--device", "cpu", "--quiet"]
+    # SIGINT as a terminal sends it, whatever disposition this test process inherited
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "run.json").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the run never started"
+            time.sleep(0.05)
+        time.sleep(0.5)  # inside training
+        assert proc.poll() is None, "training finished before the interrupt"
+        proc.send_signal(signal.SIGINT)
+        for _ in range(5):
+            try:
+                _, err = proc.communicate(timeout=10)
+                break
+            except subprocess.TimeoutExpired:
+                # rarely, the KeyboardInterrupt is raised inside a C-level attribute lookup in torch that
+                # clears it; the user then presses Ctrl-C again, and so does this test
+                proc.send_signal(signal.SIGINT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("afs-kit: interrupted; run the same command again to resume "
+                                            "(finished stages are kept)"), err
+    assert not (run / ".lock").exists() and not list(run.rglob("*.tmp")), "the interrupt left debris"
