@@ -59,12 +59,18 @@ def _parser() -> argparse.ArgumentParser:
     subparsers = p.add_subparsers(dest="command", required=True)
 
     def command(name: str, **kwargs) -> argparse.ArgumentParser:  # every command's help ends with examples
-        examples = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
-        return subparsers.add_parser(name, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
+        if name == "report":
+            from .reports import PARAMETERS
+
+            epilog = ("notebook parameters (-p NAME=VALUE):\n"
+                      + "\n".join(f"  {k:14s}{v.meaning}" for k, v in PARAMETERS.items()) + "\n\n" + epilog)
+        return subparsers.add_parser(name, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      **kwargs)
 
     def common(sp, needs_run=False):
-        sp.add_argument("--run", required=needs_run, help="run directory (default runs/<preset>)")
+        sp.add_argument("--run", required=needs_run,
+                        help="run directory (required)" if needs_run else "run directory (default runs/<preset>)")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a preset field, e.g. --set extractor.epochs=3 (repeatable)")
         sp.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")

@@ -93,7 +93,9 @@ class Run:
         return limited(load_dataset(resolve_spec(self.preset.data.spec), self.preset.data.root), self.preset.data)
 
     def test_set(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `n` test images as floats in [0,1] (all when None)."""
+        """The first `n` test images as floats in [0,1] (all when None; all, with a note, when fewer exist)."""
+        if n is not None and n > len(self.data.y_test):
+            self.say(f"asked for {n} test examples; {self.data.name} has {len(self.data.y_test)}: using all of them")
         n = len(self.data.y_test) if n is None else min(n, len(self.data.y_test))
         return self.data.x_test[:n].float().div(255), self.data.y_test[:n]
 

@@ -474,3 +474,16 @@ def test_ctrl_c_exits_130_with_one_line_and_keeps_the_run_resumable(tmp_path):
     assert err.strip().splitlines()[-1] == ("afs-kit: interrupted; run the same command again to resume "
                                             "(finished stages are kept)"), err
     assert not (run / ".lock").exists() and not list(run.rglob("*.tmp")), "the interrupt left debris"
+
+
+def test_help_lists_the_notebook_parameters_and_claims_no_default_it_lacks(capsys):
+    from afs_kit.reports import PARAMETERS
+
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    text = capsys.readouterr().out
+    assert all(name in text for name in PARAMETERS)
+    for command in ("train-merger", "evaluate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "default runs/" not in capsys.readouterr().out

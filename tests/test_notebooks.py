@@ -238,6 +238,29 @@ def test_summary_holds_the_numbers_of_every_table(smoke_report):
     assert s["tsne"]["n"] == 100 and len(s["tsne"]["trustworthiness"]) == 3
 
 
+def test_the_reports_sentences_follow_the_paired_test(smoke_report):
+    """A difference the exact McNemar test does not find significant is never called a win or a loss:
+    every "better"/"worse" in a generated sentence carries its p, and that p is below 0.05."""
+    import re
+
+    s = smoke_report["summary"]
+    for p in s["paired"]:
+        called = re.search(r"is (better|worse) than", p["text"])
+        if p["p"] < 0.05:
+            assert called and called.group(1) == p["verdict"], p["text"]
+            assert (p["verdict"] == "better") == (p["only_a"] > p["only_b"]), p
+        else:
+            assert not called and p["verdict"] == "no significant difference", p["text"]
+    sentences = " ".join(s["texts"].values())
+    verdicts = re.findall(r"is (better|worse) than .*?p = ([0-9.e+-]+)", sentences)
+    wins = re.findall(r"\b(?:is|are) (?:better|worse) than\b", sentences)
+    assert len(verdicts) == len(wins), "every better/worse in the report comes with its p"
+    assert all(float(p) < 0.05 for _, p in verdicts), verdicts
+    for claim in re.findall(r"no significant difference \(.*?p = ([0-9.e+-]+)", sentences):
+        assert float(claim) >= 0.05
+    assert not re.search(r"\b(beats?|wins?|outperforms?|loses)\b", sentences), "only the paired test decides"
+
+
 @pytest.mark.slow
 def test_subset_explorer_answers_from_cache_and_trains_on_demand(smoke_report, capsys):
     """The checkboxes outside a browser: a trained subset answers at once, a new one waits for the button."""
