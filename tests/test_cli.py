@@ -216,6 +216,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow  # a real `python -m afs_kit` process per case: make test-fast skips them
 @pytest.mark.parametrize("argv, message", [
     pytest.param(new_run("--eps", "1.5"), r"^afs-kit: error: eps must be in \[0, 1\], got eps='1.5'$", id="eps"),
     pytest.param(merger("--subset", "01x"), r"^afs-kit: error: subset='01x' is neither", id="subset"),
@@ -337,6 +338,7 @@ COMMANDS = {  # every command that takes --run, with what it needs besides
 }
 
 
+@pytest.mark.slow  # a real `python -m afs_kit` process per case: make test-fast skips them
 @pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("under", [False, True], ids=["file", "under-a-file"])
 def test_a_run_that_is_a_file_exits_2_naming_it(command, under, box):
@@ -373,6 +375,7 @@ def _chmod_tree(root: Path, writable: bool) -> None:
         p.chmod(mode | 0o200 if writable else mode & ~0o222)
 
 
+@pytest.mark.slow  # a real `python -m afs_kit` process per case: make test-fast skips them
 @pytest.mark.parametrize("command", COMMANDS)
 def test_a_read_only_run_directory_exits_2_naming_it(command, box):
     """Was a PermissionError traceback on RUN/.lock."""
@@ -389,6 +392,7 @@ def test_a_read_only_run_directory_exits_2_naming_it(command, box):
         _chmod_tree(run, writable=True)
 
 
+@pytest.mark.slow  # a real `python -m afs_kit` process per case: make test-fast skips them
 @pytest.mark.parametrize("command", ["train-merger", "evaluate"])
 @pytest.mark.parametrize("exists", [False, True], ids=["missing", "empty"])
 def test_a_command_without_preset_says_to_train_extractors_first(command, exists, box):
@@ -403,6 +407,7 @@ def test_a_command_without_preset_says_to_train_extractors_first(command, exists
     assert snapshot(box["root"]) == before and run.exists() == exists
 
 
+@pytest.mark.slow  # a real `python -m afs_kit` process per case: make test-fast skips them
 def test_version_names_the_package_and_the_code(tmp_path):
     from importlib import metadata
 
@@ -414,6 +419,7 @@ def test_version_names_the_package_and_the_code(tmp_path):
     assert len(proc.stdout.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # a real `python -m afs_kit` process per case: make test-fast skips them
 @pytest.mark.parametrize("command", ["train-extractors", "train-merger", "evaluate", "report", "presets"])
 def test_every_help_ends_with_examples(command, tmp_path):
     proc = afs_kit(command, "--help", cwd=tmp_path)
@@ -424,6 +430,7 @@ def test_every_help_ends_with_examples(command, tmp_path):
     assert 1 <= len(examples) <= 2 and all(e.strip().startswith(f"afs-kit {command}") for e in examples), tail
 
 
+@pytest.mark.slow  # a real `python -m afs_kit` process per case: make test-fast skips them
 @pytest.mark.parametrize("argv", [["train-merger"], ["evaluate", "--model", "extractor:0.1", "--attacks", "clean"]],
                          ids=["train-merger", "evaluate"])
 def test_a_truncated_checkpoint_is_named_with_what_to_do(argv, box):

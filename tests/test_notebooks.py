@@ -238,6 +238,7 @@ def test_summary_holds_the_numbers_of_every_table(smoke_report):
     assert s["tsne"]["n"] == 100 and len(s["tsne"]["trustworthiness"]) == 3
 
 
+@pytest.mark.slow
 def test_the_reports_sentences_follow_the_paired_test(smoke_report):
     """A difference the exact McNemar test does not find significant is never called a win or a loss:
     every "better"/"worse" in a generated sentence carries its p, and that p is below 0.05."""

@@ -16,6 +16,10 @@ from afs_kit.stacking import AFSModel, FeatureStack, LinearMerger, LogitAverage,
 from afs_kit.training import train_extractor
 
 
+# end to end on a smoke run trained here (about a minute): make test-fast skips this module
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """train-extractors, train-merger and evaluate through the command line, as a user runs them."""
