@@ -6,6 +6,7 @@ exits with status 2 and one line on stderr naming the value.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -56,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="afs-kit", description="Adversarial Feature Stacking (Liu & Zhao): train "
                                 "extractors at several budgets, stack them, train the merger, attack the whole model.")
     p.add_argument("--version", action=_Version)
+    p.add_argument("--same-code", action="store_true", help="refuse cached evaluations made by another commit "
+                   "(default: reuse them with a one-line note naming both commits)")
     subparsers = p.add_subparsers(dest="command", required=True)
 
     def command(name: str, **kwargs) -> argparse.ArgumentParser:  # every command's help ends with examples
@@ -246,6 +249,10 @@ def run_command(argv: list[str]) -> int:
     from .pipeline import Run
 
     args = _parser().parse_args(argv)
+    if args.same_code:  # read by Run.evaluate, here and in the report's notebook kernels
+        from .pipeline import SAME_CODE_ENV
+
+        os.environ[SAME_CODE_ENV] = "1"
     if args.command == "presets":
         for name, p in PRESETS.items():
             print(f"{name:15s} data={p.data.spec} model={p.extractor.model} budgets="

@@ -494,3 +494,18 @@ def test_help_lists_the_notebook_parameters_and_claims_no_default_it_lacks(capsy
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "default runs/" not in capsys.readouterr().out
+
+
+def test_same_code_refuses_an_evaluation_made_by_another_commit(box, monkeypatch):
+    import json
+
+    from afs_kit.pipeline import SAME_CODE_ENV
+
+    monkeypatch.setenv(SAME_CODE_ENV, "")  # undone after the test, whatever main() sets
+    argv = ["evaluate", "--run", box["run"], "--device", "cpu", "--model", "extractor:0.1", "--attacks", "clean",
+            "--n", "20", "--quiet"]
+    assert main(argv) == 0
+    (path,) = (Path(box["run"]) / "eval").glob("*/metrics.json")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "code_version": "0123abc"}))
+    assert main(argv) == 0, "without the flag the record is reused (with a note)"
+    assert main(["--same-code", *argv]) == 2
