@@ -14,6 +14,8 @@ import types
 import typing
 from dataclasses import dataclass
 
+from .checks import check_choice, check_int
+
 TRAINERS = ("pgd", "fgsm", "trades")
 LR_SCHEDULES = ("step", "cyclic")
 MIXES = ("loss", "split")
@@ -346,8 +348,7 @@ def validate_preset(p: Preset) -> None:
     for a in p.alphas:
         _check_unit(a, "alpha")
     e, m, v = p.extractor, p.merger, p.evaluation
-    if e.trainer not in TRAINERS:
-        raise ValueError(f"unknown trainer={e.trainer!r}; known: {', '.join(TRAINERS)}")
+    check_choice("trainer", e.trainer, TRAINERS)
     if e.attack_bn not in ATTACK_BN:
         raise ValueError(f"unknown extractor.attack_bn={e.attack_bn!r}; known: {', '.join(ATTACK_BN)}")
     if e.lr_schedule not in LR_SCHEDULES:
@@ -358,15 +359,12 @@ def validate_preset(p: Preset) -> None:
         raise ValueError(f"unknown evaluation.sanity_strength={v.sanity_strength!r}; "
                          f"known: {', '.join(SANITY_STRENGTHS)}")
     for a in v.attacks:
-        if a not in ATTACKS:
-            raise ValueError(f"unknown attack={a!r}; known: {', '.join(ATTACKS)}")
+        check_choice("attack", a, ATTACKS)
     for a in v.aa_attacks:
         if a not in AA_ATTACKS:
             raise ValueError(f"unknown evaluation.aa_attacks entry {a!r}; known: {', '.join(AA_ATTACKS)}")
-    if v.sanity_examples is not None and (isinstance(v.sanity_examples, bool) or not isinstance(v.sanity_examples, int)
-                                          or v.sanity_examples < 1):
-        raise ValueError(f"evaluation.sanity_examples must be an integer >= 1 or None, "
-                         f"got sanity_examples={v.sanity_examples!r}")
+    if v.sanity_examples is not None:
+        check_int("evaluation.sanity_examples", v.sanity_examples, 1)
     _check_unit(m.alpha, "alpha")
     for name, value in (("merger.eps", m.eps), ("evaluation.eps", v.eps), ("data.val_fraction", p.data.val_fraction)):
         _check_unit(value, name)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .attacks import autoattack, pgd
 from .config import ATTACKS, EvalConfig, step_size
 from .batches import iterate_batches
+from .checks import check_choice
 from .device import autocast, resolve_device
 from .runs import save_checkpoint, write_json
 from .stats import examples_hash, interval_of
@@ -67,6 +68,7 @@ def attack_generator(seed: int, attack: str, device) -> torch.Generator:
 def attack_flags(model, x, y, attack: str, cfg: EvalConfig, clean: torch.Tensor, progress: bool = False) -> dict:
     """One attack of an evaluation on (x, y), already on the model's device: `{"flags": robust AND
     clean}`, plus `aa_breakdown` for AutoAttack."""
+    check_choice("attack", attack, (*PGD_STEPS, "aa"))
     gen = attack_generator(cfg.seed, attack, x.device)
     if attack in PGD_STEPS:
         # only the clean-correct examples: a misclassified one is not robust whatever the attack does
@@ -79,7 +81,7 @@ def attack_flags(model, x, y, attack: str, cfg: EvalConfig, clean: torch.Tensor,
                                           return_breakdown=True, attacks=cfg.aa_attacks or None,
                                           say=(lambda line: print(line, flush=True)) if progress else None)
         return {"flags": clean & robust.to(x.device), "aa_breakdown": breakdown}
-    raise ValueError(f"unknown attack={attack!r}; known: {', '.join(ATTACKS)}")
+    raise AssertionError(f"attack {attack!r} was checked above")
 
 
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, device: str = "auto",
@@ -96,8 +98,7 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, device: s
     lacks run, every earlier attack is kept, and `worst` is recomputed over all of them.
     """
     for a in cfg.attacks:
-        if a not in ATTACKS:
-            raise ValueError(f"unknown attack={a!r}; known: {', '.join(ATTACKS)}")
+        check_choice("attack", a, ATTACKS)
     dev = resolve_device(device)
     n = len(y) if cfg.n_examples is None else min(cfg.n_examples, len(y))
     x, y = x[:n].to(dev).contiguous(), y[:n].to(dev)

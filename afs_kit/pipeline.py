@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import check_choice, check_int, check_real, is_int
 from .config import (ATTACKS, Preset, budget_name, config_hash, format_budget, get_preset, preset_from_dict,
                      step_size, validate_preset)
 from .data import Dataset, load_dataset
@@ -116,8 +117,7 @@ class Run:
 
     def seeds(self, count: int) -> list[int]:
         """`count` training seeds: this run's own seed, then the next ones (seed, seed + 1, ...)."""
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"seeds (how many training seeds) must be an integer >= 1, got seeds={count!r}")
+        check_int("seeds", count, 1, what="(how many training seeds)")
         return [self.seed + i for i in range(count)]
 
     def seed_run(self, seed: int) -> Run:
@@ -127,8 +127,7 @@ class Run:
         seed s is a complete run in `seeds/seed-<s>/` whose extractor, merger and evaluation seeds are s.
         So `--seeds 3` on a run of seed 0 trains seeds 0, 1 and 2; the notebooks' SEED picks the first.
         """
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got seed={seed!r}")
+        check_int("seed", seed, 0)
         if seed == self.seed:
             return self
         p = self.preset
@@ -147,8 +146,7 @@ class Run:
         if not budgets:
             raise ValueError(f"budgets must list at least one training budget, got budgets={budgets!r}")
         for eps in budgets:  # checked before anything is written
-            if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
-                raise ValueError(f"eps must be in [0, 1], got eps={eps!r}")
+            check_real("eps", eps, 0, 1)
         # a checkpoint made for other data or another model is refused before any write
         out = {eps: existing_extractor(self.extractor_config(eps), self.data, self.preset.data,
                                        self.dir.extractor_dir(budget_name(eps))) for eps in budgets}
@@ -348,12 +346,10 @@ class Run:
         """
         if sanity is None:
             sanity = isinstance(model, (AFSModel, LogitAverage))
-        if n_examples is not None and (isinstance(n_examples, bool) or not isinstance(n_examples, int)
-                                       or n_examples < 1):
+        if n_examples is not None and not (is_int(n_examples) and n_examples >= 1):
             raise ValueError(f"n_examples must be an integer >= 1 or None, got n_examples={n_examples!r}")
         for a in attacks or ():
-            if a not in ATTACKS:
-                raise ValueError(f"unknown attack={a!r}; known: {', '.join(ATTACKS)}")
+            check_choice("attack", a, ATTACKS)
         cfg = self.preset.evaluation
         x, y = self.test_set(n_examples if n_examples is not None else cfg.n_examples)
         cfg = dataclasses.replace(cfg, attacks=tuple(attacks or cfg.attacks), n_examples=len(y))

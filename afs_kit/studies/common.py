@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checks import check_int
 from ..config import format_budget, get_preset, preset_from_dict
 from ..pipeline import PROJECT_ROOT, Run
 from ..runs import load_checkpoint, model_name, read_json
@@ -39,8 +40,7 @@ def open_run(preset: str, run_dir: str | Path | None = None, device: str = "auto
         if stored.name != chosen.name:
             raise ValueError(f"run {run_dir} was made with preset={stored.name!r}, not preset={preset!r}")
         chosen = stored
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got seed={seed!r}")
+    check_int("seed", seed, 0)
     if seed:
         chosen = dataclasses.replace(
             chosen, extractor=dataclasses.replace(chosen.extractor, seed=seed),
