@@ -196,7 +196,7 @@ def _models_to_evaluate(run, specs: list[str]):
             out += [(model_name("afs", n), ("merger", n)) for n in names]
         elif kind == "afs":
             if arg not in run.merger_names():
-                raise UsageError(f"model={spec!r}: no merger folder {arg!r} in {run.dir.root / 'mergers'}")
+                raise UsageError(f"model={spec!r}: no merger folder {arg!r} in {run.dir.mergers_dir}")
             out.append((model_name("afs", arg), ("merger", arg)))
         elif kind == "extractors":
             out += [(model_name("extractor", b), ("extractor", b)) for b in run.budgets()]
@@ -235,7 +235,7 @@ def _build(run, what):
         raise ValueError(f"checkpoint {path} does not say which extractors it stacks; refusing to use it")
     for name, key in zip(names, keys):
         if name not in found:
-            raise ValueError(f"checkpoint {path} stacks extractor {name!r}, which {run.dir.root / 'extractors'} "
+            raise ValueError(f"checkpoint {path} stacks extractor {name!r}, which {run.dir.extractors_dir} "
                              f"does not hold; refusing to use it")
         have = run.extractor(found[name])[1]["key"]
         if have != key:

@@ -134,7 +134,7 @@ class Run:
         preset = dataclasses.replace(p, extractor=dataclasses.replace(p.extractor, seed=seed),
                                      merger=dataclasses.replace(p.merger, seed=seed),
                                      evaluation=dataclasses.replace(p.evaluation, seed=seed))
-        return Run(self.dir.root / "seeds" / f"seed-{seed}", preset, device=self.device, progress=self.progress)
+        return Run(self.dir.seed_dir(seed), preset, device=self.device, progress=self.progress)
 
     # ------------------------------------------------------------ extractors
     def extractor_config(self, eps: float):
@@ -170,7 +170,7 @@ class Run:
         if rng is None:
             return None
         cfg = dataclasses.replace(self.preset.extractor, eps=rng[1], eps_range=rng)
-        return train_extractor(cfg, self.data, self.preset.data, self.dir.root / "ablation" / "random-budget",
+        return train_extractor(cfg, self.data, self.preset.data, self.dir.ablation_dir("random-budget"),
                                self.device, self.progress)
 
     def train_large_model(self) -> dict | None:
@@ -179,7 +179,7 @@ class Run:
             return None
         cfg = dataclasses.replace(self.preset.extractor, model=self.preset.large_model,
                                   eps=self.preset.evaluation.eps)
-        return train_extractor(cfg, self.data, self.preset.data, self.dir.root / "ablation" / "large-model",
+        return train_extractor(cfg, self.data, self.preset.data, self.dir.ablation_dir("large-model"),
                                self.device, self.progress)
 
     def extractor_checkpoints(self) -> list[tuple[float, Path]]:
@@ -236,7 +236,7 @@ class Run:
         keys and the settings it was made from; redone when either changes (or the file predates them)."""
         from .selection import select_extractors
 
-        path = self.dir.root / "selection.json"
+        path = self.dir.selection_path
         keys = [self._extractors[p][1]["key"] for _, p in self.extractor_checkpoints()]
         settings = {"split": "validation", "delta_z_examples": self.preset.delta_z_examples,
                     "Delta": self.preset.evaluation.eps}
@@ -294,7 +294,7 @@ class Run:
         return model
 
     def merger_names(self) -> list[str]:
-        base = self.dir.root / "mergers"
+        base = self.dir.mergers_dir
         return sorted(p.name for p in base.iterdir() if (p / "merger.pt").is_file()) if base.is_dir() else []
 
     def logit_average(self, subset: str) -> LogitAverage:

@@ -202,10 +202,35 @@ class RunDir:
         return self.root / "run.json"
 
     def extractor_dir(self, name: str) -> Path:
-        return self.root / "extractors" / name
+        return self.extractors_dir / name
 
     def merger_dir(self, name: str) -> Path:
-        return self.root / "mergers" / name
+        return self.mergers_dir / name
+
+    def seed_dir(self, seed: int) -> Path:
+        """Another training seed's complete run inside this one."""
+        return self.root / "seeds" / f"seed-{seed}"
+
+    def ablation_dir(self, which: str) -> Path:
+        """Table 6's extra networks: "random-budget", "large-model"."""
+        return self.root / "ablation" / which
+
+    @property
+    def selection_path(self) -> Path:
+        """The concavity rule's choice, made on validation images."""
+        return self.root / "selection.json"
+
+    def curve_path(self, key: str) -> Path:
+        """One cached robustness-vs-budget curve (fig. 5a)."""
+        return self.root / "analysis" / "curves" / f"{key}.json"
+
+    @property
+    def mergers_dir(self) -> Path:
+        return self.root / "mergers"
+
+    @property
+    def extractors_dir(self) -> Path:
+        return self.root / "extractors"
 
     def eval_dir(self, name: str) -> Path:
         """The folder of evaluation record `name` (see `evaluation_name`)."""
@@ -231,7 +256,7 @@ class RunDir:
 
     def extractor_names(self) -> list[str]:
         """Names of the extractors that finished training."""
-        base = self.root / "extractors"
+        base = self.extractors_dir
         if not base.is_dir():
             return []
         return sorted(p.name for p in base.iterdir() if (p / "extractor.pt").is_file())

@@ -32,7 +32,7 @@ def selection_summary(run: Run, dz: dict | None = None) -> dict:
     from ..selection import check_eq10
 
     vector = run.selected_subset()
-    stored = read_json(run.dir.root / "selection.json")
+    stored = read_json(run.dir.selection_path)
     sel = stored["selection"]
     out = {"vector": vector, "budgets": stored["budgets"], "delta_z": stored["delta_z"], "std": stored["std"],
            "Delta": stored["Delta"], "n": stored["n_examples"], "split": stored["split"], "z": sel["z"],

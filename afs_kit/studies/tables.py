@@ -106,7 +106,7 @@ def robustness_curves(run: Run, subset: str | None = None, alpha: float | None =
     curves = {}
     for name, (build, info) in models.items():
         key = config_hash(info, budgets, len(y), steps, ev.seed, ev.batch_size, ev.precision)
-        path = run.dir.root / "analysis" / "curves" / f"{config_hash(name)}.json"
+        path = run.dir.curve_path(config_hash(name))
         if path.is_file() and read_json(path).get("key") == key:
             curves[name] = read_json(path)["accuracy"]
             continue
