@@ -71,3 +71,18 @@ def test_examples_hash_tells_example_sets_apart():
 def test_bad_input_names_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_spearman_is_exact_for_a_few_budgets():
+    """Five budgets in order: the exact two-sided p is 2/5! = 1/60 (scipy's t approximation says ~1e-24);
+    any other case agrees with scipy's own exact permutation test."""
+    import scipy.stats
+
+    from afs_kit.stats import spearman
+
+    assert spearman([0, 1, 2, 3, 4], [9, 7, 5, 3, 1]) == pytest.approx((-1.0, 1 / 60))
+    x, y = [0, 2, 4, 6, 8, 10], [3.0, 1.0, 4.0, 1.5, 5.0, 9.0]
+    ref = scipy.stats.permutation_test((x,), lambda a: scipy.stats.spearmanr(a, y).statistic,
+                                       permutation_type="pairings", n_resamples=float("inf"))
+    rho, p = spearman(x, y)
+    assert rho == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue)
