@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(sp, needs_run=False):
         sp.add_argument("--run", required=needs_run,
-                        help="run directory (required)" if needs_run else "run directory (default runs/<preset>)")
+                        help="run directory (required)" if needs_run else "run directory (default runs/<preset> in the "
+                        "project)")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a preset field, e.g. --set extractor.epochs=3 (repeatable)")
         sp.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
@@ -177,7 +178,9 @@ def _preset_for(args):
         raise UsageError(f"run={str(run_dir)!r} holds no run.json ({there}); start the run with "
                          f"`afs-kit train-extractors --preset <name> --run {run_dir}` first")
     preset = override(preset, args.overrides)
-    run_dir = run_dir or Path("runs") / preset.name
+    from .pipeline import default_run_dir
+
+    run_dir = run_dir or default_run_dir(preset.name)
     _check_run_path(run_dir)
     return preset, run_dir
 

@@ -28,6 +28,15 @@ from .training import existing_extractor, load_extractor, train_extractor
 from .version import code_version
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_run_dir(preset: str, seed: int = 0) -> Path:
+    """The one default run directory of the command line, the reports and the notebooks:
+    `runs/<preset>` (`runs/<preset>-seed<s>` for another notebook SEED) under the project when the kit
+    runs from its checkout (notebooks execute in notebooks/, the command line anywhere), else under
+    the working directory."""
+    root = PROJECT_ROOT if (PROJECT_ROOT / "pyproject.toml").is_file() else Path.cwd()
+    return root / "runs" / (preset if seed == 0 else f"{preset}-seed{seed}")
 # set to 1 (afs-kit --same-code) to refuse cached evaluations made by another commit instead of reusing them
 SAME_CODE_ENV = "AFS_KIT_SAME_CODE"
 

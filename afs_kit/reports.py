@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .config import get_preset, parse_value
-from .pipeline import PROJECT_ROOT
+from .pipeline import PROJECT_ROOT, default_run_dir
 from .runs import read_json, write_json
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
@@ -190,7 +190,7 @@ def run_report(preset: str, out: str | Path | None = None, run_dir: str | Path |
     check_parameter_values(values, get_preset(preset), device)
     seed = values.get("SEED", 0)
     run_dir = Path(values["RUN_DIR"] if values.get("RUN_DIR") is not None else
-                   run_dir if run_dir is not None else Path("runs") / (preset if not seed else f"{preset}-seed{seed}"))
+                   run_dir if run_dir is not None else default_run_dir(preset, seed))
     out = Path(out) if out is not None else Path("reports") / preset
     run_dir, out = run_dir.resolve(), out.resolve()
     paths = notebook_paths(notebooks)

@@ -12,7 +12,7 @@ import torch
 
 from ..checks import check_int
 from ..config import format_budget, get_preset, preset_from_dict
-from ..pipeline import PROJECT_ROOT, Run
+from ..pipeline import Run, default_run_dir
 from ..runs import load_checkpoint, model_name, read_json
 
 # the attacks of tables 1-3 (clean is always measured); AutoAttack only where the paper uses it
@@ -23,10 +23,6 @@ TRUST_COLUMNS = ("worst", "sanity", "health")
 
 
 # ============================================================================ the run a notebook works on
-
-def default_run_dir(preset: str, seed: int = 0) -> Path:
-    return PROJECT_ROOT / "runs" / (preset if seed == 0 else f"{preset}-seed{seed}")
-
 
 def open_run(preset: str, run_dir: str | Path | None = None, device: str = "auto", seed: int = 0,
              budgets: Sequence[float] | None = None, progress: bool = True) -> Run:
