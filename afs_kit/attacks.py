@@ -24,6 +24,7 @@ from .checks import check_int, check_real
 from .config import AA_ATTACKS
 
 from .device import autocast, check_precision, resolve_device
+from .models import eval_mode, kept_modes
 
 NORMS = ("Linf", "L2")
 LOSSES = ("ce", "cw")
@@ -36,15 +37,6 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # ---------------------------------------------------------------- helpers
-
-def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    return [(m, m.training) for m in model.modules()]
-
-
-def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
-    for m, training in modes:
-        m.training = training
-
 
 def _check_images(x: torch.Tensor, y: torch.Tensor, need_int_labels: bool = True) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -216,9 +208,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
     x = x.detach()
     # one host sync here, so the loop can check the labels against the model's classes without one
     y_top = int(y.max()) + 1 if not callable(loss) else 0
-    modes = _modes(model)
-    model.train(train_mode)
-    try:
+    with kept_modes(model, train_mode):
         best = best_loss = best_fooled = None
         for r in range(restarts):
             x_adv = _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, loss, precision, generator, y_top)
@@ -238,8 +228,6 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
             best_loss = torch.where(take, per_loss, best_loss)
             best_fooled = best_fooled | fooled
         return best
-    finally:
-        _restore_modes(modes)
 
 
 # ---------------------------------------------------------------- AutoAttack
@@ -292,49 +280,47 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
         return (*empty, {}) if return_breakdown else empty
     # pyautoattack's flattening uses .view, which fails on channels_last and other strided tensors
     x = x.detach().contiguous()
-    modes = _modes(model)
-    model.eval()
     logger = logging.getLogger("auto-attack")
     handler, old_level = None, logger.level
     try:
-        with torch.no_grad():
-            num_classes = model(x[:1].to(dev)).shape[1]
-        if num_classes < AA_MIN_CLASSES[version]:
-            raise ValueError(f"AutoAttack version={version!r} needs at least {AA_MIN_CLASSES[version]} classes "
-                             f"(its targeted attacks use the runner-up classes as targets), got a model with "
-                             f"{num_classes} classes; use pgd(..., loss='cw') or version='rand' instead")
-        _check_label_range(int(y.max()) + 1, num_classes)
-        with torch.no_grad():
-            pred = torch.cat([model(x[i:i + batch_size].to(dev)).argmax(1).to(y.device)
-                              for i in range(0, x.shape[0], batch_size)])
-        robust, x_adv, broken = pred == y, x.clone(), {}
-        if eps > 0:
-            if verbose:
-                handler = logging.StreamHandler()
-                logger.addHandler(handler)
-                logger.setLevel(logging.DEBUG)
-            adversary = AutoAttack(model, norm=norm, eps=eps, version=version, seed=seed, device=dev)
-            with torch.random.fork_rng(devices=_cuda_devices(dev)):
-                # a chosen subset runs with the version's settings (one restart, 9 target classes)
-                for attack in attacks or list(adversary.attacks_to_run):
-                    # one attack at a time on what is still robust: what run_standard_evaluation does
-                    # internally, so each attack's share is known
-                    idx = robust.nonzero().flatten()
-                    broken[attack] = 0
-                    if len(idx) == 0:
-                        continue
-                    if say is not None:
-                        say(f"  AutoAttack {attack} on the {len(idx)} of {len(y)} examples still robust ...")
-                    adversary.attacks_to_run = [attack]
-                    xa, ya = adversary.run_standard_evaluation(x[idx.to(x.device)], y[idx].to(dev),
-                                                               batch_size=batch_size)
-                    fooled = (ya.to(y.device) != y[idx])
-                    hit = idx[fooled]
-                    robust[hit] = False
-                    x_adv[hit.to(x.device)] = xa[fooled.to(xa.device)].to(x.device)
-                    broken[attack] = int(fooled.sum())
+        with eval_mode(model):
+            with torch.no_grad():
+                num_classes = model(x[:1].to(dev)).shape[1]
+            if num_classes < AA_MIN_CLASSES[version]:
+                raise ValueError(f"AutoAttack version={version!r} needs at least {AA_MIN_CLASSES[version]} classes "
+                                 f"(its targeted attacks use the runner-up classes as targets), got a model with "
+                                 f"{num_classes} classes; use pgd(..., loss='cw') or version='rand' instead")
+            _check_label_range(int(y.max()) + 1, num_classes)
+            with torch.no_grad():
+                pred = torch.cat([model(x[i:i + batch_size].to(dev)).argmax(1).to(y.device)
+                                  for i in range(0, x.shape[0], batch_size)])
+            robust, x_adv, broken = pred == y, x.clone(), {}
+            if eps > 0:
+                if verbose:
+                    handler = logging.StreamHandler()
+                    logger.addHandler(handler)
+                    logger.setLevel(logging.DEBUG)
+                adversary = AutoAttack(model, norm=norm, eps=eps, version=version, seed=seed, device=dev)
+                with torch.random.fork_rng(devices=_cuda_devices(dev)):
+                    # a chosen subset runs with the version's settings (one restart, 9 target classes)
+                    for attack in attacks or list(adversary.attacks_to_run):
+                        # one attack at a time on what is still robust: what run_standard_evaluation does
+                        # internally, so each attack's share is known
+                        idx = robust.nonzero().flatten()
+                        broken[attack] = 0
+                        if len(idx) == 0:
+                            continue
+                        if say is not None:
+                            say(f"  AutoAttack {attack} on the {len(idx)} of {len(y)} examples still robust ...")
+                        adversary.attacks_to_run = [attack]
+                        xa, ya = adversary.run_standard_evaluation(x[idx.to(x.device)], y[idx].to(dev),
+                                                                   batch_size=batch_size)
+                        fooled = (ya.to(y.device) != y[idx])
+                        hit = idx[fooled]
+                        robust[hit] = False
+                        x_adv[hit.to(x.device)] = xa[fooled.to(xa.device)].to(x.device)
+                        broken[attack] = int(fooled.sum())
     finally:
-        _restore_modes(modes)
         if handler is not None:
             logger.removeHandler(handler)
             logger.setLevel(old_level)
@@ -362,13 +348,8 @@ def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     if eps == 0 or x.shape[0] == 0:
         return x.detach().clone()
     x = x.detach().contiguous()
-    modes = _modes(model)
-    model.eval()
     attack = SquareAttack(model, norm=norm, n_queries=n_queries, eps=eps, p_init=0.8, n_restarts=1, seed=seed,
                           resc_schedule=True, device=x.device)
-    try:
-        with torch.random.fork_rng(devices=_cuda_devices(x.device)), torch.no_grad():
-            return torch.cat([attack.perturb(x[i:i + batch_size], y[i:i + batch_size])
-                              for i in range(0, x.shape[0], batch_size)])
-    finally:
-        _restore_modes(modes)
+    with eval_mode(model), torch.random.fork_rng(devices=_cuda_devices(x.device)), torch.no_grad():
+        return torch.cat([attack.perturb(x[i:i + batch_size], y[i:i + batch_size])
+                          for i in range(0, x.shape[0], batch_size)])

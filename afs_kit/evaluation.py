@@ -17,6 +17,7 @@ from .config import ATTACKS, EvalConfig, step_size
 from .batches import iterate_batches
 from .checks import check_choice
 from .device import autocast, resolve_device
+from .models import eval_mode
 from .runs import save_checkpoint, write_json
 from .stats import examples_hash, interval_of
 
@@ -35,16 +36,12 @@ def check_eval_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
 @torch.no_grad()
 def correct_flags(model, x, y, batch_size: int = 500, precision: str = "fp32") -> torch.Tensor:
     """Per-example `prediction == label` in eval mode (mode restored)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = []
         for idx in iterate_batches(len(y), batch_size, shuffle=False):
             with autocast(precision, x.device):
                 out.append(model(x[idx]).argmax(1) == y[idx])
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=x.device)
-    finally:
-        model.train(was_training)
 
 
 def pgd_flags(model, x, y, eps, alpha, steps, batch_size=200, restarts=1, precision="fp32",

@@ -336,15 +336,21 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration, then every module's own training flag back (as the attacks do)."""
+def kept_modes(model: nn.Module, training: bool = False) -> Iterator[None]:
+    """`model.train(training)` for the duration, then every module's own training flag back: the one
+    way the kit switches a caller's model (attacks, evaluations, checks) and leaves it as it found it."""
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    model.train(training)
     try:
         yield
     finally:
-        for m, training in modes:
-            m.training = training
+        for m, was in modes:
+            m.training = was
+
+
+def eval_mode(model: nn.Module):
+    """Eval mode for the duration, then every module's own training flag back."""
+    return kept_modes(model, False)
 
 
 def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> torch.nn.Module:
