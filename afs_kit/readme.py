@@ -66,7 +66,9 @@ def report_section(name: str, summary: dict) -> str:
                    f"`{failed.get('error', 'no error recorded')}` after {wall:.1f} min of notebooks "
                    f"({', '.join(seconds) or 'none'} ran). Finish it with `afs-kit report --preset {name}`.")
     else:
-        out.append(f"Complete: {len(seconds)} notebooks in {wall:.1f} min of wall time.")
+        out.append(f"Complete: {len(seconds)} notebooks in {wall:.1f} min of wall time in the invocation that "
+                   f"finished it (a stage that found its results on disk takes seconds: "
+                   f"{', '.join(f'{k} {v / 60:.1f} min' for k, v in seconds.items())}).")
     seeds = (summary.get("seeds") or {}).get("seeds") or []
     out.append(f"Seeds: {', '.join(str(s) for s in seeds)} (tables 1 and 4-5 give the mean and min-max over them; "
                f"the other tables are seed {seeds[0]})." if len(seeds) > 1 else

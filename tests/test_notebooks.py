@@ -11,6 +11,7 @@ import pytest
 
 from afs_kit.cli import main
 from afs_kit.config import get_preset
+from afs_kit.pipeline import PROJECT_ROOT
 from afs_kit.reports import NOTEBOOKS, NOTEBOOKS_DIR, PARAMETERS, notebook_parameters, parse_parameter, \
     parse_parameters
 
@@ -186,7 +187,10 @@ def test_report_runs_every_notebook(smoke_report):
         # paths relative to the notebooks' folder: a committed report names no folder of the machine
         relative = os.path.relpath(smoke_report["run"], NOTEBOOKS_DIR)
         assert f'RUN_DIR = "{relative}"' in injected[0].source
-        assert f'"{smoke_report["run"].parent}' not in (out / f"{name}.ipynb").read_text(), "an absolute path"
+        text = (out / f"{name}.ipynb").read_text()
+        assert f'"{smoke_report["run"].parent}' not in text, "an absolute path"
+        # warnings too (their default form starts with the source file's path)
+        assert str(PROJECT_ROOT) not in text, f"{name}: a path of this machine in the executed notebook"
         assert not os.path.isabs(nb.metadata.papermill["input_path"])
         # the figures are shown inline as well as saved
         assert any("image/png" in o.get("data", {}) for c in code for o in c.outputs), f"{name}: no inline figure"

@@ -4,6 +4,7 @@ health), paired sentences, display helpers and several seeds."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,10 +25,18 @@ TRUST_COLUMNS = ("worst", "sanity", "health")
 
 # ============================================================================ the run a notebook works on
 
+def _warning_without_path(message, category, filename, lineno, line=None) -> str:
+    return f"{category.__name__}: {message}\n"
+
+
 def open_run(preset: str, run_dir: str | Path | None = None, device: str = "auto", seed: int = 0,
              budgets: Sequence[float] | None = None, progress: bool = True) -> Run:
     """The run a notebook reads and writes: an existing run keeps its stored preset (with any --set
-    overrides it was made with); `budgets` and a non-zero `seed` replace the preset's."""
+    overrides it was made with); `budgets` and a non-zero `seed` replace the preset's.
+
+    Warnings in the notebook then print as "Category: message", without the source file's path: an
+    executed report must not carry the paths of the machine that made it."""
+    warnings.formatwarning = _warning_without_path
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(preset, seed)
     chosen = get_preset(preset)
     info = run_dir / "run.json"
