@@ -96,8 +96,11 @@ class Dataset:
         return (int(c), int(h), int(w))
 
     def __repr__(self) -> str:
+        # an npz:/folder: name holds the file's full path; a notebook's output names only the file
+        kind, sep, where = self.name.partition(":")
+        shown = f"{kind}:{Path(where).name}" if sep and kind in ("npz", "folder") else self.name
         return (
-            f"Dataset(name={self.name!r}, train={len(self.x_train)}, test={len(self.x_test)}, "
+            f"Dataset(name={shown!r}, train={len(self.x_train)}, test={len(self.x_test)}, "
             f"image_shape={self.image_shape}, num_classes={self.num_classes})"
         )
 
