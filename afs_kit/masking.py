@@ -161,7 +161,8 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
         for f in given.values():
             white &= f
     else:
-        white = _on_clean(clean, x, y, lambda xs, ys: pgd_flags(model, xs, ys, eps, alpha, reported_steps, generator=gen))
+        white = _on_clean(clean, x, y,
+                          lambda xs, ys: pgd_flags(model, xs, ys, eps, alpha, reported_steps, generator=gen))
 
     steps = STRONGER_STEPS * reported_steps
     say = say or (lambda _line: None)

@@ -3,8 +3,9 @@
 A setting already trained answers at once (mergers and evaluations are cached on disk by config,
 and in memory once seen); a new one trains its merger only when "Train and show" is pressed, with a
 progress bar in the explorer's output, and then stays cached. The kernel is the one source of
-truth: every redraw reads the controls' values and locks them while it works. Every figure shown here also exists as a static figure
-made by the notebooks, since executed reports keep no widget state.
+truth: every redraw reads the controls' values and locks them while it works. Every figure shown
+here also exists as a static figure made by the notebooks, since executed reports keep no widget
+state.
 """
 from __future__ import annotations
 
