@@ -56,6 +56,18 @@ def pgd_flags(model, x, y, eps, alpha, steps, batch_size=200, restarts=1, precis
     return torch.cat(out)
 
 
+def robust_where(standing: torch.Tensor, x, y, attack) -> torch.Tensor:
+    """Robust flags of `attack(x_sub, y_sub)` (a callable returning flags) run only on the examples
+    `standing` marks; the others are not robust. The one way the kit skips examples an earlier attack
+    (or the clean prediction) already broke: in eval mode an example's attack does not depend on the
+    others, so this only saves the work."""
+    flags = torch.zeros_like(standing)
+    idx = standing.nonzero().flatten()
+    if len(idx):
+        flags[idx] = attack(x[idx], y[idx])
+    return flags
+
+
 def attack_generator(seed: int, attack: str, device) -> torch.Generator:
     """Each attack's random starts come from (seed, attack name) alone, so an attack gives the same
     flags whether it runs with others or is added to an evaluation record later."""
@@ -69,16 +81,13 @@ def attack_flags(model, x, y, attack: str, cfg: EvalConfig, clean: torch.Tensor,
     gen = attack_generator(cfg.seed, attack, x.device)
     if attack in PGD_STEPS:
         # only the clean-correct examples: a misclassified one is not robust whatever the attack does
-        flags, idx = torch.zeros_like(clean), clean.nonzero().flatten()
-        flags[idx] = pgd_flags(model, x[idx], y[idx], cfg.eps, step_size(cfg.eps, cfg.step_size), PGD_STEPS[attack],
-                               cfg.batch_size, precision=cfg.precision, generator=gen, progress=progress, desc=attack)
-        return {"flags": flags}
-    if attack == "aa":
-        robust, _, breakdown = autoattack(model, x, y, cfg.eps, seed=cfg.seed, batch_size=cfg.batch_size,
-                                          return_breakdown=True, attacks=cfg.aa_attacks or None,
-                                          say=(lambda line: print(line, flush=True)) if progress else None)
-        return {"flags": clean & robust.to(x.device), "aa_breakdown": breakdown}
-    raise AssertionError(f"attack {attack!r} was checked above")
+        return {"flags": robust_where(clean, x, y, lambda xs, ys: pgd_flags(
+            model, xs, ys, cfg.eps, step_size(cfg.eps, cfg.step_size), PGD_STEPS[attack], cfg.batch_size,
+            precision=cfg.precision, generator=gen, progress=progress, desc=attack))}
+    robust, _, breakdown = autoattack(model, x, y, cfg.eps, seed=cfg.seed, batch_size=cfg.batch_size,
+                                      return_breakdown=True, attacks=cfg.aa_attacks or None,
+                                      say=(lambda line: print(line, flush=True)) if progress else None)
+    return {"flags": clean & robust.to(x.device), "aa_breakdown": breakdown}
 
 
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, device: str = "auto",
@@ -115,8 +124,7 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, device: s
             flags[name] = out.pop("flags").cpu()
             extra.update(out)
             done.append(name)
-    flags = {a: f for a, f in flags.items() if a != "worst"}
-    metrics = {**summarize(flags), **extra}
+    metrics = {**summarize(flags), **extra}  # refreshes flags["worst"]
     metrics.update(n=n, examples={"first": n, "hash": examples_hash(torch.arange(n))}, eps=cfg.eps,
                    step_size=step_size(cfg.eps, cfg.step_size), attacks=_ordered(done), seed=cfg.seed,
                    precision=cfg.precision)
@@ -175,10 +183,10 @@ def robustness_curve(model, x, y, budgets, steps: int = 20, batch_size: int = 20
     robust = correct_flags(model, x, y, batch_size)
     accuracy = {}
     for eps in sorted(set(float(b) for b in budgets)):
-        idx = robust.nonzero().flatten()
-        if eps > 0 and len(idx):
-            robust[idx] = pgd_flags(model, x[idx], y[idx], eps, eps / 4, steps, batch_size, precision=precision,
-                                    generator=gen, progress=progress, desc=f"eps {eps:.3g}")
+        if eps > 0:
+            robust = robust_where(robust, x, y, lambda xs, ys, eps=eps: pgd_flags(
+                model, xs, ys, eps, eps / 4, steps, batch_size, precision=precision, generator=gen,
+                progress=progress, desc=f"eps {eps:.3g}"))
         accuracy[eps] = 100 * robust.float().mean().item()
     return [{"eps": float(eps), "accuracy": accuracy[float(eps)]} for eps in budgets]
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .attacks import pgd, square_attack
 from .checks import check_int, check_real
 from .device import resolve_device
-from .evaluation import PGD_STEPS, check_eval_inputs, correct_flags, pgd_flags
+from .evaluation import PGD_STEPS, check_eval_inputs, correct_flags, pgd_flags, robust_where
 from .stats import SIGNIFICANCE, discordant, paired_test
 
 STRENGTHS = {
@@ -62,23 +62,12 @@ def stronger_pgd_flags(model, x, y, eps: float, steps: int, batch_size: int = 20
     Each attack runs only on the examples every earlier one left standing, as AutoAttack does: in
     eval mode an example's attack does not depend on the others, so this only saves the work.
     """
-    robust = torch.ones(len(y), dtype=torch.bool, device=y.device) if robust is None else robust.clone()
+    robust = torch.ones(len(y), dtype=torch.bool, device=y.device) if robust is None else robust
     for loss in ("ce", "cw"):
-        idx = robust.nonzero().flatten()
-        if len(idx) == 0:
-            break
-        robust[idx] = pgd_flags(model, x[idx], y[idx], eps, eps / 8, steps, batch_size, restarts=STRONGER_RESTARTS,
-                                generator=generator, loss=loss, progress=progress, desc=f"PGD-{steps} {loss}")
+        robust = robust_where(robust, x, y, lambda xs, ys, loss=loss: pgd_flags(
+            model, xs, ys, eps, eps / 8, steps, batch_size, restarts=STRONGER_RESTARTS, generator=generator,
+            loss=loss, progress=progress, desc=f"PGD-{steps} {loss}"))
     return robust
-
-
-def _on_clean(clean: torch.Tensor, x, y, attack) -> torch.Tensor:
-    """Robust flags of `attack(x, y)` run only on the clean-correct examples (the others are not robust)."""
-    flags = torch.zeros_like(clean)
-    idx = clean.nonzero().flatten()
-    if len(idx):
-        flags[idx] = attack(x[idx], y[idx])
-    return flags
 
 
 def transfer_sources(model: nn.Module) -> dict[str, nn.Module]:
@@ -161,7 +150,7 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
         for f in given.values():
             white &= f
     else:
-        white = _on_clean(clean, x, y,
+        white = robust_where(clean, x, y,
                           lambda xs, ys: pgd_flags(model, xs, ys, eps, alpha, reported_steps, generator=gen))
 
     steps = STRONGER_STEPS * reported_steps
@@ -189,7 +178,7 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
                                        generator=gen) for i in range(0, len(ys), 200)])
                 return correct_flags(model, x_adv, ys)
 
-            hit = _on_clean(clean, x, y, transferred)
+            hit = robust_where(clean, x, y, transferred)
             per_source[name] = _acc(hit)
             transfer &= hit
         checks["transfer_not_stronger"] = _stronger(white, transfer, per_source=per_source)
@@ -198,14 +187,14 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
 
     say("  masking check 4 of 4: budgets eps/2 to 8 eps, gradients, determinism ...")
     budgets = [eps / 2, eps, 2 * eps]
-    curve = [_acc(_on_clean(clean, x, y, lambda xs, ys, b=b: pgd_flags(model, xs, ys, min(b, 1.0), b / 4, 10,
-                                                                         generator=gen)))
+    curve = [_acc(robust_where(clean, x, y, lambda xs, ys, b=b: pgd_flags(model, xs, ys, min(b, 1.0), b / 4, 10,
+                                                                            generator=gen)))
              for b in budgets]
     checks["monotone_in_budget"] = {"passed": all(b <= a + tol for a, b in zip([_acc(clean)] + curve, curve)),
                                     "budgets": [min(b, 1.0) for b in budgets], "accuracy": curve}
     large = min(1.0, max(0.5, 8 * eps))
-    at_large = _acc(_on_clean(clean, x, y, lambda xs, ys: pgd_flags(model, xs, ys, large, large / 10, 20,
-                                                                     generator=gen)))
+    at_large = _acc(robust_where(clean, x, y, lambda xs, ys: pgd_flags(model, xs, ys, large, large / 10, 20,
+                                                                        generator=gen)))
     checks["large_budget_breaks"] = {"passed": at_large <= 10.0, "budget": large, "accuracy": at_large}
 
     delta = torch.zeros_like(x, requires_grad=True)

@@ -115,9 +115,10 @@ def spearman(x, y) -> tuple[float, float]:
     from scipy.stats import rankdata, spearmanr
 
     rx, ry = rankdata(np.asarray(x, dtype=float)), rankdata(np.asarray(y, dtype=float))
-    rho = float(spearmanr(rx, ry).statistic)
+    approximate = spearmanr(rx, ry)
+    rho = float(approximate.statistic)
     if len(rx) > 8 or rho != rho:
-        return rho, float(spearmanr(rx, ry).pvalue)
+        return rho, float(approximate.pvalue)
     orders = np.array(list(itertools.permutations(rx)))
     centred = orders - orders.mean(axis=1, keepdims=True)
     cy = ry - ry.mean()

@@ -60,13 +60,13 @@ def alpha_explorer(run: Run, alphas: Sequence[float] | None = None, subset: str 
         # the kernel is the one source of truth: read the slider now, not the value a message carried,
         # and lock the controls while working so the page cannot move ahead of the kernel
         alpha = round(slider.value, 6)
-        if not train and (vector, alpha) not in cache and not merger_exists(run, vector, alpha):
+        trained = (vector, alpha) in cache or merger_exists(run, vector, alpha)
+        if not train and not trained:
             # a slider passing through values (keys, drags) must not train a merger for each of them
             status.value = f"alpha={alpha:g} has no merger yet: press 'Train and show' to train it (then cached)"
             return
         slider.disabled = button.disabled = True
-        status.value = "" if (vector, alpha) in cache or merger_exists(run, vector, alpha) else \
-            f"alpha={alpha:g}: training its merger (then cached) ..."
+        status.value = "" if trained else f"alpha={alpha:g}: training its merger (then cached) ..."
         try:
             with out:
                 out.clear_output(wait=True)

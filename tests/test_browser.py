@@ -8,6 +8,7 @@ browsers here, so Playwright launches /usr/bin/chromium itself.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -141,6 +142,20 @@ def _open_and_run_all(page, lab, notebook: str) -> None:
     page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
 
 
+@contextlib.contextmanager
+def _notebook_page(lab, notebook: str):
+    """Headless Chromium on `notebook` in the lab, after Run All; the browser is closed afterwards."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs Playwright's Python package")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            _open_and_run_all(page, lab, notebook)
+            yield page
+        finally:
+            browser.close()
+
+
 def _kernel_idle(page) -> bool:
     return page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status"
                          " === 'idle'")
@@ -152,41 +167,34 @@ def _alphas_trained(run_dir: Path) -> set[str]:
 
 
 def test_alpha_slider_trains_only_what_is_asked_in_a_real_browser(lab):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs Playwright's Python package")
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            _open_and_run_all(page, lab, "alpha.ipynb")
-            _wait(page, lambda: "alpha=0.5:" in _explorer_text(page), "the explorer's first drawing (alpha=0.5)",
-                  lab["log"], 90)
-            handle = page.locator(".jupyter-widgets .widget-slider .noUi-handle").first
-            handle.wait_for(state="visible", timeout=10_000)
-            readout = page.locator(".jupyter-widgets .widget-slider .widget-readout").first
-            assert readout.text_content().strip() == "0.50"
-            before = _explorer_images(page)
-            assert len(before) == 2, f"the explorer draws two figures, found {len(before)}"
-            assert _alphas_trained(lab["run"]) == {"0.5"}
+    with _notebook_page(lab, "alpha.ipynb") as page:
+        _wait(page, lambda: "alpha=0.5:" in _explorer_text(page), "the explorer's first drawing (alpha=0.5)",
+              lab["log"], 90)
+        handle = page.locator(".jupyter-widgets .widget-slider .noUi-handle").first
+        handle.wait_for(state="visible", timeout=10_000)
+        readout = page.locator(".jupyter-widgets .widget-slider .widget-readout").first
+        assert readout.text_content().strip() == "0.50"
+        before = _explorer_images(page)
+        assert len(before) == 2, f"the explorer draws two figures, found {len(before)}"
+        assert _alphas_trained(lab["run"]) == {"0.5"}
 
-            # keys pressed 100 ms apart pass through 0.6 and 0.7 to 0.8: nothing is trained on the way
-            handle.focus()
-            for _ in range(3):
-                page.keyboard.press("ArrowRight")
-                page.wait_for_timeout(100)
-            _wait(page, lambda: "alpha=0.8 has no merger yet" in page.content() and _kernel_idle(page),
-                  "the note that alpha 0.8 has no merger", lab["log"], 30)
-            assert readout.text_content().strip() == "0.80"
-            assert _alphas_trained(lab["run"]) == {"0.5"}, "a slider passing through values trains none of them"
+        # keys pressed 100 ms apart pass through 0.6 and 0.7 to 0.8: nothing is trained on the way
+        handle.focus()
+        for _ in range(3):
+            page.keyboard.press("ArrowRight")
+            page.wait_for_timeout(100)
+        _wait(page, lambda: "alpha=0.8 has no merger yet" in page.content() and _kernel_idle(page),
+              "the note that alpha 0.8 has no merger", lab["log"], 30)
+        assert readout.text_content().strip() == "0.80"
+        assert _alphas_trained(lab["run"]) == {"0.5"}, "a slider passing through values trains none of them"
 
-            page.get_by_role("button", name="Train and show").click()
-            _wait(page, lambda: "alpha=0.8:" in _explorer_text(page), "the redraw at alpha=0.8", lab["log"], 90)
-            _wait(page, lambda: len(_explorer_images(page)) == 2 and _explorer_images(page) != before,
-                  "the redrawn figures", lab["log"], 30)
-            text = _explorer_text(page)
-            assert "alpha=0.5:" not in text, "the output must be redrawn, not appended to"
-            assert "clean" in text and "PGD-10" in text and "importance ratio" in text
-        finally:
-            browser.close()
+        page.get_by_role("button", name="Train and show").click()
+        _wait(page, lambda: "alpha=0.8:" in _explorer_text(page), "the redraw at alpha=0.8", lab["log"], 90)
+        _wait(page, lambda: len(_explorer_images(page)) == 2 and _explorer_images(page) != before,
+              "the redrawn figures", lab["log"], 30)
+        text = _explorer_text(page)
+        assert "alpha=0.5:" not in text, "the output must be redrawn, not appended to"
+        assert "clean" in text and "PGD-10" in text and "importance ratio" in text
     # only the value asked for was trained, and it is now cached on disk
     assert _alphas_trained(lab["run"]) == {"0.5", "0.8"}
     summary = json.loads((lab["run"] / "summary.json").read_text())
@@ -194,35 +202,28 @@ def test_alpha_slider_trains_only_what_is_asked_in_a_real_browser(lab):
 
 
 def test_subset_checkboxes_clicked_100_ms_apart_stay_in_step_with_the_kernel(lab):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs Playwright's Python package")
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            _open_and_run_all(page, lab, "subsets.ipynb")
-            _wait(page, lambda: "subset=111" in _explorer_text(page), "the explorer's first drawing (subset 111)",
-                  lab["log"], 120)
-            boxes = page.locator(".jupyter-widgets .widget-checkbox input[type=checkbox]")
-            assert boxes.count() == 3
-            # untick, tick, untick, ... 100 ms apart, across the boxes, while the kernel redraws
-            for i in (0, 0, 0, 1, 1, 1, 2, 0, 2, 1, 0):
-                boxes.nth(i).click(force=True)
-                page.wait_for_timeout(100)
-            _wait(page, lambda: _kernel_idle(page), "an idle kernel", lab["log"], 60)
-            page.wait_for_timeout(1000)
-            shown = "".join("1" if boxes.nth(i).is_checked() else "0" for i in range(3))
-            text = _explorer_text(page)
-            kernel = [line for line in text.splitlines() if "subset" in line or "tick at least" in line][-1]
-            expected = "tick at least one extractor" if shown == "000" else f"subset {shown} has no merger yet" \
-                if shown != "111" else "subset=111"
-            assert expected in kernel, f"the page shows {shown}; the kernel says: {kernel}"
-            # every box still talks to the kernel: tick all three and the kernel draws subset 111 again
-            for _ in range(10):  # a click on a box locked while the kernel works is dropped: click again
-                for i in range(3):
-                    if not boxes.nth(i).is_checked():
-                        boxes.nth(i).click(force=True)
-                        _wait(page, lambda: _kernel_idle(page), "an idle kernel", lab["log"], 60)
-                        page.wait_for_timeout(300)
-            _wait(page, lambda: "subset=111" in _explorer_text(page), "subset 111 drawn again", lab["log"], 60)
-        finally:
-            browser.close()
+    with _notebook_page(lab, "subsets.ipynb") as page:
+        _wait(page, lambda: "subset=111" in _explorer_text(page), "the explorer's first drawing (subset 111)",
+              lab["log"], 120)
+        boxes = page.locator(".jupyter-widgets .widget-checkbox input[type=checkbox]")
+        assert boxes.count() == 3
+        # untick, tick, untick, ... 100 ms apart, across the boxes, while the kernel redraws
+        for i in (0, 0, 0, 1, 1, 1, 2, 0, 2, 1, 0):
+            boxes.nth(i).click(force=True)
+            page.wait_for_timeout(100)
+        _wait(page, lambda: _kernel_idle(page), "an idle kernel", lab["log"], 60)
+        page.wait_for_timeout(1000)
+        shown = "".join("1" if boxes.nth(i).is_checked() else "0" for i in range(3))
+        text = _explorer_text(page)
+        kernel = [line for line in text.splitlines() if "subset" in line or "tick at least" in line][-1]
+        expected = "tick at least one extractor" if shown == "000" else f"subset {shown} has no merger yet" \
+            if shown != "111" else "subset=111"
+        assert expected in kernel, f"the page shows {shown}; the kernel says: {kernel}"
+        # every box still talks to the kernel: tick all three and the kernel draws subset 111 again
+        for _ in range(10):  # a click on a box locked while the kernel works is dropped: click again
+            for i in range(3):
+                if not boxes.nth(i).is_checked():
+                    boxes.nth(i).click(force=True)
+                    _wait(page, lambda: _kernel_idle(page), "an idle kernel", lab["log"], 60)
+                    page.wait_for_timeout(300)
+        _wait(page, lambda: "subset=111" in _explorer_text(page), "subset 111 drawn again", lab["log"], 60)

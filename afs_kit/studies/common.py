@@ -95,15 +95,11 @@ def table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: in
     df = df.round({c: digits for c in df.columns if c not in ("alpha", "eps", "p")})
     for c in df.columns:
         # counts stay integers, and a missing one reads "-" (not 200.0 and NaN)
-        values = [v for v in _column(rows, c) if v is not None]
-        if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            df[c] = [("-" if v is None else int(v)) for v in _column(rows, c)]
+        column = [r.get(c) for r in rows]
+        given = [v for v in column if v is not None]
+        if given and all(isinstance(v, int) and not isinstance(v, bool) for v in given):
+            df[c] = ["-" if v is None else v for v in column]
     return df
-
-
-def _column(rows: Sequence[dict], column: str) -> list:
-    """One column of table rows (None where a row lacks it)."""
-    return [r.get(column) for r in rows]
 
 
 def label(eps: float) -> str:
