@@ -9,8 +9,12 @@ from .config import PRESETS
 from .data import load_dataset
 from .evaluation import evaluate, sanity_checks
 from .models import build_model
+from .outside import alias_autoattack
 from .pipeline import Run
 from .version import code_version
+
+# robustbench imports `autoattack`; where only PyPI's `pyautoattack` is installed, that name points to it
+alias_autoattack()
 
 __all__ = ["Run", "PRESETS", "load_dataset", "build_model", "pgd", "autoattack", "evaluate", "sanity_checks",
            "code_version"]

@@ -28,6 +28,9 @@ EXAMPLES = {
                      "afs-kit train-merger --run runs/demo --subset 1010101 --alpha 0.5"],
     "evaluate": ["afs-kit evaluate --run runs/demo --model afs --attacks clean,pgd20",
                  "afs-kit evaluate --run runs/demo --model extractor:0.1 --attacks clean,pgd10 --n 500"],
+    "add-extractor": ["afs-kit add-extractor --preset zoo-cifar10 --model-dir models",
+                      "afs-kit add-extractor --run runs/demo --builder torchvision.models:resnet18 "
+                      "--kwargs '{\"num_classes\": 10}' --weights resnet18.pt --name resnet18"],
     "report": ["afs-kit report --preset demo", "afs-kit report --readme"],
     "presets": ["afs-kit presets"],
 }
@@ -87,6 +90,23 @@ def _parser() -> argparse.ArgumentParser:
     seeds_option(sp)
     common(sp)
 
+    sp = command("add-extractor", help="add networks from outside the kit (RobustBench's zoo, any builder) as "
+                 "extractors: no training; they stack with the kit's own")
+    sp.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (required for a new run)")
+    sp.add_argument("--robustbench", metavar="NAME[,NAME...]", help="RobustBench zoo models (default: the "
+                    "preset's zoo list when no --builder is given)")
+    sp.add_argument("--model-dir", default="models", help="RobustBench's model_dir: the weights are read from "
+                    "MODEL_DIR/<dataset>/<threat model>/<name>.pt (default ./models, as in RobustBench)")
+    sp.add_argument("--threat-model", default="Linf", help="RobustBench threat model (default Linf)")
+    sp.add_argument("--download", action="store_true", help="let RobustBench download missing weights")
+    sp.add_argument("--builder", metavar="MODULE:FUNCTION", help="any callable returning an nn.Module from images "
+                    "in [0, 1] to logits, e.g. torchvision.models:resnet18")
+    sp.add_argument("--kwargs", metavar="JSON", help="the builder's keyword arguments as a JSON object")
+    sp.add_argument("--weights", metavar="FILE", help="a state dict for the builder's network")
+    sp.add_argument("--name", help="the extractor's name in the run (required with --builder)")
+    sp.add_argument("--layer", help="the network's final linear layer (default: found by running it once)")
+    common(sp)
+
     sp = command("train-merger", help="train the linear merger over a subset of the run's extractors")
     sp.add_argument("--subset", help="'all', 'selected', a binary vector (leftmost = smallest budget) or budgets")
     sp.add_argument("--alpha", help="weight of the clean loss in eq. 5, in [0,1] (default: the preset's)")
@@ -97,7 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     sp = command("evaluate", help="clean, PGD-10, PGD-20 and AutoAttack; writes metrics.json")
     sp.add_argument("--model", action="append", default=[], metavar="MODEL",
                     help="afs (every trained AFS model; the default), afs:<merger folder>, extractors, "
-                         "extractor:<budget>, avg:<subset> (logit averaging, eq. 9); repeatable")
+                         "extractor:<budget>, outside (every added extractor), outside:<name>, avg:<subset> "
+                         "(logit averaging, eq. 9); repeatable; AFS models are compared with the others by paired "
+                         "tests on the same examples")
     sp.add_argument("--attacks", help="comma-separated subset of clean,pgd10,pgd20,aa")
     sp.add_argument("--n", type=int, help="number of test examples (default: the preset's, all if unset)")
     sp.add_argument("--sanity", action="store_true", help="run the gradient-masking sanity checks for single "
@@ -171,7 +193,7 @@ def _preset_for(args):
         preset = stored or preset
     elif stored is not None:
         preset = stored
-    elif args.command == "train-extractors":
+    elif args.command in ("train-extractors", "add-extractor"):
         raise UsageError(f"run={str(run_dir)!r} holds no run.json; give --preset to start a new run")
     else:  # train-merger and evaluate take no --preset: a run starts with train-extractors
         there = "no run there yet" if run_dir.is_dir() else "no such directory"
@@ -207,15 +229,20 @@ def _models_to_evaluate(run, specs: list[str]):
             eps = parse_unit(arg, "model")
             run.extractor(eps)  # raises a ValueError naming the budget when missing
             out.append((model_name("extractor", eps), ("extractor", eps)))
+        elif kind == "outside":
+            names = [arg] if arg else run.dir.outside_names()
+            for name in names:
+                run.outside(name)  # raises a ValueError naming it when missing
+            out += [(model_name("outside", n), ("outside", n)) for n in names]
         elif kind == "avg":
             if sep and not arg.strip():  # "avg:" names an empty subset; bare "avg" means all
                 raise UsageError(f"model={spec!r} names an empty subset; use avg:all, avg:<binary vector> "
                                  f"or avg:<budgets>")
             indices = run.subset_indices(arg or "all")
-            out.append((model_name("avg", subset_vector(indices, len(run.budgets()))), ("avg", arg or "all")))
+            out.append((model_name("avg", subset_vector(indices, len(run.members()))), ("avg", arg or "all")))
         else:
             raise UsageError(f"unknown model={spec!r}; use afs, afs:<folder>, extractors, extractor:<budget>, "
-                             f"avg:<subset>")
+                             f"outside, outside:<name>, avg:<subset>")
     return out
 
 
@@ -227,25 +254,55 @@ def _build(run, what):
     kind, arg = what
     if kind == "extractor":
         return run.extractor(arg)[0]
+    if kind == "outside":
+        return run.outside(arg)[0]
     if kind == "avg":
         return run.logit_average(arg)
     path = run.dir.merger_dir(arg) / "merger.pt"
     ckpt = load_checkpoint(path)
     expect(ckpt, path, kind="merger", **data_fingerprint(run.data))
-    found = {p.parent.name: b for b, p in run.extractor_checkpoints()}
+    found = {p.parent.name: p for _, p in run.members()}
     names, keys = ckpt.get("extractors") or [], ckpt.get("extractor_keys") or []
     if not names or len(names) != len(keys):
         raise ValueError(f"checkpoint {path} does not say which extractors it stacks; refusing to use it")
     for name, key in zip(names, keys):
         if name not in found:
-            raise ValueError(f"checkpoint {path} stacks extractor {name!r}, which {run.dir.extractors_dir} "
+            raise ValueError(f"checkpoint {path} stacks extractor {name!r}, which {run.dir.root} "
                              f"does not hold; refusing to use it")
-        have = run.extractor(found[name])[1]["key"]
+        have = run.member(found[name])[1]["key"]
         if have != key:
             raise ValueError(f"checkpoint {path} was trained on another extractor {name!r} (key {key}, this run's "
                              f"is {have}); refusing to use it: retrain the merger")
-    stack = FeatureStack([run.extractor(found[n])[0] for n in names])
+    stack = FeatureStack([run.member(found[n])[0] for n in names])
     return load_merger(path, stack, run.data.num_classes, **data_fingerprint(run.data))[0]
+
+
+def _add_extractors(run, args) -> int:
+    """Every network is loaded and checked before the run directory is locked or anything is written."""
+    import json
+
+    from .outside import prepare_outside
+    try:
+        kwargs = json.loads(args.kwargs) if args.kwargs is not None else None
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--kwargs must be a JSON object, got kwargs={args.kwargs!r} ({err})") from None
+    if args.builder is not None:
+        how = [dict(builder=args.builder, kwargs=kwargs, weights=args.weights, name=args.name)]
+    else:
+        names = args.robustbench.split(",") if args.robustbench is not None else list(run.preset.zoo)
+        if not names or not all(n.strip() for n in names):
+            raise UsageError(f"give --robustbench NAME[,NAME...] or --builder (preset {run.preset.name!r} lists no "
+                             f"zoo models), got robustbench={args.robustbench!r}")
+        if args.name is not None and len(names) > 1:
+            raise UsageError(f"--name names one extractor, got name={args.name!r} for {len(names)} zoo models")
+        how = [dict(robustbench=n.strip(), model_dir=args.model_dir, threat_model=args.threat_model,
+                    download=args.download, name=args.name) for n in names]
+    run.data  # a missing data set fails here, before anything is written
+    ready = [prepare_outside(run.data, layer=args.layer, **h) for h in how]
+    with run.dir.lock():
+        for ckpt in ready:
+            run.save_extractor(ckpt)
+    return 0
 
 
 def run_command(argv: list[str]) -> int:
@@ -295,7 +352,7 @@ def run_command(argv: list[str]) -> int:
         subset = args.subset if args.subset is not None else preset.default_subset
         seeded = [run.seed_run(s) for s in run.seeds(seeds)]
         for r in seeded:
-            if not r.budgets():
+            if not r.members():
                 raise UsageError(f"run {r.dir.root} has no trained extractors; run train-extractors"
                                  f"{f' --seeds {seeds}' if seeds > 1 else ''} first")
             if subset != "selected":
@@ -319,11 +376,16 @@ def run_command(argv: list[str]) -> int:
         # every model is built (and its checkpoints checked) before the lock is taken
         targets = [(name, what, _build(run, what)) for name, what in _models_to_evaluate(run, args.model)]
         with run.dir.lock():
-            for name, what, model in targets:
-                # None: the pipeline runs the sanity checks for every stacked model
-                run.evaluate(name, model, attacks=attacks, n_examples=args.n, sanity=True if args.sanity else None,
-                             model_info=run.model_info(*what))
+            done = [(what, run.evaluate(name, model, attacks=attacks, n_examples=args.n,
+                                        # None: the pipeline runs the sanity checks for every stacked model
+                                        sanity=True if args.sanity else None, model_info=run.model_info(*what)))
+                    for name, what, model in targets]
+        from .evaluation import paired_comparisons
+        for line in paired_comparisons(run.dir, done):
+            run.say(line)
         return 0
+    if args.command == "add-extractor":
+        return _add_extractors(run, args)
     raise UsageError(f"unknown command {args.command!r}")
 
 

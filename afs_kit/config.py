@@ -118,6 +118,7 @@ class Preset:
     large_model: str | None = None     # table 6 "Large model": a wider network PGD-trained at the evaluation budget
     tsne_examples: int = 1000          # test examples embedded for fig. 4
     delta_z_examples: int = 200        # validation examples for Delta-z and the selection rule (fig. 3)
+    zoo: tuple[str, ...] = ()          # RobustBench models `add-extractor` stacks with (or instead of) the budgets
 
 
 def k255(k: float) -> float:
@@ -234,6 +235,14 @@ PRESETS: dict[str, Preset] = {
         tsne_examples=2000,
     ),
 }
+# section 2.2's "models enhanced by other defense methods": five RobustBench CIFAR-10 Linf models at 8/255 (a
+# standard WRN-28-10, fast AT, PGD-AT twice, TRADES; none uses extra data) stacked by a merger trained 5 epochs
+# against PGD-10 through all five. A GPU job: `afs-kit add-extractor --preset zoo-cifar10 --model-dir DIR
+# [--download]`, then train-merger and `evaluate --model afs --model outside` (paired tests on the same images).
+PRESETS["zoo-cifar10"] = dataclasses.replace(
+    PRESETS["paper-cifar10"], name="zoo-cifar10", budgets=(), subsets=("all",), default_subset="all",
+    alphas=(0.0, 0.5, 1.0), ablation_budget_range=None, large_model=None, merger=MergerConfig(lr_drop_epoch=4),
+    zoo=("Standard", "Wong2020Fast", "Engstrom2019Robustness", "Zhang2019Theoretically", "Rice2020Overfitting"))
 # CIFAR-100 with the authors' CIFAR-10 recipe unchanged (table 5), only the data differ
 PRESETS["paper-cifar100"] = dataclasses.replace(
     PRESETS["paper-cifar10"], name="paper-cifar100",
@@ -344,8 +353,8 @@ def _check_unit(value: float, name: str) -> None:
 
 def validate_preset(p: Preset) -> None:
     """Every check that can be made before anything is written."""
-    if not p.budgets:
-        raise ValueError("budgets must list at least one training budget, got budgets=()")
+    if not p.budgets and not p.zoo:
+        raise ValueError("budgets must list at least one training budget (or zoo a RobustBench model), got budgets=()")
     for eps in p.budgets:
         _check_unit(eps, "eps")
     if len(set(p.budgets)) != len(p.budgets):

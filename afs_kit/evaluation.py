@@ -18,7 +18,7 @@ from .batches import iterate_batches
 from .checks import check_choice
 from .device import autocast, resolve_device
 from .models import eval_mode
-from .runs import save_checkpoint, write_json
+from .runs import load_checkpoint, save_checkpoint, write_json
 from .stats import examples_hash, interval_of
 
 PGD_STEPS = {"pgd10": 10, "pgd20": 20}
@@ -200,6 +200,24 @@ def write_evaluation(out_dir: str | Path, result: dict, model_info: dict) -> dic
     save_checkpoint(out_dir / "flags.pt", {"kind": "flags", "flags": result["flags"]})
     write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def paired_comparisons(run_dir, done: list[tuple[tuple, dict]]) -> list[str]:
+    """Each AFS model (kind "merger") against every other model evaluated on the same examples: the paired
+    test of clean and of worst-case accuracy, one sentence each (`done`: (model_info's kind and what, metrics))."""
+    from .stats import compare
+
+    def flags(metrics):
+        return load_checkpoint(run_dir.eval_dir(metrics["name"]) / "flags.pt")["flags"]
+
+    lines = []
+    for what_a, a in done:
+        for what_b, b in done:
+            if what_a[0] == "merger" and what_b[0] != "merger" and a["examples"] == b["examples"]:
+                fa, fb = flags(a), flags(b)
+                lines += [f"{acc}: " + compare(fa[acc], fb[acc], a["model_name"], b["model_name"])["text"]
+                          for acc in ("clean", "worst")]
+    return lines
 
 
 # the gradient-masking checks are their own module; `evaluation.sanity_checks` stays the public entry point

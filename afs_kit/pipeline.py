@@ -21,6 +21,7 @@ from .device import PRECISIONS, resolve_device
 from .evaluation import PGD_STEPS, add_attack, evaluate, write_evaluation
 from .masking import aa_checks, sanity_checks, stronger_pgd_flags
 from .models import MODEL_NAMES, is_model_name
+from .outside import describe_source, load_outside, prepare_outside, save_outside
 from .runs import RunDir, expect, load_checkpoint, read_json, write_json
 from .stacking import AFSModel, FeatureStack, LogitAverage, load_or_train_merger, parse_subset, subset_vector
 from .batches import data_fingerprint, limited
@@ -153,7 +154,9 @@ class Run:
         """Train every missing extractor of `budgets` (default: the preset's); one checkpoint each."""
         budgets = self.preset.budgets if budgets is None else tuple(budgets)
         if not budgets:
-            raise ValueError(f"budgets must list at least one training budget, got budgets={budgets!r}")
+            raise ValueError(f"budgets must list at least one training budget, got budgets={budgets!r}" + (
+                f"; preset {self.preset.name} stacks RobustBench models: `afs-kit add-extractor`" if self.preset.zoo
+                else ""))
         for eps in budgets:  # checked before anything is written
             check_real("eps", eps, 0, 1)
         # a checkpoint made for other data or another model is refused before any write
@@ -210,6 +213,45 @@ class Run:
     def budgets(self) -> list[float]:
         return [b for b, _ in self.extractor_checkpoints()]
 
+    def members(self) -> list[tuple[str, Path]]:
+        """(label, checkpoint) of every extractor a subset can stack, in the order of subset vectors: the kit's
+        own by budget (labels like 8/255), then those added from outside the kit by name (`add_extractor`)."""
+        kit = [(format_budget(b), p) for b, p in self.extractor_checkpoints()]
+        return kit + [(n, self.dir.outside_dir(n) / "extractor.pt") for n in self.dir.outside_names()]
+
+    def member(self, path: Path) -> tuple[torch.nn.Module, dict]:
+        """The extractor (on the run's device, eval mode) and checkpoint of one of `members()`."""
+        if path not in self._extractors:
+            if path.parent.parent.name == "outside":
+                self._extractors[path] = load_outside(path, self.data)
+            else:
+                self._budget_of(path)
+        model, ckpt = self._extractors[path]
+        return model.to(self.device).eval(), ckpt
+
+    def outside(self, name: str) -> tuple[torch.nn.Module, dict]:
+        if name not in self.dir.outside_names():
+            raise ValueError(f"name={name!r} names no extractor added to {self.dir.root} (added: "
+                             f"{', '.join(self.dir.outside_names()) or 'none'}); add it with add-extractor first")
+        return self.member(self.dir.outside_dir(name) / "extractor.pt")
+
+    def add_extractor(self, model: torch.nn.Module | None = None, name: str | None = None, **how) -> dict:
+        """Add a network from outside the kit as an extractor of this run (no training): `model` (any
+        nn.Module from images in [0, 1] to logits; `builder`/`kwargs` say how to rebuild it when its class
+        alone cannot), `robustbench="Wong2020Fast"` (with `model_dir`, `download`) or `builder="pkg.mod:fn"`
+        (with `kwargs`, `weights`); `layer` names its final linear layer when it is not found. Every check
+        (classes, image size, features, rebuild from source) runs before anything is written."""
+        ckpt = prepare_outside(self.data, model, name, **how)
+        self.save_extractor(ckpt)
+        return ckpt
+
+    def save_extractor(self, ckpt: dict) -> None:
+        """Write an outside extractor `prepare_outside` made (run.json first, for a new run) and say so."""
+        added = save_outside(self.dir, ckpt, before_write=self.write_info)
+        self.say(f"extractor {ckpt['name']} ({describe_source(ckpt['source'])}, {ckpt['feature_dim']} features "
+                 f"by {ckpt['method']}): " + (f"added to {self.dir.outside_dir(ckpt['name'])}" if added else
+                                              "already in this run"))
+
     def extractor(self, eps: float) -> tuple[torch.nn.Module, dict]:
         for b, path in self.extractor_checkpoints():
             if abs(b - eps) < 1e-9:
@@ -246,6 +288,9 @@ class Run:
         from .selection import select_extractors
 
         path = self.dir.selection_path
+        if not self.budgets():
+            raise ValueError(f"subset 'selected' needs extractors trained by the kit (the concavity rule needs their "
+                             f"budgets); {self.dir.root} has only outside ones: give a subset (all, a vector, names)")
         keys = [self._extractors[p][1]["key"] for _, p in self.extractor_checkpoints()]
         settings = {"split": "validation", "delta_z_examples": self.preset.delta_z_examples,
                     "Delta": self.preset.evaluation.eps}
@@ -263,23 +308,27 @@ class Run:
         return read_json(path)["vector"]
 
     def subset_indices(self, spec: str) -> list[int]:
-        budgets = self.budgets()
-        if not budgets:
+        """Indices into `members()` of the extractors `spec` names: all, selected, a binary vector, budgets or names."""
+        budgets, members = self.budgets(), self.members()
+        if not members:
             raise ValueError(f"run {self.dir.root} has no trained extractors yet; run train-extractors first")
+        names = [label for label, _ in members[len(budgets):]]
         if spec == "selected":
-            spec = self.selected_subset()
-        return parse_subset(spec, budgets)
+            spec = self.selected_subset() + "0" * len(names)
+            if names:
+                self.say(f"subset selected: the concavity rule needs training budgets, so it leaves out "
+                         f"{', '.join(names)} (stack them with an explicit subset)")
+        return parse_subset(spec, budgets, names)
 
     def merger_name(self, indices: list[int], cfg) -> tuple[str, str]:
-        budgets = self.budgets()
-        keys = [self._extractors[p][1]["key"] for b, p in self.extractor_checkpoints()]
-        key = config_hash(cfg, self.preset.data, [keys[i] for i in indices])
-        vector = subset_vector(indices, len(budgets))
+        members = self.members()
+        key = config_hash(cfg, self.preset.data, [self.member(members[i][1])[1]["key"] for i in indices])
+        vector = subset_vector(indices, len(members))
         return f"{vector}-alpha-{cfg.alpha:g}-{cfg.mix}-{key[:8]}", key
 
     def stack(self, indices: list[int]) -> FeatureStack:
-        budgets = self.budgets()
-        return FeatureStack([self.extractor(budgets[i])[0] for i in indices])
+        members = self.members()
+        return FeatureStack([self.member(members[i][1])[0] for i in indices])
 
     def afs_model(self, subset: str = "all", alpha: float | None = None, mix: str | None = None) -> AFSModel:
         """The AFS model over `subset` with merger weight `alpha`; its merger is trained when missing."""
@@ -292,13 +341,13 @@ class Run:
         out_dir = self.dir.merger_dir(name)
         if not (out_dir / "merger.pt").is_file():
             self.write_info()
-        found = self.extractor_checkpoints()
+        found = self.members()
         model, trained = load_or_train_merger(
             self.stack(indices), self.data, cfg, self.preset.data, out_dir, key,
-            [found[i][1].parent.name for i in indices], [self._extractors[found[i][1]][1]["key"] for i in indices],
+            [found[i][1].parent.name for i in indices], [self.member(found[i][1])[1]["key"] for i in indices],
             self.device, self.progress)
-        stacked = ", ".join(format_budget(self.budgets()[i]) for i in indices)
-        self.say(f"merger {name} (subset {subset} = eps {stacked}, alpha {cfg.alpha:g}): "
+        stacked = ", ".join(found[i][0] for i in indices)
+        self.say(f"merger {name} (subset {subset} = {stacked}, alpha {cfg.alpha:g}): "
                  + (f"trained, saved in {out_dir}" if trained else f"found in {out_dir}"))
         return model
 
@@ -307,21 +356,26 @@ class Run:
         return sorted(p.name for p in base.iterdir() if (p / "merger.pt").is_file()) if base.is_dir() else []
 
     def logit_average(self, subset: str) -> LogitAverage:
-        budgets = self.budgets()
-        return LogitAverage([self.extractor(budgets[i])[0] for i in self.subset_indices(subset)])
+        members = self.members()
+        return LogitAverage([self.member(members[i][1])[0] for i in self.subset_indices(subset)])
 
     def model_info(self, kind: str, what) -> dict:
         """What an evaluation record says of its model (and, through "key"/"keys", who it is):
-        kind "extractor" (a budget), "merger" (a merger folder) or "avg" (a subset)."""
+        kind "extractor" (a budget), "outside" (a name), "merger" (a merger folder) or "avg" (a subset); stacked
+        models name the extractors they stack."""
         if kind == "extractor":
             ckpt = self.extractor(what)[1]
             return {"kind": kind, "eps": what, "key": ckpt["key"], "health": ckpt.get("health")}
+        if kind == "outside":
+            ckpt = self.outside(what)[1]
+            return {"kind": kind, "name": what, "key": ckpt["key"], "source": ckpt["source"]}
         if kind == "merger":
             ckpt = load_checkpoint(self.dir.merger_dir(what) / "merger.pt")
-            return {"kind": kind, "name": what, "health": ckpt.get("health")}
-        budgets, indices = self.budgets(), self.subset_indices(what)
-        return {"kind": kind, "subset": subset_vector(indices, len(budgets)),
-                "keys": [self.extractor(budgets[i])[1]["key"] for i in indices]}
+            return {"kind": kind, "name": what, "health": ckpt.get("health"), "extractors": ckpt.get("extractors")}
+        members, indices = self.members(), self.subset_indices(what)
+        return {"kind": kind, "subset": subset_vector(indices, len(members)),
+                "extractors": [members[i][1].parent.name for i in indices],
+                "keys": [self.member(members[i][1])[1]["key"] for i in indices]}
 
     # ------------------------------------------------------------ evaluation
     def _evaluation_record(self, out_dir: Path, key: str) -> dict | None:

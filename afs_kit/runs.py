@@ -5,6 +5,7 @@ Layout of a run directory::
     RUN/run.json                            preset, data spec, classes (written once)
     RUN/extractors/eps-8-255/last.pt        resume point, rewritten after every epoch
     RUN/extractors/eps-8-255/extractor.pt   the early-stopped weights + config + metrics
+    RUN/outside/<name>/extractor.pt         an extractor from outside the kit (RobustBench, any network)
     RUN/mergers/<subset>-alpha-0.5/merger.pt
     RUN/eval/<model>/metrics.json, flags.pt
     RUN/figures/*.png, RUN/summary.json
@@ -203,6 +204,14 @@ class RunDir:
 
     def extractor_dir(self, name: str) -> Path:
         return self.extractors_dir / name
+
+    def outside_dir(self, name: str) -> Path:
+        """An extractor added from outside the kit (`outside.add_outside`)."""
+        return self.root / "outside" / name
+
+    def outside_names(self) -> list[str]:
+        base = self.root / "outside"
+        return sorted(p.name for p in base.iterdir() if (p / "extractor.pt").is_file()) if base.is_dir() else []
 
     def merger_dir(self, name: str) -> Path:
         return self.mergers_dir / name

@@ -110,35 +110,40 @@ class LogitAverage(nn.Module):
 
 # ---------------------------------------------------------------- naming subsets
 
-def parse_subset(spec: str, budgets: list[float] | tuple[float, ...]) -> list[int]:
-    """Indices of the extractors a subset names, extractors sorted by budget.
+def parse_subset(spec: str, budgets: list[float] | tuple[float, ...], names: list[str] | tuple[str, ...] = ()) -> list[int]:
+    """Indices of the extractors a subset names: the kit's extractors sorted by budget, then `names` (those
+    added from outside the kit, which have no budget).
 
     `all`; a binary vector, one digit per extractor, leftmost the smallest budget (the paper's
     "100000001" = network-0 and network-8; a shorter vector names the first extractors); or a
-    comma-separated list of budgets (`3/255,8/255` or decimals).
+    comma-separated list of budgets (`3/255,8/255` or decimals) and names.
     """
-    budgets = list(budgets)
+    budgets, names = list(budgets), list(names)
     given, spec = spec, str(spec).strip()
+    members = [format_budget(b) for b in budgets] + names
     if spec == "all":
-        return list(range(len(budgets)))
+        return list(range(len(members)))
     if spec and set(spec) <= {"0", "1"}:  # a binary vector; budget 0 alone is written 0/255 or 0.0
-        if len(spec) > len(budgets):
+        if len(spec) > len(members):
             raise ValueError(f"subset={spec!r} has {len(spec)} digits but the run has only "
-                             f"{len(budgets)} extractors ({', '.join(format_budget(b) for b in budgets)})")
+                             f"{len(members)} extractors ({', '.join(members)})")
         chosen = [i for i, c in enumerate(spec) if c == "1"]
         if not chosen:
             raise ValueError(f"subset={spec!r} selects no extractor (an empty subset)")
         return chosen
     if not spec:
         raise ValueError(f"subset must not be empty, got subset={given!r}; give 'all', a binary vector or a list of budgets")
-    if any(c not in "0123456789./, eE-+" for c in spec):
-        raise ValueError(f"subset={spec!r} is neither 'all', a binary vector of 0 and 1, nor a list of budgets")
-    chosen = []
-    for eps in parse_eps_list(spec, "subset"):
+    items = [item.strip() for item in spec.split(",")]
+    chosen = [len(budgets) + names.index(item) for item in items if item in names]
+    rest = ",".join(item for item in items if item not in names)
+    if any(c not in "0123456789./, eE-+" for c in rest):
+        raise ValueError(f"subset={spec!r} is neither 'all', a binary vector of 0 and 1, nor a list of budgets"
+                         + (f" and extractor names ({', '.join(names)})" if names else ""))
+    for eps in parse_eps_list(rest, "subset") if rest else ():
         hits = [i for i, b in enumerate(budgets) if abs(b - eps) < 1e-6]
         if not hits:
             raise ValueError(f"subset={spec!r} names budget {format_budget(eps)}, which has no extractor in this "
-                             f"run (budgets: {', '.join(format_budget(b) for b in budgets)})")
+                             f"run (extractors: {', '.join(members)})")
         chosen.append(hits[0])
     return sorted(set(chosen))
 
