@@ -14,14 +14,21 @@ The messages follow one pattern, "{name} must be <what it must be>, got {name}={
 bool is never a number here (True is not 1); numpy integers and floats are (numbers.Integral,
 numbers.Real), and the checked value comes back as a plain int or float. NaN fails every bound, and
 `finite=True` (the default) refuses NaN and +-inf even without bounds.
+
+Values typed as text (`--set`, `-p`, `--eps`) are parsed here too, without eval: `parse_value`.
 """
 from __future__ import annotations
 
+import json
 import math
+import re
+import types
+import typing
 from collections.abc import Iterable
 from numbers import Integral, Real
 
-__all__ = ["is_int", "is_real", "check_int", "check_real", "check_choice"]
+__all__ = ["is_int", "is_real", "check_int", "check_real", "check_choice", "parse_float", "parse_unit",
+           "parse_eps_list", "parse_value"]
 
 
 def is_int(value) -> bool:
@@ -86,3 +93,72 @@ def check_choice(name: str, value, choices: Iterable[str]) -> str:
     if value not in known:
         raise ValueError(f"unknown {name}={value!r}; known: {', '.join(map(str, known))}")
     return value
+
+
+# ---------------------------------------------------------------- parsing values without eval
+
+_FRACTION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*/\s*([0-9]*\.?[0-9]+)\s*$")
+
+
+def parse_float(text: str, name: str = "value") -> float:
+    """A decimal (`0.031`) or a fraction (`8/255`), parsed without eval."""
+    s = str(text).strip()
+    m = _FRACTION.match(s)
+    try:
+        value = float(m.group(1)) / float(m.group(2)) if m else float(s)
+    except (ValueError, ZeroDivisionError) as err:
+        raise ValueError(f"{name} must be a number like 0.03 or 8/255, got {name}={text!r}") from err
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {name}={text!r}")
+    return value
+
+
+def parse_unit(text: str, name: str) -> float:
+    value = parse_float(text, name)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {name}={text!r}")
+    return value
+
+
+def parse_eps_list(text: str, name: str = "eps") -> tuple[float, ...]:
+    """Comma-separated budgets in [0,1], each a decimal or `k/255`."""
+    parts = [p for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"{name} must list at least one budget, got {name}={text!r}")
+    return tuple(parse_unit(p, name) for p in parts)
+
+
+def parse_value(text: str, tp, name: str = "value"):
+    """Text into a value of type `tp`, without eval: the one parser of `--set section.field=value` and
+    `afs-kit report -p NAME=VALUE`. `X | None` takes None (or null), bool true/false/1/0/yes/no, float a
+    decimal or a fraction (`8/255`), str drops enclosing quotes, `tuple[X, ...]`/`list[X]` comma-separated
+    items or a JSON list (`["3/255,8/255", "all"]`)."""
+    origin, args, s = typing.get_origin(tp), typing.get_args(tp), str(text).strip()
+    if s.lower() in ("none", "null"):
+        if origin in (typing.Union, types.UnionType) and type(None) in args:
+            return None
+        raise ValueError(f"{name} must not be None, got {name}={text!r}")
+    if origin in (typing.Union, types.UnionType):
+        return parse_value(text, [a for a in args if a is not type(None)][0], name)
+    if tp is bool:
+        if s.lower() in ("1", "true", "yes", "0", "false", "no"):
+            return s.lower() in ("1", "true", "yes")
+        raise ValueError(f"{name} must be True or False, got {name}={text!r}")
+    if tp is int:
+        try:
+            return int(s)
+        except ValueError as err:
+            raise ValueError(f"{name} must be an integer, got {name}={text!r}") from err
+    if tp is float:
+        return parse_float(s, name)
+    if tp is str:
+        return s[1:-1] if len(s) >= 2 and s[0] == s[-1] and s[0] in "'\"" else s
+    if origin not in (tuple, list):
+        raise ValueError(f"{name}: cannot parse a value of type {tp}")
+    try:
+        items = json.loads(s) if s.startswith("[") else [p.strip() for p in s.split(",") if p.strip()]
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{name} must be a JSON list or comma-separated values, got {name}={text!r} ({err})") from err
+    if args[0] is str and not all(isinstance(v, str) for v in items):
+        raise ValueError(f"{name} must list strings, got {name}={text!r}")
+    return origin(parse_value(v if isinstance(v, str) else json.dumps(v), args[0], name) for v in items)

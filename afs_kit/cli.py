@@ -10,7 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ATTACKS, PRESETS, format_budget, get_preset, override, parse_eps_list, parse_unit, preset_from_dict
+from .checks import parse_eps_list, parse_unit
+from .config import ATTACKS, PRESETS, format_budget, get_preset, override, preset_from_dict
 from .runs import RunDir, model_name, read_json
 
 

@@ -202,6 +202,14 @@ def write_evaluation(out_dir: str | Path, result: dict, model_info: dict) -> dic
     return metrics
 
 
+def more_pgd_steps(held: list[str], added: list[str]) -> bool:
+    """Whether `added` brings a PGD with more steps than any in `held`: the masking checks, sized by
+    the strongest reported PGD, must then be made again."""
+    def steps(attacks):
+        return max((PGD_STEPS[a] for a in attacks if a in PGD_STEPS), default=0)
+    return steps(added) > steps(held)
+
+
 def paired_comparisons(run_dir, done: list[tuple[tuple, dict]]) -> list[str]:
     """Each AFS model (kind "merger") against every other model evaluated on the same examples: the paired
     test of clean and of worst-case accuracy, one sentence each (`done`: (model_info's kind and what, metrics))."""

@@ -280,6 +280,13 @@ def is_model_name(name) -> bool:
                                       or _small_net(name) is not None)
 
 
+def check_model_name(name: str, what: str = "model") -> None:
+    """Refuse an unknown architecture before anything is written (build_model would, but later)."""
+    if not is_model_name(name):
+        raise ValueError(f"unknown {what}={name!r}; known: {', '.join(MODEL_NAMES)} (or any 'wrn-D-K' with "
+                         f"(D - 4) % 6 == 0, or 'cnn-tiny-xK' etc. for a K times wider small net)")
+
+
 def _channel_values(values, label: str, in_channels: int, default: float) -> list[float]:
     if values is None:
         return [default] * in_channels

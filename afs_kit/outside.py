@@ -42,7 +42,7 @@ def alias_autoattack() -> None:
 
     if "autoattack" in sys.modules or importlib.util.find_spec("autoattack") is not None:
         return
-    import pyautoattack  # noqa: F401  (imports its submodules)
+    importlib.import_module("pyautoattack")  # imports its submodules too
 
     for name, module in list(sys.modules.items()):
         if name == "pyautoattack" or name.startswith("pyautoattack."):
@@ -62,7 +62,7 @@ class OutsideExtractor(nn.Module):
         try:
             self.body = create_body(net, layer)
             self.method = FX
-        except Exception:  # pylint: disable=broad-except  (any tracing failure: fall back to the hook)
+        except Exception:  # any tracing failure: fall back to the hook
             self.body = net
             self.method = HOOK
             self.head.register_forward_pre_hook(self._keep_input)
@@ -215,7 +215,7 @@ def check_network(net, name: str, data: Dataset, layer: str | None) -> tuple[Out
     try:
         with torch.no_grad():
             logits = net(x)
-    except Exception as err:  # pylint: disable=broad-except  (any failure on the run's images is the user's to see)
+    except Exception as err:  # any failure on the run's images is the user's to see
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(f"model {name!r} cannot take this run's images (shape [N, {', '.join(map(str, shape))}], "
                          f"values in [0, 1]): {type(err).__name__}: {first}") from None
@@ -265,7 +265,7 @@ def network_and_source(data: Dataset, model: nn.Module | None = None, name: str 
     source = check_builder(builder, kwargs)
     try:
         net = build_network(source)
-    except Exception as err:  # pylint: disable=broad-except  (the user's builder: say what it raised)
+    except Exception as err:  # the user's builder: say what it raised
         raise ValueError(f"builder={builder!r} with kwargs={kwargs or {}} failed: {type(err).__name__}: {err}") from None
     if weights is not None:
         load_weights(net, weights)
@@ -281,7 +281,7 @@ def load_weights(net: nn.Module, weights: str | Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         net.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=True)
-    except Exception as err:  # pylint: disable=broad-except
+    except Exception as err:  # whatever went wrong, said in one line
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(f"weights={str(weights)!r} do not fit the network ({type(err).__name__}: {first})") from None
 
@@ -301,7 +301,7 @@ def prepare_outside(data: Dataset, model: nn.Module | None = None, name: str | N
         rebuilt, _ = rebuild(ckpt)
         with torch.no_grad():
             same = torch.allclose(rebuilt(to_float(data.x_train[:_CHECK_IMAGES])), logits, rtol=1e-4, atol=1e-4)
-    except Exception as err:  # pylint: disable=broad-except
+    except Exception as err:  # whatever went wrong, said in one line
         raise ValueError(f"model {name!r} cannot be rebuilt from {describe_source(source)} ({type(err).__name__}: "
                          f"{err}); give the builder ('package.module:function') and kwargs that make it") from None
     if not same:

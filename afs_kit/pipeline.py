@@ -18,9 +18,9 @@ from .config import (ATTACKS, Preset, budget_name, config_hash, format_budget, g
                      step_size, validate_preset)
 from .data import Dataset, load_dataset
 from .device import PRECISIONS, resolve_device
-from .evaluation import PGD_STEPS, add_attack, evaluate, write_evaluation
+from .evaluation import add_attack, evaluate, more_pgd_steps, write_evaluation
 from .masking import aa_checks, sanity_checks, stronger_pgd_flags
-from .models import MODEL_NAMES, is_model_name
+from .models import check_model_name
 from .outside import describe_source, load_outside, prepare_outside, save_outside
 from .runs import RunDir, expect, load_checkpoint, read_json, write_json
 from .stacking import AFSModel, FeatureStack, LogitAverage, load_or_train_merger, parse_subset, subset_vector
@@ -42,14 +42,6 @@ def default_run_dir(preset: str, seed: int = 0) -> Path:
 SAME_CODE_ENV = "AFS_KIT_SAME_CODE"
 
 
-def _more_pgd_steps(held: list[str], added: list[str]) -> bool:
-    """Whether `added` brings a PGD with more steps than any in `held`: the masking checks, sized by
-    the strongest reported PGD, must then be made again."""
-    def steps(attacks):
-        return max((PGD_STEPS[a] for a in attacks if a in PGD_STEPS), default=0)
-    return steps(added) > steps(held)
-
-
 def resolve_spec(spec: str) -> str:
     """`npz:`/`folder:` paths relative to the working folder, else to the project root (notebooks run in notebooks/)."""
     kind, sep, path = spec.partition(":")
@@ -57,13 +49,6 @@ def resolve_spec(spec: str) -> str:
         return spec
     candidate = PROJECT_ROOT / path
     return f"{kind}:{candidate}" if candidate.exists() else spec
-
-
-def check_model_name(name: str, what: str = "model") -> None:
-    """Refuse an unknown architecture before anything is written (build_model would, but later)."""
-    if not is_model_name(name):
-        raise ValueError(f"unknown {what}={name!r}; known: {', '.join(MODEL_NAMES)} (or any 'wrn-D-K' with "
-                         f"(D - 4) % 6 == 0, or 'cnn-tiny-xK' etc. for a K times wider small net)")
 
 
 class Run:
@@ -435,7 +420,7 @@ class Run:
             self.say(f"evaluation {folder}: found {', '.join(held)}; adding {', '.join(missing) or 'masking checks'}")
         result = evaluate(model, x, y, cfg, self.device, self.progress, record=record)
         result["metrics"].update(key=key, name=folder, model_name=name, code_version=code_version())
-        if sanity and (stale_checks or _more_pgd_steps(held, missing)):
+        if sanity and (stale_checks or more_pgd_steps(held, missing)):
             self.say(f"evaluation {folder}: gradient-masking checks ({cfg.sanity_strength}) ...")
             alpha = step_size(cfg.eps, cfg.step_size)
             checks = sanity_checks(model, x, y, cfg.eps, result["metrics"], seed=cfg.seed, device=self.device,

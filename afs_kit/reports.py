@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from .config import get_preset, parse_value
+from .checks import parse_value
+from .config import get_preset
 from .pipeline import PROJECT_ROOT, default_run_dir
 from .runs import read_json, write_json
 
@@ -24,7 +25,7 @@ NOTEBOOKS = ("01_extractors", "02_delta_z", "03_tsne", "04_merger_alpha", "05_su
 
 
 class Parameter(NamedTuple):
-    """A notebook parameter: the type `config.parse_value` parses `-p NAME=VALUE` into (the parser of
+    """A notebook parameter: the type `checks.parse_value` parses `-p NAME=VALUE` into (the parser of
     `--set` too), the range each number must lie in (a key of RULES, or None) and what it means."""
     type: object
     rule: str | None
@@ -63,7 +64,7 @@ PARAMETERS: dict[str, Parameter] = {
 # ============================================================================ parameters
 
 def parse_parameter(name: str, text: str):
-    """One `-p NAME=VALUE` value, parsed by `config.parse_value` (as `--set` values are) into the
+    """One `-p NAME=VALUE` value, parsed by `checks.parse_value` (as `--set` values are) into the
     parameter's type, then checked against its rule; nothing is eval'd.
 
     Lists are comma-separated (`0,0.5,1`, `101,all`) or JSON (`["3/255,8/255", "all"]`); numbers

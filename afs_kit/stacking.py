@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .attacks import pgd
-from .config import DataConfig, MergerConfig, format_budget, parse_eps_list, step_size
+from .checks import parse_eps_list
+from .config import DataConfig, MergerConfig, format_budget, step_size
 from .batches import augment, data_fingerprint, iterate_batches, to_float, validation_split
 from .data import Dataset
 from .device import autocast, memory_format, resolve_device

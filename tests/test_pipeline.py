@@ -8,7 +8,8 @@ import torch
 
 from afs_kit.attacks import pgd
 from afs_kit.cli import main
-from afs_kit.config import get_preset, parse_eps_list
+from afs_kit.checks import parse_eps_list
+from afs_kit.config import get_preset
 from afs_kit.evaluation import correct_flags
 from afs_kit.pipeline import Run
 from afs_kit.runs import load_checkpoint, read_json
