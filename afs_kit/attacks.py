@@ -23,7 +23,7 @@ from pyautoattack import AutoAttack
 from .checks import check_int, check_real
 from .config import AA_ATTACKS
 
-from .device import autocast, check_precision, resolve_device
+from .device import autocast, check_precision, model_device, resolve_device
 from .models import eval_mode, kept_modes
 
 NORMS = ("Linf", "L2")
@@ -180,9 +180,10 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
             callable (logits [N, K] in fp32, y) -> per-example loss [N], maximized.
         precision: "fp32" or "bf16" (forward under torch.autocast in bf16; the gradient is taken
             outside autocast as PyTorch recommends; perturbation and x_adv stay in x's dtype).
-        generator: torch.Generator on x's device for the random start (None: the global RNG).
+        generator: torch.Generator on the model's device for the random start (None: the global RNG).
         train_mode: run the model in training mode (e.g. batch statistics); default eval mode.
 
+    The attack runs on the model's device (x and y are moved there) and x_adv comes back on x's device.
     The model's (and every submodule's) training flag is restored afterwards, even on errors.
     After the start and every step x_adv is projected onto the eps-ball and [0, 1] (the authors'
     code clamps to [0, 1] only after the last step and starts from a triangular random point).
@@ -200,10 +201,15 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
     check_precision(precision)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got generator={generator!r}")
-    if generator is not None and generator.device.type != x.device.type:
-        raise ValueError(f"generator must live on x's device ({x.device}), got generator.device={generator.device}")
+    home, dev = x.device, model_device(model, x.device)
+    if generator is not None and generator.device.type != dev.type:
+        raise ValueError(f"generator must live on the model's device ({dev}), where the attack runs, got "
+                         f"generator.device={generator.device}")
     if eps == 0 or x.shape[0] == 0:
         return x.detach().clone()
+    if dev != home:
+        return pgd(model, x.to(dev), y.to(dev), eps, alpha, steps, norm, random_start, restarts, loss, precision,
+                   generator, train_mode).to(home)
 
     x = x.detach()
     # one host sync here, so the loop can check the labels against the model's classes without one
@@ -256,7 +262,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
             the caller's global RNG state is saved and restored around the call).
         batch_size: examples per forward/backward batch.
         verbose: show pyautoattack's progress log (robust accuracy after each attack).
-        device: where the attacks run (the model must already be there); None: x's device.
+        device: where the attacks run (the model must already be there); None: the model's device.
         attacks: None runs the version's attacks; a list (of apgd-ce, apgd-dlr, apgd-t, fab, fab-t,
             square) runs those instead, in that order, with the version's settings: cheaper and weaker
             than the whole version, so say so wherever its numbers are shown.
@@ -274,7 +280,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
         if not attacks or unknown:
             raise ValueError(f"attacks must name some of {', '.join(AA_ATTACKS)}, got attacks={attacks!r}")
     seed, batch_size = check_int("seed", seed, 0), check_int("batch_size", batch_size, 1)
-    dev = x.device if device is None else resolve_device(device)
+    dev = model_device(model, x.device) if device is None else resolve_device(device)
     if x.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.bool, device=y.device), x.detach().clone()
         return (*empty, {}) if return_breakdown else empty

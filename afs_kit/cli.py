@@ -316,8 +316,9 @@ def run_command(argv: list[str]) -> int:
         os.environ[SAME_CODE_ENV] = "1"
     if args.command == "presets":
         for name, p in PRESETS.items():
-            print(f"{name:15s} data={p.data.spec} model={p.extractor.model} budgets="
-                  f"{','.join(format_budget(b) for b in p.budgets)} eval eps={format_budget(p.evaluation.eps)}")
+            what = (f"model={p.extractor.model} budgets={','.join(format_budget(b) for b in p.budgets)}" if p.budgets
+                    else f"RobustBench zoo={','.join(p.zoo)}")
+            print(f"{name:15s} data={p.data.spec} {what} eval eps={format_budget(p.evaluation.eps)}")
         return 0
     if args.command == "report" and args.readme:
         from .readme import write

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 
@@ -45,3 +46,32 @@ def autocast(precision: str, device: torch.device | str):
 def memory_format(precision: str) -> torch.memory_format:
     """channels_last pays with bf16 convolutions (oneDNN/AMX, tensor cores); fp32 stays contiguous."""
     return torch.channels_last if precision == "bf16" else torch.contiguous_format
+
+
+def model_device(model: torch.nn.Module, fallback: torch.device | str = "cpu") -> torch.device:
+    """Where `model` runs: its first parameter's (or buffer's) device; `fallback` for a model with neither.
+    The attacks and evaluations run there whatever device the caller's tensors are on (as torchattacks
+    takes its device from the model) and hand their results back on the caller's device."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device(fallback)
+
+
+@contextlib.contextmanager
+def exact_fp32(precision: str):
+    """Inside, "fp32" means IEEE fp32 on CUDA: TF32 off for matmuls and cuDNN convolutions (cuDNN allows
+    TF32 by default on Ampere and later), restored on exit; bf16 is left as it is. A no-op on the CPU."""
+    if precision != "fp32":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def matmul_precision(precision: str) -> str:
+    """What an evaluation's metrics.json records of the arithmetic its attacks ran in."""
+    return "fp32 (IEEE; TF32 off on CUDA)" if precision == "fp32" else "bf16 autocast (fp32 accumulation)"

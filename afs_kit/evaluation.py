@@ -16,7 +16,7 @@ from .attacks import autoattack, pgd
 from .config import ATTACKS, EvalConfig, step_size
 from .batches import iterate_batches
 from .checks import check_choice
-from .device import autocast, resolve_device
+from .device import autocast, exact_fp32, matmul_precision, model_device, resolve_device
 from .models import eval_mode
 from .runs import load_checkpoint, save_checkpoint, write_json
 from .stats import examples_hash, interval_of
@@ -90,7 +90,7 @@ def attack_flags(model, x, y, attack: str, cfg: EvalConfig, clean: torch.Tensor,
     return {"flags": clean & robust.to(x.device), "aa_breakdown": breakdown}
 
 
-def evaluate(model, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, device: str = "auto",
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, device: str | None = None,
              progress: bool = True, record: dict | None = None) -> dict:
     """Clean, PGD-10, PGD-20 and AutoAttack (as configured) on the first `cfg.n_examples` examples.
 
@@ -102,10 +102,14 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, device: s
 
     `record` (an earlier result on the same examples and settings) is extended: only the attacks it
     lacks run, every earlier attack is kept, and `worst` is recomputed over all of them.
+
+    Runs on `device` (None: the model's), with TF32 off for fp32 (`metrics["matmul_precision"]` says
+    which arithmetic); the flags come back on x's device.
     """
     for a in cfg.attacks:
         check_choice("attack", a, ATTACKS)
-    dev = resolve_device(device)
+    home = x.device
+    dev = model_device(model, x.device) if device is None else resolve_device(device)
     n = len(y) if cfg.n_examples is None else min(cfg.n_examples, len(y))
     x, y = x[:n].to(dev).contiguous(), y[:n].to(dev)
     check_eval_inputs(x, y)
@@ -120,15 +124,16 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, device: s
     clean = flags["clean"].to(dev)
     for name in cfg.attacks:
         if name not in done:
-            out = attack_flags(model, x, y, name, cfg, clean, progress)
+            with exact_fp32(cfg.precision):
+                out = attack_flags(model, x, y, name, cfg, clean, progress)
             flags[name] = out.pop("flags").cpu()
             extra.update(out)
             done.append(name)
     metrics = {**summarize(flags), **extra}  # refreshes flags["worst"]
     metrics.update(n=n, examples={"first": n, "hash": examples_hash(torch.arange(n))}, eps=cfg.eps,
                    step_size=step_size(cfg.eps, cfg.step_size), attacks=_ordered(done), seed=cfg.seed,
-                   precision=cfg.precision)
-    return {"metrics": metrics, "flags": flags}
+                   precision=cfg.precision, matmul_precision=matmul_precision(cfg.precision))
+    return {"metrics": metrics, "flags": {a: f.to(home) for a, f in flags.items()}}
 
 
 def _ordered(attacks: list[str]) -> list[str]:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .attacks import pgd, square_attack
 from .checks import check_int, check_real
-from .device import resolve_device
+from .device import exact_fp32, model_device, resolve_device
 from .evaluation import PGD_STEPS, check_eval_inputs, correct_flags, pgd_flags, robust_where
 from .stats import SIGNIFICANCE, discordant, paired_test
 
@@ -86,8 +86,9 @@ def transfer_sources(model: nn.Module) -> dict[str, nn.Module]:
     return sources
 
 
+@exact_fp32("fp32")  # the checks' attacks in IEEE fp32 (TF32 off on CUDA), as the reported ones
 def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: dict | None = None,
-                  n: int | None = None, seed: int = 0, device: str = "auto", flags: dict | None = None,
+                  n: int | None = None, seed: int = 0, device: str | None = None, flags: dict | None = None,
                   strength: str = "quick", sources: dict[str, nn.Module] | None = None,
                   step: float | None = None, say=None) -> dict:
     """Gradient-masking checks on at most `n` examples (default: the strength's, 200 for "quick").
@@ -104,6 +105,7 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
             each extractor and their logit average; for any other model the check is skipped.
         step: the reported PGD's step size (None: eps / 4).
         say: called with one line as each slow check starts (e.g. `print`); None: silent.
+        device: where the checks run; None: the model's device (x and y are moved there).
 
     Checks, each `{"passed": bool, ...numbers}`:
         converged: PGD with 5x the steps of the strongest reported PGD, 2 restarts, cross-entropy and
@@ -129,7 +131,7 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
         n = STRENGTHS[strength]["n"] or len(y)
     n = check_int("n", n, 1, what="examples checked")
     check_real("eps", eps, 0, 1, low_open=True, what="the sanity checks' budget")
-    dev = resolve_device(device)
+    dev = model_device(model, x.device) if device is None else resolve_device(device)
     x, y = x[:n].to(dev), y[:n].to(dev)
     check_eval_inputs(x, y)
     if len(y) == 0:

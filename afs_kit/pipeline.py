@@ -89,11 +89,12 @@ class Run:
         return limited(load_dataset(resolve_spec(self.preset.data.spec), self.preset.data.root), self.preset.data)
 
     def test_set(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `n` test images as floats in [0,1] (all when None; all, with a note, when fewer exist)."""
+        """The first `n` test images as floats in [0,1] on the run's device, where its models are (all when
+        None; all, with a note, when fewer exist)."""
         if n is not None and n > len(self.data.y_test):
             self.say(f"asked for {n} test examples; {self.data.name} has {len(self.data.y_test)}: using all of them")
         n = len(self.data.y_test) if n is None else min(n, len(self.data.y_test))
-        return self.data.x_test[:n].float().div(255), self.data.y_test[:n]
+        return self.data.x_test[:n].to(self.device).float().div(255), self.data.y_test[:n].to(self.device)
 
     def write_info(self) -> None:
         if not self.dir.info_path.is_file():
@@ -419,6 +420,7 @@ class Run:
         if record is not None:
             self.say(f"evaluation {folder}: found {', '.join(held)}; adding {', '.join(missing) or 'masking checks'}")
         result = evaluate(model, x, y, cfg, self.device, self.progress, record=record)
+        result["flags"] = {a: f.cpu() for a, f in result["flags"].items()}  # as the record on disk holds them
         result["metrics"].update(key=key, name=folder, model_name=name, code_version=code_version())
         if sanity and (stale_checks or more_pgd_steps(held, missing)):
             self.say(f"evaluation {folder}: gradient-masking checks ({cfg.sanity_strength}) ...")

@@ -13,7 +13,7 @@ import torch
 
 from afs_kit.device import resolve_device
 
-from .cases import CASES, FULL, QUICK, Context, default_data_path, run_cases
+from .cases import CASES, FULL, GPU_FULL, GPU_QUICK, QUICK, Context, default_data_path, run_cases
 
 
 def format_table(results: list[dict]) -> str:
@@ -37,7 +37,7 @@ def format_table(results: list[dict]) -> str:
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in results:
         if "kit_gflops" in r:
-            lines.append(f"\nextractor training step (WRN-16-4, PGD-10, batch {r['kit_settings']['batch']}): "
+            lines.append(f"\nextractor training step ({r['kit_settings']['model']}, PGD-10, batch {r['kit_settings']['batch']}): "
                          f"kit {r['kit_step_gflop']:.0f} GFLOP in {r['kit_gflops']:.0f} GFLOP/s "
                          f"({100 * r['kit_fraction_of_bf16_peak']:.0f}% of the measured bf16 matmul peak "
                          f"{r['bf16_matmul_peak_gflops']:.0f} GFLOP/s); reference {r['reference_step_gflop']:.0f} "
@@ -63,9 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
 
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:  # e.g. --device cuda where CUDA is missing: one line, status 2
+        print(f"python -m benchmarks: {err}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    ctx = Context(QUICK if args.quick else FULL, args.quick, args.threads, device, args.data)
+    if device.type == "cuda":  # the paper's scale (see cases.GPU_QUICK)
+        sizes = GPU_QUICK if args.quick else GPU_FULL
+    else:
+        sizes = QUICK if args.quick else FULL
+    ctx = Context(sizes, args.quick, args.threads, device, args.data)
     print(f"afs-kit benchmarks ({'quick' if args.quick else 'full'}): torch {torch.__version__}, device {device}, "
           f"{args.threads} threads on {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)

@@ -39,17 +39,18 @@ WARMUP_SHARE = 4  # the training cases' warm-up step runs on batch / 4 images: i
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
-    extractor_images: int        # training images of the timed extractor epoch (WRN-16-4, PGD-10)
+    extractor_images: int        # training images of the timed extractor epoch (`model`, PGD-10)
     extractor_batch: int         # SGD batch of the extractor epoch
     merger_images: int           # training images of the timed merger epoch
     merger_batch: int            # merger batch (alpha 0.5: half clean, half PGD-10)
-    merger_extractors: int       # WRN-16-4 extractors in the stack
+    merger_extractors: int       # `model` extractors in the stack
     pgd_images: int              # images of the timed PGD-20 call (one batch)
     pgd_accuracy_images: int     # test images on which the PGD robust accuracies are compared
     timed_repeats: int           # timed repetitions of the short cases (PGD); the median is reported
     aa_images: int               # images of the timed AutoAttack call
     tsne_points: int             # stacked feature vectors embedded by t-SNE
     cnn_epochs: int              # epochs of the small CNN the attack cases run on (FGSM-AT, 8/255)
+    model: str = "wrn-16-4"      # the extractor network of the training and merger cases
 
 
 QUICK = Sizes(extractor_images=256, extractor_batch=128, merger_images=128, merger_batch=64, merger_extractors=3,
@@ -58,6 +59,12 @@ QUICK = Sizes(extractor_images=256, extractor_batch=128, merger_images=128, merg
 FULL = Sizes(extractor_images=1024, extractor_batch=128, merger_images=500, merger_batch=100, merger_extractors=3,
              pgd_images=256, pgd_accuracy_images=1000, timed_repeats=5, aa_images=100, tsne_points=5000,
              cnn_epochs=5)
+# on a GPU, the paper's scale: WRN-28-10 extractors, six in the merger's stack, AutoAttack on 1,000 images
+# (not yet measured: no GPU was at hand when these were written)
+GPU_QUICK = Sizes(extractor_images=512, extractor_batch=128, merger_images=500, merger_batch=100, merger_extractors=6,
+                  pgd_images=500, pgd_accuracy_images=1000, timed_repeats=3, aa_images=1000, tsne_points=5000,
+                  cnn_epochs=5, model="wrn-28-10")
+GPU_FULL = dataclasses.replace(GPU_QUICK, extractor_images=2048, merger_images=2000, timed_repeats=5)
 
 TARGETS = {  # ratio = reference_s / kit_s must reach this
     "extractor_epoch": 3.0,
@@ -180,13 +187,13 @@ def extractor_epoch(ctx: Context) -> dict:
     n, batch = s.extractor_images, s.extractor_batch
     x_u8, y = ctx.data.x_train[:n], ctx.data.y_train[:n]
     mean, std = channel_stats(x_u8)
-    cfg = ExtractorConfig(model="wrn-16-4", trainer="pgd", eps=EPS, attack_steps=10, step_size=STEP, batch_size=batch,
+    cfg = ExtractorConfig(model=ctx.sizes.model, trainer="pgd", eps=EPS, attack_steps=10, step_size=STEP, batch_size=batch,
                           lr=0.1, momentum=0.9, weight_decay=5e-4, precision="bf16", seed=0)
     data_cfg = DataConfig(spec=ctx.data.name, crop_padding=4, flip=True)
 
     def fresh(fmt):
         torch.manual_seed(0)  # the same initial weights on both sides
-        model = build_model("wrn-16-4", ctx.data.num_classes, mean=mean, std=std).to(dev, memory_format=fmt)
+        model = build_model(ctx.sizes.model, ctx.data.num_classes, mean=mean, std=std).to(dev, memory_format=fmt)
         return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
 
     # kit: uint8 tensors on the device, batched augmentation, bf16 autocast, channels_last
@@ -218,7 +225,7 @@ def extractor_epoch(ctx: Context) -> dict:
         * batch // FLOP_IMAGES
 
     steps = -(-n // batch)
-    common = dict(model="wrn-16-4", batch=batch, n_examples=n, steps=10, ctx=ctx, attack="PGD-10 step 2/255 eps 8/255",
+    common = dict(model=ctx.sizes.model, batch=batch, n_examples=n, steps=10, ctx=ctx, attack="PGD-10 step 2/255 eps 8/255",
                   augmentation="crop 4 + flip")
     kit_set = _settings("afs_kit.training.train_epoch", dtype="bf16", memory_format="channels_last", **common)
     ref_set = _settings("authors' loop: PIL transforms + DataLoader(num_workers="
@@ -237,14 +244,14 @@ def extractor_epoch(ctx: Context) -> dict:
 
 # ------------------------------------------------------------------------------------ merger epoch
 
-def _calibrated_wrn(seed: int, x: torch.Tensor, mean, std, num_classes: int) -> nn.Module:
-    """A WRN-16-4 with its BatchNorm statistics set on real images (timing only; the weights stay random).
+def _calibrated_wrn(seed: int, x: torch.Tensor, mean, std, num_classes: int, name: str = "wrn-16-4") -> nn.Module:
+    """A WRN (`name`) with its BatchNorm statistics set on real images (timing only; the weights stay random).
 
     Without it the eval-mode BatchNorm of an untrained net lets activations drift far from 1, which
     would time arithmetic on unrealistic numbers.
     """
     torch.manual_seed(seed)
-    model = build_model("wrn-16-4", num_classes, mean=mean, std=std)
+    model = build_model(name, num_classes, mean=mean, std=std)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for bn in bns:
         bn.momentum = None  # cumulative average: one batch sets the statistics
@@ -261,7 +268,7 @@ def merger_epoch(ctx: Context) -> dict:
     x_u8, y = ctx.data.x_train[:n], ctx.data.y_train[:n]
     mean, std = channel_stats(ctx.data.x_train)
     calib = to_float(ctx.data.x_train[-128:])
-    extractors = [_calibrated_wrn(i, calib, mean, std, ctx.data.num_classes) for i in range(k)]
+    extractors = [_calibrated_wrn(i, calib, mean, std, ctx.data.num_classes, ctx.sizes.model) for i in range(k)]
     num_classes = ctx.data.num_classes
     cfg = MergerConfig(alpha=0.5, mix="split", eps=EPS, attack_steps=10, step_size=STEP, batch_size=batch, lr=0.1,
                        momentum=0.9, weight_decay=5e-4, precision="bf16", seed=0)
@@ -281,7 +288,10 @@ def merger_epoch(ctx: Context) -> dict:
 
     warm = batch // WARMUP_SHARE
     kit_run(xk[:warm], yk[:warm])  # warm-up: one step, discarded
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     kit_s, kit_loss = _timed(lambda: kit_run(xk, yk), dev)
+    peak_mib = round(torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else None
 
     # reference: the authors' merger loop over the same extractors and the same initial merger
     ref_model = ref.AuthorsStack([copy.deepcopy(m) for m in extractors], num_classes)
@@ -298,14 +308,15 @@ def merger_epoch(ctx: Context) -> dict:
 
     ref_s, ref_loss = _timed(ref_run, dev)
 
-    common = dict(model=f"{k} x wrn-16-4 + linear merger", batch=batch, n_examples=n, steps=10, ctx=ctx,
+    common = dict(model=f"{k} x {ctx.sizes.model} + linear merger", batch=batch, n_examples=n, steps=10, ctx=ctx,
                   merger_mix="split, alpha 0.5 (first half clean, rest PGD-10 against the whole stack)",
                   augmentation="crop 4 + flip")
     kit_set = _settings("afs_kit.stacking.train_merger_epoch", dtype="bf16", memory_format="channels_last", **common)
     ref_set = _settings("authors' merger loop: PIL transforms + DataLoader, extractors eval with requires_grad",
                         dtype="fp32", memory_format="contiguous", **common)
     return _result("merger_epoch", kit_s, ref_s, kit_set, ref_set, TARGETS["merger_epoch"],
-                   kit_loss=round(kit_loss, 4), reference_loss=round(ref_loss, 4), compile_s=None)
+                   kit_loss=round(kit_loss, 4), reference_loss=round(ref_loss, 4), compile_s=None,
+                   kit_peak_gpu_memory_mib=peak_mib)
 
 
 # ------------------------------------------------------------------------------------ PGD-20

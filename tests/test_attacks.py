@@ -361,7 +361,8 @@ def test_bad_pgd_arguments_raise_value_errors_naming_them(model, digits):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a generator on another device needs CUDA")
 def test_a_generator_on_another_device_is_refused(model, digits):
     x, y, _ = digits
-    with pytest.raises(ValueError, match=r"generator must live on x's device \(cpu\), got generator.device=cuda"):
+    with pytest.raises(ValueError, match=r"generator must live on the model's device \(cpu\), where the attack "
+                                         r"runs, got generator.device=cuda"):
         pgd(model, x, y, EPS, ALPHA, 2, generator=torch.Generator(device="cuda"))
 
 

@@ -1,5 +1,5 @@
-"""Extractors from outside the kit (issue 16), offline: a RobustBench zoo architecture with weights this test
-writes where RobustBench reads them, loaded through `robustbench.load_model`, and a torchvision ResNet-18,
+"""Extractors from outside the kit (issue 16), offline, on digits at CIFAR-10's shape: a RobustBench zoo
+architecture with weights this test writes where RobustBench reads them, loaded through `robustbench.load_model`, and a torchvision ResNet-18,
 both stacked with a kit extractor, a merger trained and evaluated; every bad input refused with nothing written.
 """
 from __future__ import annotations
@@ -22,21 +22,20 @@ from afs_kit.outside import FX, HOOK
 from afs_kit.stacking import parse_subset
 
 from test_cli import snapshot
-from test_data import MINI_NPZ
 
 ZOO_NAME = "Wong2020Fast"  # PreActResNet-18, the smallest of the preset's zoo models
 
 
 @pytest.fixture(scope="module")
-def tiny_cifar(tmp_path_factory) -> str:
-    """160 training and 40 test images of the real lossless CIFAR-10 sample, as an npz spec."""
-    if not MINI_NPZ.is_file():
-        pytest.skip(f"real CIFAR-10 sample absent: {MINI_NPZ}")
-    with np.load(MINI_NPZ) as raw:
-        arrays = {k: raw[k] for k in raw.files}
+def tiny_cifar(tmp_path_factory, digits) -> str:
+    """Real images at CIFAR-10's shape: 160 training and 40 test digits, 8x8 scaled 4x to 32x32, in 3 channels
+    (scikit-learn ships them, so the test never depends on a data file beside the project)."""
+    def shaped(x):
+        return x.repeat_interleave(4, 2).repeat_interleave(4, 3).expand(-1, 3, -1, -1).numpy()
+
     path = tmp_path_factory.mktemp("tiny") / "tiny.npz"
-    np.savez(path, x_train=arrays["x_train"][:160], y_train=arrays["y_train"][:160], x_test=arrays["x_test"][:40],
-             y_test=arrays["y_test"][:40], classes=arrays["classes"])
+    np.savez(path, x_train=shaped(digits.x_train[:160]), y_train=digits.y_train[:160].numpy(),
+             x_test=shaped(digits.x_test[:40]), y_test=digits.y_test[:40].numpy(), classes=np.array(digits.classes))
     return f"npz:{path}"
 
 

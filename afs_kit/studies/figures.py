@@ -105,7 +105,7 @@ def tsne_study(run: Run, subset: str | None = None, n_examples: int | None = Non
     titles = [f"(a) {label(pair[0])}", f"(b) {label(pair[1])}", "(c) concatenation"]
     perplexity = min(30.0, (len(y) - 2) / 3)
     embeddings = [tsne_embedding(f, perplexity=perplexity, seed=seed) for f in feats]
-    labels = y.numpy()
+    labels = y.cpu().numpy()
     trust = [trustworthiness_score(f, e) for f, e in zip(feats, embeddings)]
     # class separation in each embedding: how well the classes fall apart (fig. 4's visual claim, as a number)
     sil = [float(silhouette_score(e, labels)) for e in embeddings]

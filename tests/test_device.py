@@ -1,0 +1,148 @@
+"""The device contract (issue 15): attacks, evaluations and the masking checks run on the model's device,
+whatever device the caller's tensors are on, and hand their results back on the caller's device; fp32
+attacks run with TF32 off. `make test-gpu` runs this file with AFS_TEST_DEVICE=cuda, where the model sits
+on the GPU and the tensors on the CPU (and the other way round); here, on the CPU, both are the CPU.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchattacks
+
+from afs_kit import autoattack, build_model, evaluate, load_dataset, pgd, sanity_checks
+from afs_kit.config import EvalConfig
+from afs_kit.device import exact_fp32
+
+DEVICE = torch.device(os.environ.get("AFS_TEST_DEVICE", "cpu"))
+OTHER = torch.device("cpu") if DEVICE.type == "cuda" else DEVICE  # where the caller's tensors live
+README = Path(__file__).resolve().parents[1] / "README.md"
+EPS, ALPHA = 0.1, 0.025
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
+                                 reason="AFS_TEST_DEVICE=cuda but CUDA is not available")]
+
+
+@pytest.fixture(scope="module")
+def model_and_data():
+    """cnn-tiny after 150 SGD steps on digits, on DEVICE; 64 test digits on the caller's device."""
+    data = load_dataset("digits")
+    x, y = data.x_train.float() / 255, data.y_train
+    torch.manual_seed(0)
+    net = build_model("cnn-tiny", 10, in_channels=1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        idx = torch.randint(len(y), (64,), generator=gen)
+        loss = F.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval().to(DEVICE), data.x_test[:64].float().div(255).to(OTHER), data.y_test[:64].to(OTHER)
+
+
+def test_pgd_runs_on_the_models_device_and_answers_on_the_callers(model_and_data):
+    model, x, y = model_and_data
+    here = pgd(model, x, y, EPS, ALPHA, 10, generator=torch.Generator(device=DEVICE).manual_seed(0))
+    there = pgd(model, x.to(DEVICE), y.to(DEVICE), EPS, ALPHA, 10,
+                generator=torch.Generator(device=DEVICE).manual_seed(0))
+    assert here.device == x.device and there.device == DEVICE
+    torch.testing.assert_close(here, there.to(OTHER), rtol=0, atol=0)
+    assert (here - x).abs().max() <= EPS + 1e-6
+
+
+def test_pgd_matches_torchattacks_on_the_device(model_and_data):
+    model, x, y = model_and_data
+    x, y = x.to(DEVICE), y.to(DEVICE)
+    with exact_fp32("fp32"):
+        ref = torchattacks.PGD(model, eps=EPS, alpha=ALPHA, steps=10, random_start=False)(x, y)
+    ours = pgd(model, x, y, EPS, ALPHA, 10, random_start=False)
+    assert (ours - ref).abs().max() <= 1e-5
+
+
+def test_autoattack_answers_on_the_callers_device_with_pyautoattacks_flags(model_and_data):
+    from pyautoattack import AutoAttack
+
+    model, x, y = model_and_data
+    x, y = x[:24], y[:24]
+    robust, x_adv = autoattack(model, x, y, EPS, version="standard", seed=0)
+    assert robust.device == y.device and x_adv.device == x.device
+    direct = AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=0, device=str(DEVICE))
+    direct.verbose = False
+    with exact_fp32("fp32"):
+        x_ref, y_ref = direct.run_standard_evaluation(x.to(DEVICE), y.to(DEVICE), batch_size=500)
+    assert torch.equal(robust, (y_ref == y.to(DEVICE)).to(y.device))
+    torch.testing.assert_close(x_adv, x_ref.to(x.device), rtol=0, atol=0)
+
+
+def test_evaluate_and_the_masking_checks_follow_the_model(model_and_data):
+    model, x, y = model_and_data
+    cfg = EvalConfig(eps=EPS, n_examples=32, attacks=("clean", "pgd10"), batch_size=32)
+    result = evaluate(model, x, y, cfg, progress=False)
+    assert {f.device for f in result["flags"].values()} == {x.device}
+    assert result["metrics"]["matmul_precision"].startswith("fp32 (IEEE")
+    checks = sanity_checks(model, x[:32], y[:32], EPS, result["metrics"], n=32, flags=result["flags"])
+    assert set(checks["checks"]) >= {"converged", "blackbox_not_stronger", "nonzero_gradients"}
+
+
+class Recorder(nn.Module):
+    """Records, at each forward, whether TF32 was allowed for matmuls and cuDNN convolutions."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.seen = net, set()
+
+    def forward(self, x):
+        self.seen.add((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return self.net(x)
+
+
+def test_fp32_attacks_run_with_tf32_off_and_the_setting_is_restored(model_and_data):
+    model, x, y = model_and_data
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    recorder = Recorder(model)
+    evaluate(recorder, x, y, EvalConfig(eps=EPS, n_examples=16, attacks=("clean", "pgd10")), progress=False)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    attack_calls = recorder.seen - {before}  # the clean pass runs outside the attacks
+    assert attack_calls == {(False, False)} or recorder.seen == {(False, False)}
+
+
+def test_bf16_pgd_on_the_device_stays_in_the_ball(model_and_data):
+    model, x, y = model_and_data
+    x_adv = pgd(model.to(memory_format=torch.channels_last), x, y, EPS, ALPHA, 10, precision="bf16",
+                generator=torch.Generator(device=DEVICE).manual_seed(0))
+    assert x_adv.dtype == x.dtype and x_adv.device == x.device
+    assert (x_adv - x).abs().max() <= EPS + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="host-device synchronization exists only on CUDA")
+def test_a_pgd_step_does_not_synchronize_with_the_host(model_and_data):
+    model, x, y = model_and_data
+    x, y = x.to(DEVICE), y.to(DEVICE)
+    pgd(model, x, y, EPS, ALPHA, 1)  # warm up (one host sync before the loop reads the labels' range)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        from afs_kit.attacks import _pgd_run
+        _pgd_run(model, x, y, EPS, ALPHA, 5, "Linf", True, "ce", "fp32", None, 10)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.slow
+def test_the_readme_tour_runs_as_written(tmp_path):
+    """The README's Python tour, with a smoke run instead of the demo and 60 test images instead of 500."""
+    block = README.read_text().split("**The library**, for your own loops:", 1)[1]
+    code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
+    assert 'Run.open("runs/demo", "demo")' in code and "run.test_set(500)" in code
+    code = code.replace('Run.open("runs/demo", "demo")', f'Run.open({str(tmp_path / "run")!r}, "smoke")')
+    code = code.replace("run.test_set(500)", "run.test_set(60)")
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used
+    assert scope["x"].device == scope["x_adv"].device == scope["run"].device
+    assert scope["robust"].shape == (60,) and "passed" in scope["checks"]
