@@ -3,12 +3,14 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pyproject.toml admits a torch range; the CPU machines get these exact versions
+CONSTRAINTS := constraints-cpu.txt
 
-.PHONY: setup test test-fast demo bench system-deps clean-runs
+.PHONY: setup test test-fast test-gpu gpu-wheels demo bench system-deps clean-runs
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[test,zoo]'
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e '.[test,zoo]'
 	# torchattacks pins requests~=2.25.1, which breaks jupyterlab-server: install it without its pins
 	$(BIN)/python -m pip install -q --no-deps torchattacks==3.5.1
 	touch $(STAMP)
@@ -35,6 +37,18 @@ test: setup system-deps
 # the quick local loop: everything but the tests marked slow (notebooks, browser, kill-and-resume)
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# the device-dependent tests on CUDA with the machine's own Python and torch; installs nothing from an index
+# (missing packages come from ./gpu-wheels); says so and exits 0 where there is no CUDA
+test-gpu:
+	@sh gpu/test-gpu.sh
+
+# on a machine with an index: cp312 manylinux wheels of what test-gpu needs besides torch, into ./gpu-wheels
+GPU_WHEELS := --only-binary=:all: --implementation cp --python-version 3.12 --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d gpu-wheels
+gpu-wheels:
+	$(PY) -m pip download -q $(GPU_WHEELS) -r gpu/requirements.txt
+	$(PY) -m pip download -q $(GPU_WHEELS) --no-deps torchattacks==3.5.1
 
 demo: setup
 	$(BIN)/afs-kit report --preset demo

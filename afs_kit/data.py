@@ -11,7 +11,10 @@ Specs understood by :func:`load_dataset`:
 - ``"fashion-mnist"``: torchvision's files (``root/FashionMNIST/raw``) or the four IDX ``.gz`` files directly
   in ``root`` (the layout of Debian's ``dataset-fashion-mnist`` package, /usr/share/datasets/fashion-mnist).
 - ``"npz:PATH"``: arrays ``x_train, y_train, x_test, y_test`` (images HWC, CHW or [N, H, W]), optional ``classes``.
-- ``"folder:PATH"``: ``PATH/train/<class>/*`` and ``PATH/test/<class>/*`` (torchvision ImageFolder layout).
+- ``"folder:PATH"``: ``PATH/train/<class>/*`` and ``PATH/test/<class>/*`` (torchvision ImageFolder layout);
+  PATH may be a ``.tar``/``.tar.gz``/``.tar.xz`` archive of that layout, unpacked once into ``root/archives``.
+- ``"train-test:A|B"``: the training images of spec A and the test images of spec B (same classes and image
+  size), e.g. training on the JPEG CIFAR-10 folder and testing on the lossless images of an npz.
 
 ``root`` defaults to ``$AFS_KIT_DATA``, else ``~/.cache/afs-kit/data``.
 """
@@ -22,7 +25,6 @@ import gzip
 import os
 import socket
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -30,18 +32,10 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 
-__all__ = [
-    "DATASET_SPECS",
-    "Dataset",
-    "augment",
-    "default_root",
-    "iterate_batches",
-    "load_dataset",
-    "to_float",
-    "validation_split",
-]
+__all__ = ["DATASET_SPECS", "Dataset", "augment", "default_root", "iterate_batches", "load_dataset", "to_float",
+           "validation_split"]
 
-DATASET_SPECS = ("digits", "cifar10", "cifar100", "fashion-mnist", "npz:PATH", "folder:PATH")
+DATASET_SPECS = ("digits", "cifar10", "cifar100", "fashion-mnist", "npz:PATH", "folder:PATH", "train-test:A|B")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 _REACH_TIMEOUT_S = 3.0  # the download check must fail fast on machines without internet
 
@@ -126,12 +120,17 @@ def load_dataset(spec: str, root: str | Path | None = None) -> Dataset:
         return _load_cifar(spec, root_path or default_root())
     if spec == "fashion-mnist":
         return _load_fashion_mnist(root_path)
+    if spec.startswith("train-test:"):
+        return _load_train_test(spec, root)
     kind, sep, path = spec.partition(":")
     if sep and kind in ("npz", "folder"):
         if not path:
             raise ValueError(f"spec {kind}:PATH needs a path, got spec={spec!r}")
-        loader = _load_npz if kind == "npz" else _load_folder
-        return loader(spec, Path(path).expanduser())
+        if kind == "npz":
+            return _load_npz(spec, Path(path).expanduser())
+        from .image_folders import load_folder, unpacked
+
+        return load_folder(spec, unpacked(Path(path).expanduser(), root_path or default_root()))
     raise ValueError(f"unknown data set spec={spec!r}; known specs: {', '.join(DATASET_SPECS)}")
 
 
@@ -346,94 +345,16 @@ def _load_npz(spec: str, path: Path) -> Dataset:
     return Dataset(name=spec, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, classes=classes)
 
 
-def _read_bytes(path: str) -> torch.Tensor:
-    with open(path, "rb") as f:
-        return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)  # bytearray: a writable buffer
-
-
-def _decode_images(paths: list[str], where: Path) -> torch.Tensor:
-    """Decode image files into one uint8 tensor [N,C,H,W]; all images must have the same size.
-
-    torchvision's decoders: about 3x faster than PIL on small JPEGs (60,000 CIFAR-10 JPEGs in a few seconds).
-    torchvision 0.29 deprecates them in favour of TorchCodec, which this project does not depend on; the
-    deprecation warning (one per image) is silenced here only.
-    """
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-
-    datas = [_read_bytes(p) for p in paths]
-    images: list[torch.Tensor] = []
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=r"The image decoding .* TorchVision are deprecated", category=DeprecationWarning
-        )
-        # JPEGs (magic bytes FF D8) in one call of the list form of decode_jpeg; other formats one by one
-        is_jpeg = [len(d) > 2 and d[:2].tolist() == [0xFF, 0xD8] for d in datas]
-        jpeg_datas = [d for d, j in zip(datas, is_jpeg) if j]
-        jpegs = iter(decode_jpeg(jpeg_datas, mode=ImageReadMode.UNCHANGED) if jpeg_datas else [])
-        for d, j in zip(datas, is_jpeg):
-            images.append(next(jpegs) if j else decode_image(d, mode=ImageReadMode.UNCHANGED))
-    # one channel count for all: grey when every image is grey, else RGB (grey repeated, alpha dropped)
-    target_c = 1 if {int(img.shape[0]) for img in images} <= {1, 2} else 3
-    for i, img in enumerate(images):
-        if img.shape[0] != target_c:
-            images[i] = img[:1].expand(3, -1, -1) if (target_c == 3 and img.shape[0] < 3) else img[:target_c]
-    size = images[0].shape[1:]
-    for p, img in zip(paths, images):
-        if img.shape[1:] != size:
-            raise ValueError(
-                f"images in {str(where)!r} must share one size (no resizing is done): {p} is "
-                f"{tuple(img.shape[1:])}, {paths[0]} is {tuple(size)}"
-            )
-    return torch.stack(images)
-
-
-def _check_split_dir(split_dir: Path) -> None:
-    layout = "(layout PATH/train/<class>/*, PATH/test/<class>/*)"
-    if not split_dir.is_dir():
-        raise ValueError(f"folder data set needs {str(split_dir)!r} {layout}")
-    if not any(p.is_dir() for p in split_dir.iterdir()):
-        raise ValueError(f"no class folders in {str(split_dir)!r} {layout}")
-
-
-def _image_folder(split_dir: Path) -> tuple[list[str], list[int], list[str]]:
-    from torchvision.datasets import ImageFolder
-
-    # ImageFolder for the listing and the class names only (the loader is never called); decoding is ours
-    folder = ImageFolder(str(split_dir), loader=str, allow_empty=True)
-    empty = sorted(set(folder.classes) - {folder.classes[t] for _, t in folder.samples})
-    if empty:
-        raise ValueError(f"class folders without images in {str(split_dir)!r}: {empty}")
-    return [p for p, _ in folder.samples], [t for _, t in folder.samples], list(folder.classes)
-
-
-def _load_folder(spec: str, path: Path) -> Dataset:
-    if not path.is_dir():
-        raise FileNotFoundError(f"image folder not found: {str(path)!r} (from spec={spec!r})")
-    _check_split_dir(path / "train")
-    _check_split_dir(path / "test")
-    train_paths, train_labels, classes = _image_folder(path / "train")
-    test_paths, test_labels, test_classes = _image_folder(path / "test")
-    if test_classes != classes:
-        # ImageFolder numbers classes by sorted folder name per split: different folders would shift labels
-        raise ValueError(
-            f"class folders differ between {str(path / 'train')!r} and {str(path / 'test')!r}: "
-            f"{sorted(set(classes) ^ set(test_classes))}"
-        )
-    x_train = _decode_images(train_paths, path / "train")
-    x_test = _decode_images(test_paths, path / "test")
-    if x_train.shape[1:] != x_test.shape[1:]:
-        raise ValueError(
-            f"train and test images in {str(path)!r} differ in shape: {tuple(x_train.shape[1:])} vs "
-            f"{tuple(x_test.shape[1:])}"
-        )
-    return Dataset(
-        name=spec,
-        x_train=x_train,
-        y_train=torch.tensor(train_labels, dtype=torch.int64),
-        x_test=x_test,
-        y_test=torch.tensor(test_labels, dtype=torch.int64),
-        classes=tuple(classes),
-    )
+def _load_train_test(spec: str, root) -> Dataset:
+    train_spec, sep, test_spec = spec.removeprefix("train-test:").partition("|")
+    if not (sep and train_spec and test_spec):
+        raise ValueError(f"spec train-test:A|B needs two specs, got spec={spec!r}")
+    train, test = load_dataset(train_spec, root), load_dataset(test_spec, root)
+    if train.classes != test.classes or train.image_shape != test.image_shape:
+        raise ValueError(f"spec={spec!r}: the two data sets differ in classes or image size ({train.classes}, "
+                         f"{train.image_shape} vs {test.classes}, {test.image_shape})")
+    return Dataset(name=spec, x_train=train.x_train, y_train=train.y_train, x_test=test.x_test, y_test=test.y_test,
+                   classes=train.classes)
 
 
 # where these lived before `afs_kit.batches`: users' code keeps importing them from here

@@ -75,3 +75,10 @@ def exact_fp32(precision: str):
 def matmul_precision(precision: str) -> str:
     """What an evaluation's metrics.json records of the arithmetic its attacks ran in."""
     return "fp32 (IEEE; TF32 off on CUDA)" if precision == "fp32" else "bf16 autocast (fp32 accumulation)"
+
+
+def prepare_training(device: torch.device) -> None:
+    """CUDA training settings: cuDNN benchmarks its convolutions for the fixed batch shapes (fastest, not bitwise
+    reproducible between runs; evaluations do not depend on it). TF32 stays as PyTorch sets it for training."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = True

@@ -254,7 +254,7 @@ def _verdict(checks: dict, n: int, strength: str) -> dict:
         details = "; ".join(f"{k}: {_brief(checks[k])}" for k in failed)
         warnings.warn(f"SANITY CHECKS FAILED: {', '.join(failed)} -- the robust accuracy may be inflated by "
                       f"gradient masking or a broken attack; do not trust it before finding out why ({details})",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)  # 4: past the exact_fp32 decorator's frame
     return {"passed": not failed, "failed": failed, "checks": checks, "n": n, "strength": strength}
 
 

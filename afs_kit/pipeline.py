@@ -22,28 +22,21 @@ from .evaluation import add_attack, evaluate, more_pgd_steps, write_evaluation
 from .masking import aa_checks, sanity_checks, stronger_pgd_flags
 from .models import check_model_name
 from .outside import describe_source, load_outside, prepare_outside, save_outside
-from .runs import RunDir, expect, load_checkpoint, read_json, write_json
+from .runs import PROJECT_ROOT, RunDir, default_run_dir, expect, load_checkpoint, read_json, write_json
 from .stacking import AFSModel, FeatureStack, LogitAverage, load_or_train_merger, parse_subset, subset_vector
 from .batches import data_fingerprint, limited
 from .training import existing_extractor, load_extractor, train_extractor
 from .version import code_version
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def default_run_dir(preset: str, seed: int = 0) -> Path:
-    """The one default run directory of the command line, the reports and the notebooks:
-    `runs/<preset>` (`runs/<preset>-seed<s>` for another notebook SEED) under the project when the kit
-    runs from its checkout (notebooks execute in notebooks/, the command line anywhere), else under
-    the working directory."""
-    root = PROJECT_ROOT if (PROJECT_ROOT / "pyproject.toml").is_file() else Path.cwd()
-    return root / "runs" / (preset if seed == 0 else f"{preset}-seed{seed}")
 # set to 1 (afs-kit --same-code) to refuse cached evaluations made by another commit instead of reusing them
 SAME_CODE_ENV = "AFS_KIT_SAME_CODE"
 
 
 def resolve_spec(spec: str) -> str:
     """`npz:`/`folder:` paths relative to the working folder, else to the project root (notebooks run in notebooks/)."""
+    if spec.startswith("train-test:"):
+        train, _, test = spec.removeprefix("train-test:").partition("|")
+        return f"train-test:{resolve_spec(train)}|{resolve_spec(test)}"
     kind, sep, path = spec.partition(":")
     if not sep or kind not in ("npz", "folder") or Path(path).is_absolute() or Path(path).exists():
         return spec

@@ -184,6 +184,18 @@ class RunLock:
             self._fd = None
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_run_dir(preset: str, seed: int = 0) -> Path:
+    """The one default run directory of the command line, the reports and the notebooks:
+    `runs/<preset>` (`runs/<preset>-seed<s>` for another notebook SEED) under the project when the kit
+    runs from its checkout (notebooks execute in notebooks/, the command line anywhere), else under
+    the working directory."""
+    root = PROJECT_ROOT if (PROJECT_ROOT / "pyproject.toml").is_file() else Path.cwd()
+    return root / "runs" / (preset if seed == 0 else f"{preset}-seed{seed}")
+
+
 def model_name(kind: str, what) -> str:
     """A model's name in evaluation records, the same from the command line and the notebooks:
     extractor-eps-8-255, afs-<merger folder>, avg-<subset vector>, ablation-<which>."""

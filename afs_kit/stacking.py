@@ -19,7 +19,7 @@ from .checks import parse_eps_list
 from .config import DataConfig, MergerConfig, format_budget, step_size
 from .batches import augment, data_fingerprint, iterate_batches, to_float, validation_split
 from .data import Dataset
-from .device import autocast, memory_format, resolve_device
+from .device import autocast, memory_format, prepare_training, resolve_device
 from .runs import expect, load_checkpoint, save_checkpoint
 from .training import resume, save_progress, training_health, warn_if_unhealthy
 
@@ -195,7 +195,7 @@ def train_merger_epoch(model: AFSModel, optimizer, x_train: torch.Tensor, y_trai
     total = torch.zeros((), device=device)
     batches = list(iterate_batches(len(y_train), cfg.batch_size, shuffle=True, generator=order_gen))
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        idx = idx.to(device)
+        idx = idx.to(device, non_blocking=True)  # no host wait inside a step
         x = augment(x_train[idx], data_cfg.crop_padding, data_cfg.flip, noise_gen).contiguous(memory_format=fmt)
         loss = merger_loss(model, x, y_train[idx], cfg, device, noise_gen)
         optimizer.zero_grad(set_to_none=True)
@@ -251,6 +251,7 @@ def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg
     if not 0 <= cfg.alpha <= 1:
         raise ValueError(f"alpha (the clean-loss weight of eq. 5) must be in [0, 1], got alpha={cfg.alpha}")
     dev = resolve_device(device)
+    prepare_training(dev)
     fmt = memory_format(cfg.precision)
     stack = stack.to(dev, memory_format=fmt)
     torch.manual_seed(cfg.seed)

@@ -22,7 +22,7 @@ from .config import ATTACK_BN, LR_SCHEDULES, TRAINERS, DataConfig, ExtractorConf
 from .batches import (augment, channel_stats, data_fingerprint, iterate_batches, limited, to_float,
                       validation_split)
 from .data import Dataset
-from .device import autocast, check_precision, memory_format, resolve_device
+from .device import autocast, check_precision, memory_format, prepare_training, resolve_device
 from .models import build_model, model_from_checkpoint
 from .runs import expect, load_checkpoint, save_checkpoint
 
@@ -162,7 +162,7 @@ def train_epoch(model, optimizer, x_train: torch.Tensor, y_train: torch.Tensor, 
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
     running = torch.zeros((), device=device)
     for i, idx in enumerate(bar):
-        idx = idx.to(device)
+        idx = idx.to(device, non_blocking=True)  # no host wait inside a step
         x = augment(x_train[idx], data_cfg.crop_padding, data_cfg.flip, noise_gen).contiguous(memory_format=fmt)
         eps = cfg.eps
         if cfg.eps_range is not None:
@@ -281,6 +281,7 @@ def train_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig, o
         return ckpt
 
     dev = resolve_device(device)
+    prepare_training(dev)
     fmt = memory_format(cfg.precision)
     torch.manual_seed(cfg.seed)
     mean, std = channel_stats(data.x_train)

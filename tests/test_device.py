@@ -146,3 +146,50 @@ def test_the_readme_tour_runs_as_written(tmp_path):
     exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used
     assert scope["x"].device == scope["x_adv"].device == scope["run"].device
     assert scope["robust"].shape == (60,) and "passed" in scope["checks"]
+
+
+@pytest.mark.slow
+def test_cifar10_fast_runs_end_to_end_with_small_overrides(tmp_path, capsys):
+    """The GPU preset as a user runs it, shrunk by --set to a CPU minute: the JPEG training folder (unpacked
+    from its archive) and the lossless test images, both extractors, the merger, an evaluation."""
+    from afs_kit.cli import main
+    from afs_kit.config import get_preset
+
+    from test_data import JPEG_ARCHIVE, MINI_NPZ
+
+    if not (JPEG_ARCHIVE.is_file() and MINI_NPZ.is_file()):
+        pytest.skip(f"the CIFAR-10 files beside the project are absent: {JPEG_ARCHIVE}, {MINI_NPZ}")
+    assert get_preset("cifar10-fast").extractor.model == "preact-resnet18"
+    spec = f"train-test:folder:{JPEG_ARCHIVE}|npz:{MINI_NPZ}"
+    run, device = str(tmp_path / "run"), ["--device", str(DEVICE)]
+    shrink = ["--set", f"data.spec={spec}", "--set", f"data.root={tmp_path / 'data'}", "--set", "data.train_limit=256",
+              "--set", "budgets=0,8/255", "--set", "extractor.model=cnn-cifar", "--set", "extractor.epochs=1",
+              "--set", "extractor.val_examples=50", "--set", "merger.epochs=1"]
+    assert main(["train-extractors", "--preset", "cifar10-fast", "--run", run, "--quiet", *shrink, *device]) == 0
+    assert main(["train-merger", "--run", run, "--subset", "all", "--quiet", *device]) == 0
+    assert main(["evaluate", "--run", run, "--model", "afs", "--attacks", "clean,pgd10", "--n", "20", *device]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"evaluation afs-11-alpha-0.5-\S+: clean \d+\.\d% \[", out), out
+    metrics = next((tmp_path / "run" / "eval").glob("afs-*/metrics.json")).read_text()
+    assert '"matmul_precision": "fp32 (IEEE' in metrics and '"n": 20' in metrics
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here: the benchmarks would run")
+def test_gpu_benchmarks_without_cuda_exit_2_with_one_line():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "benchmarks", "--device", "cuda", "--quick"], capture_output=True,
+                         text=True, cwd=README.parent)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "python -m benchmarks: device='cuda' was asked for, but CUDA is not available on this machine"]
+
+
+def test_make_test_gpu_says_what_it_does_without_cuda():
+    import subprocess
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: make test-gpu would run the tests")
+    out = subprocess.run(["sh", "gpu/test-gpu.sh"], capture_output=True, text=True, cwd=README.parent,
+                         env={**os.environ, "GPU_PYTHON": "python-that-does-not-exist"})
+    assert out.returncode == 0 and "no CUDA on this machine" in out.stdout

@@ -1,0 +1,28 @@
+#!/bin/sh
+# `make test-gpu`: the device-dependent tests (tests/test_device.py) on CUDA, with the Python this machine
+# already has and its own CUDA-enabled torch. Nothing comes from a package index: a missing package is taken
+# from ./gpu-wheels, which `make gpu-wheels` fills beforehand on a machine that has an index.
+set -u
+py=""
+for candidate in ${GPU_PYTHON:-} python3 python3.12 python3.11 python; do
+  command -v "$candidate" >/dev/null 2>&1 || continue
+  if "$candidate" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
+    py=$candidate
+    break
+  fi
+done
+if [ -z "$py" ]; then
+  echo "make test-gpu: no CUDA on this machine (no Python whose torch sees a GPU): nothing to test"
+  exit 0
+fi
+echo "make test-gpu: $("$py" -c 'import sys, torch; print(sys.executable, "torch", torch.__version__, torch.cuda.get_device_name(0))')"
+if ! "$py" -c 'import pyautoattack, torchattacks, openTSNE, papermill, pytest, sklearn, seaborn' >/dev/null 2>&1; then
+  if [ ! -d gpu-wheels ]; then
+    echo "make test-gpu: packages are missing and there is no ./gpu-wheels: run 'make gpu-wheels' where an index is reachable and copy the folder here"
+    exit 2
+  fi
+  "$py" -m pip install -q --no-index --find-links gpu-wheels -r gpu/requirements.txt || exit 2
+  # torchattacks pins requests~=2.25.1 (see the Makefile): installed without its pins
+  "$py" -m pip install -q --no-index --find-links gpu-wheels --no-deps torchattacks==3.5.1 || exit 2
+fi
+AFS_TEST_DEVICE=cuda PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" exec "$py" -m pytest -q -p no:cacheprovider tests/test_device.py
