@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 
 import torch
 
@@ -77,8 +78,18 @@ def matmul_precision(precision: str) -> str:
     return "fp32 (IEEE; TF32 off on CUDA)" if precision == "fp32" else "bf16 autocast (fp32 accumulation)"
 
 
+# set to 1 for bitwise-reproducible CUDA training (a resumed run equal to an unbroken one; slower): deterministic
+# algorithms, no cuDNN benchmarking (CUBLAS_WORKSPACE_CONFIG=:4096:8 must be set before CUDA starts)
+DETERMINISTIC_ENV = "AFS_KIT_DETERMINISTIC"
+
+
 def prepare_training(device: torch.device) -> None:
     """CUDA training settings: cuDNN benchmarks its convolutions for the fixed batch shapes (fastest, not bitwise
-    reproducible between runs; evaluations do not depend on it). TF32 stays as PyTorch sets it for training."""
-    if torch.device(device).type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    reproducible between runs; evaluations do not depend on it), unless AFS_KIT_DETERMINISTIC=1. TF32 stays as
+    PyTorch sets it for training."""
+    if torch.device(device).type != "cuda":
+        return
+    deterministic = os.environ.get(DETERMINISTIC_ENV) == "1"
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not deterministic

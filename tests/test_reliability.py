@@ -215,13 +215,18 @@ def test_a_merger_over_other_extractors_is_refused(sandbox, tmp_path, capsys):
 
 # ---------------------------------------------------------------- kills lose at most one epoch
 
+# make test-gpu runs the kill tests on CUDA (AFS_TEST_DEVICE=cuda), with the settings bitwise equality needs there
+DEVICE = os.environ.get("AFS_TEST_DEVICE", "cpu")
+
+
 def _afs_kit(*args: str) -> list[str]:
-    return [sys.executable, "-m", "afs_kit", *args, "--device", "cpu"]
+    return [sys.executable, "-m", "afs_kit", *args, "--device", DEVICE]
 
 
 def _env() -> dict[str, str]:
     # one thread: both runs compute alike, and tiny models run fastest on one core
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cuda = {"AFS_KIT_DETERMINISTIC": "1", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"} if DEVICE == "cuda" else {}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **cuda}
 
 
 def _kill_when(cmd: list[str], appears: Path | None, glob_root: Path | None = None, pattern: str = "") -> None:
