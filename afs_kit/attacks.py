@@ -38,7 +38,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # ---------------------------------------------------------------- helpers
 
-def _check_images(x: torch.Tensor, y: torch.Tensor, need_int_labels: bool = True) -> None:
+def _check_images(x: torch.Tensor, y: torch.Tensor, need_int_labels: bool = True, values: bool = True) -> None:
+    """Shapes and dtypes; with `values` also the label and pixel ranges (each a host sync on a GPU)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a batch of images [N,C,H,W], got x.shape={shape}")
@@ -49,9 +50,9 @@ def _check_images(x: torch.Tensor, y: torch.Tensor, need_int_labels: bool = True
         raise ValueError(f"y must hold one label per image of x ({x.shape[0]}), got y.shape={shape}")
     if need_int_labels and (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
         raise ValueError(f"y must hold integer class labels, got y.dtype={y.dtype}")
-    if need_int_labels and y.numel() and (low := int(y.min())) < 0:
+    if values and need_int_labels and y.numel() and (low := int(y.min())) < 0:
         raise ValueError(f"y must hold class labels >= 0, got a label {low}")
-    if x.numel():
+    if values and x.numel():
         lo, hi = torch.aminmax(x.detach())
         lo, hi = lo.item(), hi.item()
         if not (lo >= 0 and hi <= 1):  # also catches NaN
@@ -161,7 +162,7 @@ def _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, loss, precision
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
         norm: str = "Linf", random_start: bool = True, restarts: int = 1, loss: str | LossFn = "ce",
         precision: str = "fp32", generator: torch.Generator | None = None,
-        train_mode: bool = False) -> torch.Tensor:
+        train_mode: bool = False, checked: bool = False) -> torch.Tensor:
     """Projected gradient ascent on the loss (Madry et al., 2018); returns x_adv, detached.
 
     Args:
@@ -182,6 +183,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
             outside autocast as PyTorch recommends; perturbation and x_adv stay in x's dtype).
         generator: torch.Generator on the model's device for the random start (None: the global RNG).
         train_mode: run the model in training mode (e.g. batch statistics); default eval mode.
+        checked: the caller vouches that x lies in [0, 1] and y in the model's classes (the kit's trainers,
+            whose data were checked when loaded): those checks, host syncs on a GPU, are skipped.
 
     The attack runs on the model's device (x and y are moved there) and x_adv comes back on x's device.
     The model's (and every submodule's) training flag is restored afterwards, even on errors.
@@ -192,7 +195,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
     Example:
         >>> x_adv = pgd(model, x, y, eps=8/255, alpha=2/255, steps=10)
     """
-    _check_images(x, y, need_int_labels=not callable(loss))
+    _check_images(x, y, need_int_labels=not callable(loss), values=not checked)
     eps = _check_eps(eps, norm, tuple(x.shape[1:]))
     alpha = check_real("alpha", alpha, 0, low_open=True, finite=False, what="the PGD step size")
     steps, restarts = check_int("steps", steps, 1), check_int("restarts", restarts, 1)
@@ -209,11 +212,11 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
         return x.detach().clone()
     if dev != home:
         return pgd(model, x.to(dev), y.to(dev), eps, alpha, steps, norm, random_start, restarts, loss, precision,
-                   generator, train_mode).to(home)
+                   generator, train_mode, checked).to(home)
 
     x = x.detach()
-    # one host sync here, so the loop can check the labels against the model's classes without one
-    y_top = int(y.max()) + 1 if not callable(loss) else 0
+    # one host sync here (none when `checked`), so the loop can check the labels against the model's classes
+    y_top = int(y.max()) + 1 if not (callable(loss) or checked) else 0
     with kept_modes(model, train_mode):
         best = best_loss = best_fooled = None
         for r in range(restarts):

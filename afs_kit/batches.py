@@ -91,6 +91,13 @@ def iterate_batches(
     return (order[start : start + batch_size] for start in range(0, stop, batch_size))
 
 
+def batches_on(batches: list[torch.Tensor], device) -> list[torch.Tensor]:
+    """Index batches moved to `device` in one transfer, so that no training step waits on the host for its own."""
+    if not batches:
+        return []
+    return list(torch.cat(batches).to(device).split([len(b) for b in batches]))
+
+
 # ------------------------------------------------------------------------------------------ augmentation
 
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .attacks import pgd
 from .checks import parse_eps_list
 from .config import DataConfig, MergerConfig, format_budget, step_size
-from .batches import augment, data_fingerprint, iterate_batches, to_float, validation_split
+from .batches import augment, batches_on, data_fingerprint, iterate_batches, to_float, validation_split
 from .data import Dataset
 from .device import autocast, memory_format, prepare_training, resolve_device
 from .runs import expect, load_checkpoint, save_checkpoint
@@ -159,7 +159,7 @@ def merger_loss(model: AFSModel, x: torch.Tensor, y: torch.Tensor, cfg: MergerCo
     """alpha * CE(clean) + (1 - alpha) * CE(PGD against the whole model); or the authors' split batch."""
     alpha, eps = cfg.alpha, cfg.eps
     attack = dict(eps=eps, alpha=step_size(eps, cfg.step_size), steps=cfg.attack_steps,
-                  precision=cfg.precision, generator=generator)
+                  precision=cfg.precision, generator=generator, checked=True)  # no host sync per step
     if cfg.mix == "split":
         n_clean = int(round(alpha * len(y)))
         parts = [x[:n_clean]]
@@ -193,9 +193,9 @@ def train_merger_epoch(model: AFSModel, optimizer, x_train: torch.Tensor, y_trai
     fmt = memory_format(cfg.precision)
     model.train()
     total = torch.zeros((), device=device)
-    batches = list(iterate_batches(len(y_train), cfg.batch_size, shuffle=True, generator=order_gen))
+    batches = batches_on(list(iterate_batches(len(y_train), cfg.batch_size, shuffle=True, generator=order_gen)),
+                         device)
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        idx = idx.to(device, non_blocking=True)  # no host wait inside a step
         x = augment(x_train[idx], data_cfg.crop_padding, data_cfg.flip, noise_gen).contiguous(memory_format=fmt)
         loss = merger_loss(model, x, y_train[idx], cfg, device, noise_gen)
         optimizer.zero_grad(set_to_none=True)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .attacks import pgd
 from .checks import check_choice, check_int, check_real
 from .config import ATTACK_BN, LR_SCHEDULES, TRAINERS, DataConfig, ExtractorConfig, config_hash, format_budget, step_size
-from .batches import (augment, channel_stats, data_fingerprint, iterate_batches, limited, to_float,
+from .batches import (augment, batches_on, channel_stats, data_fingerprint, iterate_batches, limited, to_float,
                       validation_split)
 from .data import Dataset
 from .device import autocast, check_precision, memory_format, prepare_training, resolve_device
@@ -75,11 +75,11 @@ def training_loss(model, x, y, eps, cfg: ExtractorConfig, device, generator) -> 
     bn_train = cfg.attack_bn == "train"
     if cfg.trainer == "pgd":
         x_adv = pgd(model, x, y, eps, alpha, cfg.attack_steps, precision=cfg.precision, generator=generator,
-                    train_mode=bn_train)
+                    train_mode=bn_train, checked=True)  # the data set checked its labels and pixels once
     elif cfg.trainer == "fgsm":
         # Wong et al.: one step of 1.25 eps from a uniform random start
         x_adv = pgd(model, x, y, eps, 1.25 * eps, 1, precision=cfg.precision, generator=generator,
-                    train_mode=bn_train)
+                    train_mode=bn_train, checked=True)
     else:  # trades: attack the KL divergence from the clean prediction (made in the attack's BatchNorm mode)
         model.train(bn_train)
         with torch.no_grad(), autocast(cfg.precision, device):
@@ -90,7 +90,7 @@ def training_loss(model, x, y, eps, cfg: ExtractorConfig, device, generator) -> 
             return F.kl_div(F.log_softmax(z.float(), dim=1), p_clean, reduction="none").sum(1)
 
         x_adv = pgd(model, x, y, eps, alpha, cfg.attack_steps, loss=kl_to_clean,
-                    precision=cfg.precision, generator=generator, train_mode=bn_train)
+                    precision=cfg.precision, generator=generator, train_mode=bn_train, checked=True)
         with autocast(cfg.precision, device):
             z_clean, z_adv = model(torch.cat([x, x_adv])).float().chunk(2)
         kl = F.kl_div(F.log_softmax(z_adv, dim=1), F.softmax(z_clean, dim=1), reduction="batchmean")
@@ -157,12 +157,12 @@ def train_epoch(model, optimizer, x_train: torch.Tensor, y_train: torch.Tensor, 
     """
     fmt = memory_format(cfg.precision)
     model.train()
-    batches = list(iterate_batches(len(y_train), cfg.batch_size, shuffle=True, generator=order_gen))
+    batches = batches_on(list(iterate_batches(len(y_train), cfg.batch_size, shuffle=True, generator=order_gen)),
+                         device)
     draws = torch.rand(len(batches), generator=order_gen)
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
     running = torch.zeros((), device=device)
     for i, idx in enumerate(bar):
-        idx = idx.to(device, non_blocking=True)  # no host wait inside a step
         x = augment(x_train[idx], data_cfg.crop_padding, data_cfg.flip, noise_gen).contiguous(memory_format=fmt)
         eps = cfg.eps
         if cfg.eps_range is not None:

@@ -134,6 +134,41 @@ def test_a_pgd_step_does_not_synchronize_with_the_host(model_and_data):
         torch.cuda.set_sync_debug_mode("default")
 
 
+def test_checked_inputs_skip_only_the_checks(model_and_data):
+    model, x, y = model_and_data
+    args = (model, x, y, EPS, ALPHA, 5)
+    plain = pgd(*args, generator=torch.Generator(device=DEVICE).manual_seed(0))
+    trusted = pgd(*args, generator=torch.Generator(device=DEVICE).manual_seed(0), checked=True)
+    assert torch.equal(plain, trusted)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="host-device synchronization exists only on CUDA")
+@pytest.mark.parametrize("trainer", ["pgd", "fgsm", "trades"])
+def test_a_training_step_does_not_synchronize_with_the_host(model_and_data, trainer):
+    from afs_kit.config import ExtractorConfig
+    from afs_kit.training import training_loss
+
+    _, x, y = model_and_data
+    x, y = x.to(DEVICE), y.to(DEVICE)
+    net = build_model("cnn-tiny", 10, in_channels=1).to(DEVICE).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    cfg = ExtractorConfig(model="cnn-tiny", trainer=trainer, eps=EPS, attack_steps=3)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def step():
+        loss = training_loss(net, x, y, EPS, cfg, DEVICE, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up: lazy optimizer state, cuDNN's choices
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.slow
 def test_the_readme_tour_runs_as_written(tmp_path):
     """The README's Python tour, with a smoke run instead of the demo and 60 test images instead of 500."""
