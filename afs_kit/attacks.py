@@ -132,9 +132,12 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> tor
     return torch.clamp(x + delta, min=0.0, max=1.0)
 
 
-def _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, loss, precision, generator, y_top=0):
+def _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, loss, precision, generator, y_top=0, start=None):
     """One PGD run; no host-device synchronization inside the loop (`y_top`: max label + 1, a Python int)."""
-    x_adv = _project(_random_start(x, eps, norm, generator), x, eps, norm) if random_start else x.clone()
+    if start is not None:
+        x_adv = _project(start, x, eps, norm)
+    else:
+        x_adv = _project(_random_start(x, eps, norm, generator), x, eps, norm) if random_start else x.clone()
     for step in range(steps):
         # differentiate w.r.t. the adversarial input only (x is constant, so this is the gradient
         # w.r.t. the perturbation): parameter .grad is never written
@@ -162,7 +165,7 @@ def _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, loss, precision
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
         norm: str = "Linf", random_start: bool = True, restarts: int = 1, loss: str | LossFn = "ce",
         precision: str = "fp32", generator: torch.Generator | None = None,
-        train_mode: bool = False, checked: bool = False) -> torch.Tensor:
+        train_mode: bool = False, checked: bool = False, start: torch.Tensor | None = None) -> torch.Tensor:
     """Projected gradient ascent on the loss (Madry et al., 2018); returns x_adv, detached.
 
     Args:
@@ -185,6 +188,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
         train_mode: run the model in training mode (e.g. batch statistics); default eval mode.
         checked: the caller vouches that x lies in [0, 1] and y in the model's classes (the kit's trainers,
             whose data were checked when loaded): those checks, host syncs on a GPU, are skipped.
+        start: the starting points (x's shape), projected onto the ball, instead of a random start: e.g.
+            drawn per example in advance, so that a sharded evaluation starts where one process would.
 
     The attack runs on the model's device (x and y are moved there) and x_adv comes back on x's device.
     The model's (and every submodule's) training flag is restored afterwards, even on errors.
@@ -205,6 +210,10 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got generator={generator!r}")
     home, dev = x.device, model_device(model, x.device)
+    if start is not None and (not isinstance(start, torch.Tensor) or start.shape != x.shape or restarts != 1):
+        raise ValueError(f"start must be a tensor of x's shape {tuple(x.shape)} with restarts=1, got "
+                         f"{tuple(start.shape) if isinstance(start, torch.Tensor) else type(start).__name__}, "
+                         f"restarts={restarts}")
     if generator is not None and generator.device.type != dev.type:
         raise ValueError(f"generator must live on the model's device ({dev}), where the attack runs, got "
                          f"generator.device={generator.device}")
@@ -212,7 +221,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
         return x.detach().clone()
     if dev != home:
         return pgd(model, x.to(dev), y.to(dev), eps, alpha, steps, norm, random_start, restarts, loss, precision,
-                   generator, train_mode, checked).to(home)
+                   generator, train_mode, checked, None if start is None else start.to(dev)).to(home)
 
     x = x.detach()
     # one host sync here (none when `checked`), so the loop can check the labels against the model's classes
@@ -220,7 +229,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
     with kept_modes(model, train_mode):
         best = best_loss = best_fooled = None
         for r in range(restarts):
-            x_adv = _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, loss, precision, generator, y_top)
+            x_adv = _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, loss, precision, generator, y_top,
+                             None if start is None else start.detach().to(x.dtype))
             if restarts == 1:
                 return x_adv
             with torch.no_grad(), autocast(precision, x.device):

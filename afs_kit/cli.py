@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .checks import parse_eps_list, parse_unit
-from .config import ATTACKS, PRESETS, format_budget, get_preset, override, preset_from_dict
+from .config import ATTACKS, PARALLEL_MODES, PRESETS, format_budget, get_preset, override, preset_from_dict
 from .runs import RunDir, model_name, read_json
 
 
@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (required for a new run)")
     sp.add_argument("--eps", help="comma-separated budgets in [0,1], decimals or k/255 (default: the preset's)")
     sp.add_argument("--ablation", action="store_true", help="also train table 6's random-budget network and large model")
+    sp.add_argument("--parallel", choices=PARALLEL_MODES, help="under torchrun: budgets (default; the ranks share the "
+                    "budgets out, no gradient traffic) or data (each extractor on every rank, DistributedDataParallel)")
     seeds_option(sp)
     common(sp)
 
@@ -334,18 +336,26 @@ def run_command(argv: list[str]) -> int:
 
     seeds = _seed_count(args)
     preset, run_dir = _preset_for(args)
-    run = Run(run_dir, preset, device=args.device, progress=not args.quiet)
+    from .device import resolve_device
+    from .distributed import check_parallel, init as init_world, job_lock
+
+    w, device = init_world(resolve_device(args.device))  # one process, or this rank of a torchrun job
+    parallel = getattr(args, "parallel", None) or ("budgets" if w.distributed else None)
+    if w.distributed and args.command == "train-extractors":
+        check_parallel(parallel, w.size, parse_eps_list(args.eps) if args.eps is not None else preset.budgets,
+                       preset.extractor.batch_size)
+    run = Run(run_dir, preset, device=device, progress=not args.quiet and w.main)
     if args.command == "train-extractors":
         # `is not None`: an empty --eps '' is refused, not read as "the preset's budgets"
         budgets = parse_eps_list(args.eps) if args.eps is not None else preset.budgets
         run.data  # a missing data set fails here, before anything is written
-        with run.dir.lock():
+        with job_lock(run.dir):
             for seed in run.seeds(seeds):
                 if seeds > 1:
                     run.say(f"seed {seed} ({run.seed_run(seed).dir.root}):")
                 seeded = run.seed_run(seed)
-                seeded.train_extractors(budgets)
-                if args.ablation:
+                seeded.train_extractors(budgets, parallel=parallel)
+                if args.ablation and w.main:  # table 6's two networks: on rank 0
                     seeded.train_ablation()
                     seeded.train_large_model()
         return 0
@@ -359,7 +369,7 @@ def run_command(argv: list[str]) -> int:
                                  f"{f' --seeds {seeds}' if seeds > 1 else ''} first")
             if subset != "selected":
                 r.subset_indices(subset)  # validates the subset against the run's extractors
-        with run.dir.lock():
+        with job_lock(run.dir):
             for r in seeded:
                 r.afs_model(subset, alpha=alpha, mix=args.mix)
         return 0
@@ -377,13 +387,13 @@ def run_command(argv: list[str]) -> int:
             run.preset = override(run.preset, ["evaluation.sanity_strength=full"])
         # every model is built (and its checkpoints checked) before the lock is taken
         targets = [(name, what, _build(run, what)) for name, what in _models_to_evaluate(run, args.model)]
-        with run.dir.lock():
+        with job_lock(run.dir):
             done = [(what, run.evaluate(name, model, attacks=attacks, n_examples=args.n,
                                         # None: the pipeline runs the sanity checks for every stacked model
                                         sanity=True if args.sanity else None, model_info=run.model_info(*what)))
                     for name, what, model in targets]
         from .evaluation import paired_comparisons
-        for line in paired_comparisons(run.dir, done):
+        for line in paired_comparisons(run.dir, done) if w.main else ():
             run.say(line)
         return 0
     if args.command == "add-extractor":
@@ -391,10 +401,22 @@ def run_command(argv: list[str]) -> int:
     raise UsageError(f"unknown command {args.command!r}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def _run_and_leave(argv: list[str]) -> int:
+    """`run_command`, then out of the torchrun job's process group (if it joined one), however it ended."""
     try:
         return run_command(argv)
+    finally:
+        if "torch.distributed" in sys.modules:
+            from .distributed import shutdown
+            shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--"]:  # `torchrun ... -m afs_kit -- <command>` may hand the separator on
+        argv = argv[1:]
+    try:
+        return _run_and_leave(argv)
     except (ValueError, FileNotFoundError) as err:
         print(f"afs-kit: error: {err}", file=sys.stderr)
         return 2
@@ -403,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         # "unhandled KeyboardInterrupt" flag set, so `python -m` would die by SIGINT (status -2) even though
         # it was handled here; evaluating any string resets that flag
         exec("None")  # pylint: disable=exec-used
-        print(INTERRUPTED, file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted; one line is enough
+            print(INTERRUPTED, file=sys.stderr)
         return 130
     except (PermissionError, FileExistsError, NotADirectoryError) as err:
         # RunLock names an unwritable run directory in its message; elsewhere, one line naming the path

@@ -20,6 +20,7 @@ ATTACK_BN = ("train", "eval")
 ATTACKS = ("clean", "pgd10", "pgd20", "aa")
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")  # pyautoattack's attack names
 SANITY_STRENGTHS = ("quick", "full")
+PARALLEL_MODES = ("budgets", "data")  # how a torchrun job shares out extractor training (afs_kit.distributed)
 
 
 @dataclass(frozen=True)

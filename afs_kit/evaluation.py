@@ -17,6 +17,7 @@ from .config import ATTACKS, EvalConfig, step_size
 from .batches import iterate_batches
 from .checks import check_choice
 from .device import autocast, exact_fp32, matmul_precision, model_device, resolve_device
+from .distributed import World
 from .models import eval_mode
 from .runs import load_checkpoint, save_checkpoint, write_json
 from .stats import examples_hash, interval_of
@@ -45,13 +46,14 @@ def correct_flags(model, x, y, batch_size: int = 500, precision: str = "fp32") -
 
 
 def pgd_flags(model, x, y, eps, alpha, steps, batch_size=200, restarts=1, precision="fp32",
-              generator=None, progress=False, desc="PGD", loss="ce") -> torch.Tensor:
-    """Per-example robust flags (still correct after PGD with `loss`), batch by batch."""
+              generator=None, progress=False, desc="PGD", loss="ce", starts=None) -> torch.Tensor:
+    """Per-example robust flags (still correct after PGD with `loss`), batch by batch; `starts`: a start point
+    per example (see `random_starts`) instead of random starts drawn from `generator`."""
     out = []
     for idx in tqdm(list(iterate_batches(len(y), batch_size, shuffle=False)), desc=desc, disable=not progress,
                     leave=False):
         x_adv = pgd(model, x[idx], y[idx], eps, alpha, steps, restarts=restarts, precision=precision,
-                    generator=generator, loss=loss)
+                    generator=generator, loss=loss, start=None if starts is None else starts[idx.to(starts.device)])
         out.append(correct_flags(model, x_adv, y[idx], batch_size, precision))
     return torch.cat(out)
 
@@ -68,22 +70,33 @@ def robust_where(standing: torch.Tensor, x, y, attack) -> torch.Tensor:
     return flags
 
 
-def attack_generator(seed: int, attack: str, device) -> torch.Generator:
-    """Each attack's random starts come from (seed, attack name) alone, so an attack gives the same
-    flags whether it runs with others or is added to an evaluation record later."""
-    return torch.Generator(device=device).manual_seed(seed + zlib.crc32(attack.encode()))
+def random_starts(x: torch.Tensor, eps: float, seed: int, attack: str, part: slice | None = None,
+                  n: int | None = None) -> torch.Tensor:
+    """PGD's uniform random start x + U(-eps, eps), clipped to [0, 1], drawn for all `n` examples of an evaluation
+    at once from (seed, attack name) on the CPU: example i starts at the same point whichever examples share its
+    batch, whichever rank evaluates it (`x` holds the examples of `part`) and on any device."""
+    n = len(x) if n is None else n
+    gen = torch.Generator().manual_seed(seed + zlib.crc32(attack.encode()))
+    noise = torch.empty((n, *x.shape[1:]), dtype=x.dtype).uniform_(-eps, eps, generator=gen)
+    return (x + noise[part if part is not None else slice(None)].to(x.device)).clamp_(0, 1)
 
 
-def attack_flags(model, x, y, attack: str, cfg: EvalConfig, clean: torch.Tensor, progress: bool = False) -> dict:
+def attack_flags(model, x, y, attack: str, cfg: EvalConfig, clean: torch.Tensor, progress: bool = False,
+                 part: slice | None = None, n: int | None = None) -> dict:
     """One attack of an evaluation on (x, y), already on the model's device: `{"flags": robust AND
-    clean}`, plus `aa_breakdown` for AutoAttack."""
+    clean}`, plus `aa_breakdown` for AutoAttack. `part`, `n`: x is the share `part` of the evaluation's `n`
+    examples (a rank's, under torchrun)."""
     check_choice("attack", attack, (*PGD_STEPS, "aa"))
-    gen = attack_generator(cfg.seed, attack, x.device)
     if attack in PGD_STEPS:
+        starts = random_starts(x, cfg.eps, cfg.seed, attack, part, n)
         # only the clean-correct examples: a misclassified one is not robust whatever the attack does
-        return {"flags": robust_where(clean, x, y, lambda xs, ys: pgd_flags(
-            model, xs, ys, cfg.eps, step_size(cfg.eps, cfg.step_size), PGD_STEPS[attack], cfg.batch_size,
-            precision=cfg.precision, generator=gen, progress=progress, desc=attack))}
+        standing = clean.nonzero().flatten()
+        flags = torch.zeros_like(clean)
+        if len(standing):
+            flags[standing] = pgd_flags(model, x[standing], y[standing], cfg.eps, step_size(cfg.eps, cfg.step_size),
+                                        PGD_STEPS[attack], cfg.batch_size, precision=cfg.precision,
+                                        progress=progress, desc=attack, starts=starts[standing])
+        return {"flags": flags}
     robust, _, breakdown = autoattack(model, x, y, cfg.eps, seed=cfg.seed, batch_size=cfg.batch_size,
                                       return_breakdown=True, attacks=cfg.aa_attacks or None,
                                       say=(lambda line: print(line, flush=True)) if progress else None)
@@ -91,7 +104,7 @@ def attack_flags(model, x, y, attack: str, cfg: EvalConfig, clean: torch.Tensor,
 
 
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, device: str | None = None,
-             progress: bool = True, record: dict | None = None) -> dict:
+             progress: bool = True, record: dict | None = None, world: World = World()) -> dict:
     """Clean, PGD-10, PGD-20 and AutoAttack (as configured) on the first `cfg.n_examples` examples.
 
     Returns `{"metrics": {...}, "flags": {attack: BoolTensor}}`; accuracies in percent. `metrics`
@@ -104,7 +117,9 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, device: s
     lacks run, every earlier attack is kept, and `worst` is recomputed over all of them.
 
     Runs on `device` (None: the model's), with TF32 off for fp32 (`metrics["matmul_precision"]` says
-    which arithmetic); the flags come back on x's device.
+    which arithmetic); the flags come back on x's device. Under torchrun (`world`) each rank attacks its
+    contiguous share of the examples and the flags are gathered back in their order on every rank; PGD's
+    random starts are drawn per example (`random_starts`), so the flags are those of one process.
     """
     for a in cfg.attacks:
         check_choice("attack", a, ATTACKS)
@@ -114,19 +129,28 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, device: s
     x, y = x[:n].to(dev).contiguous(), y[:n].to(dev)
     check_eval_inputs(x, y)
     model = model.to(dev).eval()
+    part = world.shard(n)  # this rank's examples: all of them in one process
+    x_part, y_part = x[part], y[part]
+
+    def gathered(f: torch.Tensor) -> torch.Tensor:
+        return torch.cat(world.gather(f.cpu()))
+
     if record is None:
-        flags, extra, done = {"clean": correct_flags(model, x, y, cfg.batch_size).cpu()}, {}, ["clean"]
+        flags, extra, done = {"clean": gathered(correct_flags(model, x_part, y_part, cfg.batch_size))}, {}, ["clean"]
     else:
         flags, done = dict(record["flags"]), list(record["metrics"]["attacks"])
         extra = {k: record["metrics"][k] for k in ("aa_breakdown",) if k in record["metrics"]}
         if len(flags["clean"]) != n:
             raise ValueError(f"the evaluation record holds {len(flags['clean'])} examples, not n_examples={n}")
-    clean = flags["clean"].to(dev)
+    clean = flags["clean"][part].to(dev)
     for name in cfg.attacks:
         if name not in done:
             with exact_fp32(cfg.precision):
-                out = attack_flags(model, x, y, name, cfg, clean, progress)
-            flags[name] = out.pop("flags").cpu()
+                out = attack_flags(model, x_part, y_part, name, cfg, clean, progress, part, n)
+            flags[name] = gathered(out.pop("flags"))
+            if "aa_breakdown" in out:  # each rank counted what it broke
+                out["aa_breakdown"] = {a: sum(b[a] for b in world.gather(out["aa_breakdown"]))
+                                       for a in out["aa_breakdown"]}
             extra.update(out)
             done.append(name)
     metrics = {**summarize(flags), **extra}  # refreshes flags["worst"]

@@ -28,6 +28,7 @@ __all__ = ["MODEL_NAMES", "FeatureNet", "build_model", "is_model_name", "parse_w
 
 MODEL_NAMES: tuple[str, ...] = (
     "wrn-28-10", "wrn-34-10", "wrn-28-30", "wrn-16-4", "preact-resnet18", "cnn-tiny", "cnn-small", "cnn-cifar",
+    "mlp",
 )
 _WRN_PATTERN = re.compile(r"wrn-(\d+)-(\d+)")
 # a small net k times wider ("cnn-tiny-x3"): table 6's "large model" for the CPU presets
@@ -216,6 +217,20 @@ class SmallCNN(FeatureNet):
         return F.adaptive_avg_pool2d(self.body(x), 1).flatten(1)
 
 
+class MLP(FeatureNet):
+    """Pixels average-pooled to 8x8, one hidden layer of 64 ReLU units, the classifier. No BatchNorm: a batch's
+    gradient is the mean of its examples', so `--parallel data` trains what one process trains (the ranks' shares
+    averaged), up to the order of floating-point sums; the distributed tests rely on it."""
+
+    def __init__(self, in_channels: int, model_kwargs: dict, mean, std, hidden: int = 64):
+        super().__init__(model_kwargs, mean, std)
+        self.hidden = nn.Linear(in_channels * 64, hidden)
+        self._finish(hidden)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.hidden(F.adaptive_avg_pool2d(x, 8).flatten(1)))
+
+
 def _cnn_tiny(c: int, k: int = 1) -> tuple[list[nn.Module], int]:
     # 8x8 digits: full resolution, then two stride-2 convs so the receptive field covers the digit
     # before the global average (about 15 k parameters at k = 1).
@@ -334,6 +349,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
         return WideResNet(wrn[0], wrn[1], in_channels, kwargs, mean_list, std_list)
     if name == "preact-resnet18":
         return PreActResNet18(in_channels, kwargs, mean_list, std_list)
+    if name == "mlp":
+        return MLP(in_channels, kwargs, mean_list, std_list)
     small = _small_net(name)
     if small is not None:
         layers, feature_dim = _SMALL_NETS[small[0]](in_channels, small[1])

@@ -266,7 +266,8 @@ def network_and_source(data: Dataset, model: nn.Module | None = None, name: str 
     try:
         net = build_network(source)
     except Exception as err:  # the user's builder: say what it raised
-        raise ValueError(f"builder={builder!r} with kwargs={kwargs or {}} failed: {type(err).__name__}: {err}") from None
+        raise ValueError(f"builder={builder!r} with kwargs={kwargs or {}} failed: {type(err).__name__}: "
+                         f"{err}") from None
     if weights is not None:
         load_weights(net, weights)
     return net, source, name

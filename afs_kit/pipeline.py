@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 
 from .checks import check_choice, check_int, check_real, is_int
-from .config import (ATTACKS, Preset, budget_name, config_hash, format_budget, get_preset, preset_from_dict,
-                     step_size, validate_preset)
+from .config import (ATTACKS, PARALLEL_MODES, Preset, budget_name, config_hash, format_budget, get_preset,
+                     preset_from_dict, step_size, validate_preset)
 from .data import Dataset, load_dataset
 from .device import PRECISIONS, resolve_device
+from .distributed import World, world
 from .evaluation import add_attack, evaluate, more_pgd_steps, write_evaluation
 from .masking import aa_checks, sanity_checks, stronger_pgd_flags
 from .models import check_model_name
@@ -61,6 +62,7 @@ class Run:
         self.preset = preset
         self.device = resolve_device(device)
         self.progress = progress
+        self.world = world()  # this process's rank and the job's size under torchrun (one process: World())
         self._extractors: dict[Path, tuple[torch.nn.Module, dict]] = {}  # loaded once per Run
 
     @classmethod
@@ -129,8 +131,10 @@ class Run:
     def extractor_config(self, eps: float):
         return dataclasses.replace(self.preset.extractor, eps=eps)
 
-    def train_extractors(self, budgets=None) -> list[dict]:
-        """Train every missing extractor of `budgets` (default: the preset's); one checkpoint each."""
+    def train_extractors(self, budgets=None, parallel: str | None = None) -> list[dict]:
+        """Train every missing extractor of `budgets` (default: the preset's); one checkpoint each. Under
+        torchrun, `parallel` "budgets" shares the missing budgets out among the ranks (each trains its own,
+        no gradient traffic); "data" trains each one on every rank under DistributedDataParallel."""
         budgets = self.preset.budgets if budgets is None else tuple(budgets)
         if not budgets:
             raise ValueError(f"budgets must list at least one training budget, got budgets={budgets!r}" + (
@@ -141,19 +145,29 @@ class Run:
         # a checkpoint made for other data or another model is refused before any write
         out = {eps: existing_extractor(self.extractor_config(eps), self.data, self.preset.data,
                                        self.dir.extractor_dir(budget_name(eps))) for eps in budgets}
-        self.write_info()
+        w = self.world if parallel is not None else World()
+        if parallel is not None:
+            check_choice("parallel", parallel, PARALLEL_MODES)
+        if w.main:  # run.json is shared: rank 0 writes it before any rank trains
+            self.write_info()
+        w.barrier()
         found = [eps for eps, ckpt in out.items() if ckpt is not None]
         todo = [eps for eps, ckpt in out.items() if ckpt is None]
+        mine = todo[w.rank::w.size] if parallel == "budgets" else todo
         if found:  # one line for what is on disk, not one per extractor
             self.say(f"extractors {', '.join(format_budget(e) for e in found)}: found in {self.dir.root}")
         started = time.monotonic()
-        for k, eps in enumerate(todo):
+        for k, eps in enumerate(mine):
             done = time.monotonic() - started
-            eta = "" if k == 0 else f", about {done / k * (len(todo) - k) / 60:.0f} min left for all"
-            self.say(f"extractor {k + 1} of {len(todo)} to train (eps {format_budget(eps)}){eta}")
+            eta = "" if k == 0 else f", about {done / k * (len(mine) - k) / 60:.0f} min left for all"
+            self.say(f"extractor {k + 1} of {len(mine)} to train (eps {format_budget(eps)}){eta}")
             out[eps] = train_extractor(self.extractor_config(eps), self.data, self.preset.data,
-                                       self.dir.extractor_dir(budget_name(eps)), self.device, self.progress)
-        return [out[eps] for eps in budgets]
+                                       self.dir.extractor_dir(budget_name(eps)), self.device, self.progress,
+                                       world=w if parallel == "data" else World(),
+                                       trained_by={"rank": w.rank, "world_size": w.size, "parallel": parallel})
+        w.barrier()  # the other ranks' extractors are on disk now
+        return [out[eps] or existing_extractor(self.extractor_config(eps), self.data, self.preset.data,
+                                               self.dir.extractor_dir(budget_name(eps))) for eps in budgets]
 
     def train_ablation(self) -> dict | None:
         """Table 6 'Rand.pert.': one network with a budget drawn per batch from the preset's range."""
@@ -241,50 +255,16 @@ class Run:
 
     # ------------------------------------------------------------ subsets and mergers
     def delta_z_values(self):
-        """Per-example Delta-z (eq. 8) of every extractor at the evaluation budget: (budgets, [n_budgets, N]).
+        """Per-example Delta-z (eq. 8) of every extractor on validation images: (budgets, [n_budgets, N])."""
+        from .selection import run_delta_z
 
-        On the first `delta_z_examples` (preset) validation images: choosing extractors is model
-        selection, so it never looks at the test set. The split is the one extractor training holds
-        out, `validation_split(data, data.val_fraction, seed=0)` over the training images. Every
-        extractor gets a generator seeded alike, so all see the same random starts (and the same
-        examples: the rule takes paired, per-example differences) and the curve is reproducible.
-        """
-        from .selection import delta_z
-        from .batches import to_float, validation_split
-
-        _, val_idx = validation_split(self.data, self.preset.data.val_fraction, seed=0)
-        x = to_float(self.data.x_train[val_idx[: self.preset.delta_z_examples]]).to(self.device)
-        budgets = self.budgets()
-        rows = [delta_z(self.extractor(b)[0], x, self.preset.evaluation.eps,
-                        generator=torch.Generator(device=self.device).manual_seed(0)).cpu()
-                for b in budgets]
-        return budgets, torch.stack(rows).numpy()
+        return run_delta_z(self)
 
     def selected_subset(self) -> str:
-        """The binary vector the concavity rule chooses (`analysis.select_extractors` on the per-example
-        validation Delta-z, with the evaluation budget), stored in selection.json with the extractors'
-        keys and the settings it was made from; redone when either changes (or the file predates them)."""
-        from .selection import select_extractors
+        """The concavity rule's choice as a binary vector, stored in selection.json (`selection.run_selection`)."""
+        from .selection import run_selection
 
-        path = self.dir.selection_path
-        if not self.budgets():
-            raise ValueError(f"subset 'selected' needs extractors trained by the kit (the concavity rule needs their "
-                             f"budgets); {self.dir.root} has only outside ones: give a subset (all, a vector, names)")
-        keys = [self._extractors[p][1]["key"] for _, p in self.extractor_checkpoints()]
-        settings = {"split": "validation", "delta_z_examples": self.preset.delta_z_examples,
-                    "Delta": self.preset.evaluation.eps}
-        if path.is_file():
-            stored = read_json(path)
-            if (isinstance(stored, dict) and stored.get("extractor_keys") == keys and "std" in stored
-                    and all(stored.get(k) == v for k, v in settings.items())):
-                return stored["vector"]
-        budgets, values = self.delta_z_values()
-        sel = select_extractors(budgets, values, Delta=self.preset.evaluation.eps)
-        chosen = [i for i, b in enumerate(budgets) if any(abs(b - s) < 1e-9 for s in sel.selected)]
-        write_json(path, {"budgets": budgets, "extractor_keys": keys, **settings, "n_examples": sel.n_examples,
-                          "delta_z": sel.delta_z, "std": sel.std, "selection": dataclasses.asdict(sel),
-                          "vector": subset_vector(chosen, len(budgets))})
-        return read_json(path)["vector"]
+        return run_selection(self)
 
     def subset_indices(self, spec: str) -> list[int]:
         """Indices into `members()` of the extractors `spec` names: all, selected, a binary vector, budgets or names."""
@@ -318,13 +298,13 @@ class Run:
             raise ValueError(f"alpha (the clean-loss weight of eq. 5) must be in [0, 1], got alpha={cfg.alpha}")
         name, key = self.merger_name(indices, cfg)
         out_dir = self.dir.merger_dir(name)
-        if not (out_dir / "merger.pt").is_file():
+        if not (out_dir / "merger.pt").is_file() and self.world.main:
             self.write_info()
         found = self.members()
         model, trained = load_or_train_merger(
             self.stack(indices), self.data, cfg, self.preset.data, out_dir, key,
             [found[i][1].parent.name for i in indices], [self.member(found[i][1])[1]["key"] for i in indices],
-            self.device, self.progress)
+            self.device, self.progress, self.world)
         stacked = ", ".join(found[i][0] for i in indices)
         self.say(f"merger {name} (subset {subset} = {stacked}, alpha {cfg.alpha:g}): "
                  + (f"trained, saved in {out_dir}" if trained else f"found in {out_dir}"))
@@ -412,9 +392,12 @@ class Run:
             return record["metrics"]
         if record is not None:
             self.say(f"evaluation {folder}: found {', '.join(held)}; adding {', '.join(missing) or 'masking checks'}")
-        result = evaluate(model, x, y, cfg, self.device, self.progress, record=record)
+        result = evaluate(model, x, y, cfg, self.device, self.progress, record=record, world=self.world)
         result["flags"] = {a: f.cpu() for a, f in result["flags"].items()}  # as the record on disk holds them
-        result["metrics"].update(key=key, name=folder, model_name=name, code_version=code_version())
+        result["metrics"].update(key=key, name=folder, model_name=name, code_version=code_version(),
+                                 world_size=self.world.size)
+        if not self.world.main:  # under torchrun rank 0 alone runs the masking checks and writes the record
+            return self.world.broadcast(None)
         if sanity and (stale_checks or more_pgd_steps(held, missing)):
             self.say(f"evaluation {folder}: gradient-masking checks ({cfg.sanity_strength}) ...")
             alpha = step_size(cfg.eps, cfg.step_size)
@@ -440,4 +423,4 @@ class Run:
             f"{a} {metrics[a]:.1f}% [{metrics['ci95'][a][0]:.1f}-{metrics['ci95'][a][1]:.1f}]" for a in shown)
             + ("" if checks is None else "; masking checks " + (
                 "passed" if checks["passed"] else "FAILED: " + ", ".join(checks["failed"]))))
-        return metrics
+        return self.world.broadcast(metrics)

@@ -4,6 +4,7 @@ stores it in selection.json; `afs_kit.plots.plot_delta_z` draws it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -375,3 +376,53 @@ def check_eq10(eps: Sequence[float], delta_z: Sequence[float], lambdas: Sequence
     lhs, rhs = float(lam @ v), float(v[ref])
     return Eq10Check(lhs=lhs, rhs=rhs, holds=lhs < rhs, reference_eps=float(e[ref]), reference_index=ref,
                      mean_eps=mean_eps, lambdas=tuple(lam.tolist()))
+
+
+# ---------------------------------------------------------------- a run's selection (selection.json)
+
+def run_delta_z(run):
+    """Per-example Delta-z (eq. 8) of every extractor at the evaluation budget: (budgets, [n_budgets, N]).
+
+    On the first `delta_z_examples` (preset) validation images: choosing extractors is model
+    selection, so it never looks at the test set. The split is the one extractor training holds
+    out, `validation_split(data, data.val_fraction, seed=0)` over the training images. Every
+    extractor gets a generator seeded alike, so all see the same random starts (and the same
+    examples: the rule takes paired, per-example differences) and the curve is reproducible.
+    """
+    from .batches import to_float, validation_split
+
+    _, val_idx = validation_split(run.data, run.preset.data.val_fraction, seed=0)
+    x = to_float(run.data.x_train[val_idx[: run.preset.delta_z_examples]]).to(run.device)
+    budgets = run.budgets()
+    rows = [delta_z(run.extractor(b)[0], x, run.preset.evaluation.eps,
+                    generator=torch.Generator(device=run.device).manual_seed(0)).cpu()
+            for b in budgets]
+    return budgets, torch.stack(rows).numpy()
+
+
+def run_selection(run) -> str:
+    """The binary vector the concavity rule chooses (`select_extractors` on the per-example
+    validation Delta-z, with the evaluation budget), stored in selection.json with the extractors'
+    keys and the settings it was made from; redone when either changes (or the file predates them)."""
+    from .runs import read_json, write_json
+    from .stacking import subset_vector
+
+    path = run.dir.selection_path
+    if not run.budgets():
+        raise ValueError(f"subset 'selected' needs extractors trained by the kit (the concavity rule needs their "
+                         f"budgets); {run.dir.root} has only outside ones: give a subset (all, a vector, names)")
+    keys = [run.member(p)[1]["key"] for _, p in run.extractor_checkpoints()]
+    settings = {"split": "validation", "delta_z_examples": run.preset.delta_z_examples,
+                "Delta": run.preset.evaluation.eps}
+    if path.is_file():
+        stored = read_json(path)
+        if (isinstance(stored, dict) and stored.get("extractor_keys") == keys and "std" in stored
+                and all(stored.get(k) == v for k, v in settings.items())):
+            return stored["vector"]
+    budgets, values = run.delta_z_values()
+    sel = select_extractors(budgets, values, Delta=run.preset.evaluation.eps)
+    chosen = [i for i, b in enumerate(budgets) if any(abs(b - s) < 1e-9 for s in sel.selected)]
+    write_json(path, {"budgets": budgets, "extractor_keys": keys, **settings, "n_examples": sel.n_examples,
+                      "delta_z": sel.delta_z, "std": sel.std, "selection": dataclasses.asdict(sel),
+                      "vector": subset_vector(chosen, len(budgets))})
+    return read_json(path)["vector"]

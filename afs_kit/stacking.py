@@ -20,6 +20,7 @@ from .config import DataConfig, MergerConfig, format_budget, step_size
 from .batches import augment, batches_on, data_fingerprint, iterate_batches, to_float, validation_split
 from .data import Dataset
 from .device import autocast, memory_format, prepare_training, resolve_device
+from .distributed import World
 from .runs import expect, load_checkpoint, save_checkpoint
 from .training import resume, save_progress, training_health, warn_if_unhealthy
 
@@ -111,7 +112,8 @@ class LogitAverage(nn.Module):
 
 # ---------------------------------------------------------------- naming subsets
 
-def parse_subset(spec: str, budgets: list[float] | tuple[float, ...], names: list[str] | tuple[str, ...] = ()) -> list[int]:
+def parse_subset(spec: str, budgets: list[float] | tuple[float, ...],
+                 names: list[str] | tuple[str, ...] = ()) -> list[int]:
     """Indices of the extractors a subset names: the kit's extractors sorted by budget, then `names` (those
     added from outside the kit, which have no budget).
 
@@ -183,26 +185,33 @@ def merger_loss(model: AFSModel, x: torch.Tensor, y: torch.Tensor, cfg: MergerCo
 
 def train_merger_epoch(model: AFSModel, optimizer, x_train: torch.Tensor, y_train: torch.Tensor, cfg: MergerConfig,
                        data_cfg: DataConfig, device, order_gen: torch.Generator, noise_gen: torch.Generator,
-                       desc: str = "", progress: bool = False) -> torch.Tensor:
+                       desc: str = "", progress: bool = False, world: World = World()) -> torch.Tensor:
     """One pass of merger training over the uint8 images `x_train` (already on `device`): shuffled
     batches, batched augmentation, `merger_loss`, one optimizer step per batch.
 
     Returns the mean loss as a 0-dim tensor. `train_merger` calls this once per epoch; the benchmarks
-    time it on its own.
+    time it on its own. Under torchrun each rank takes its share of every batch and attacks it through the whole
+    stack; the linear layer's gradient is averaged over the ranks before each step.
     """
     fmt = memory_format(cfg.precision)
     model.train()
     total = torch.zeros((), device=device)
-    batches = batches_on(list(iterate_batches(len(y_train), cfg.batch_size, shuffle=True, generator=order_gen)),
-                         device)
-    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
+    # a last batch smaller than the world would leave a rank without examples: it is dropped there
+    whole = [b for b in iterate_batches(len(y_train), cfg.batch_size, shuffle=True, generator=order_gen)
+             if len(b) >= world.size]
+    batches = batches_on([b.tensor_split(world.size)[world.rank] for b in whole], device)
+    # the ranks' gradients are averaged: a share's loss weighted by its size makes that the whole batch's mean
+    weights = [len(part) * world.size / len(b) for part, b in zip(batches, whole)]
+    for i, idx in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
         x = augment(x_train[idx], data_cfg.crop_padding, data_cfg.flip, noise_gen).contiguous(memory_format=fmt)
         loss = merger_loss(model, x, y_train[idx], cfg, device, noise_gen)
+        loss = loss * weights[i] if world.distributed else loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        world.average_gradients(model.merger)
         optimizer.step()
         total += loss.detach()
-    return total / len(batches)
+    return world.mean(total / len(batches))
 
 
 @torch.no_grad()
@@ -238,7 +247,7 @@ def merger_step_lr(cfg: MergerConfig, epoch: int, feat_sq: float | None) -> floa
 
 def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg: DataConfig,
                  out_dir: str | Path | None = None, key: str = "", device: str = "auto",
-                 progress: bool = True) -> tuple[AFSModel, list[dict]]:
+                 progress: bool = True, world: World = World()) -> tuple[AFSModel, list[dict]]:
     """Train the linear merger over a frozen stack (eq. 5); resumable when `out_dir` is given.
 
     Trains on the training split (the validation split stays held out), `cfg.epochs` epochs, SGD with
@@ -274,14 +283,16 @@ def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg
         feat_sq = feature_sq_norm(stack, x_train, cfg.precision, dev)
 
     for epoch in range(start, cfg.epochs):
+        if world.distributed:  # each rank its own stream, from (seed, rank, epoch): a resume draws the same
+            noise_gen.manual_seed(cfg.seed + 1 + 7919 * (world.rank + 1) + 104729 * epoch)
         lr = merger_step_lr(cfg, epoch, feat_sq)
         for group in optimizer.param_groups:
             group["lr"] = lr
         train_loss = train_merger_epoch(model, optimizer, x_train, y_train, cfg, data_cfg, dev, order_gen, noise_gen,
                                         desc=f"merger alpha={cfg.alpha:g} epoch {epoch + 1}/{cfg.epochs}",
-                                        progress=progress)
+                                        progress=progress, world=world)
         history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss.item(), "feature_sq_norm": feat_sq})
-        if last_path is not None:
+        if last_path is not None and world.main:
             save_progress(last_path, key, epoch, merger, optimizer, order_gen, noise_gen, history,
                           feature_sq_norm=feat_sq)
     model.eval()
@@ -316,16 +327,18 @@ def load_merger(path: str | Path, stack: FeatureStack, n_classes: int, **wanted)
 
 def load_or_train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg: DataConfig,
                          out_dir: str | Path, key: str, extractor_names: list[str], extractor_keys: list[str],
-                         device: str = "auto", progress: bool = True) -> tuple[AFSModel, bool]:
+                         device: str = "auto", progress: bool = True, world: World = World()) -> tuple[AFSModel, bool]:
     """The merger's whole life: loaded when `out_dir/merger.pt` holds this key, else trained (resuming
     from `last.pt`) and saved with the extractors it stacks. Returns (model in eval mode, trained)."""
     final = Path(out_dir) / "merger.pt"
     if final.is_file():
         model, _ = load_merger(final, stack, data.num_classes, key=key)
         return model.to(resolve_device(device)), False
-    model, history = train_merger(stack, data, cfg, data_cfg, out_dir, key, device, progress)
-    save_merger(final, merger_checkpoint(model, cfg, key, extractor_names, extractor_keys, data_fingerprint(data),
-                                         history))
+    model, history = train_merger(stack, data, cfg, data_cfg, out_dir, key, device, progress, world)
+    if world.main:
+        save_merger(final, merger_checkpoint(model, cfg, key, extractor_names, extractor_keys, data_fingerprint(data),
+                                             history))
+    world.barrier()
     return model.eval(), True
 
 

@@ -23,6 +23,7 @@ from .batches import (augment, batches_on, channel_stats, data_fingerprint, iter
                       validation_split)
 from .data import Dataset
 from .device import autocast, check_precision, memory_format, prepare_training, resolve_device
+from .distributed import World
 from .models import build_model, model_from_checkpoint
 from .runs import expect, load_checkpoint, save_checkpoint
 
@@ -62,11 +63,14 @@ def validate(model, x, y, eps, cfg: ExtractorConfig, device, generator) -> dict:
     return out
 
 
-def training_loss(model, x, y, eps, cfg: ExtractorConfig, device, generator) -> torch.Tensor:
-    """The outer loss of one step for the configured trainer (eq. 3 for PGD-AT)."""
+def training_loss(model, x, y, eps, cfg: ExtractorConfig, device, generator, net=None) -> torch.Tensor:
+    """The outer loss of one step for the configured trainer (eq. 3 for PGD-AT). `net`: the module whose forward
+    the loss differentiates, a DistributedDataParallel wrapper of `model` under torchrun (default `model`); the
+    attack runs on `model` itself, as DDP allows one forward per backward."""
+    net = model if net is None else net
     if eps == 0:
         with autocast(cfg.precision, device):
-            return F.cross_entropy(model(x), y)
+            return F.cross_entropy(net(x), y)
     alpha = step_size(eps, cfg.step_size)
     # attack_bn="train": the attack's forward passes use batch statistics AND update the BatchNorm running
     # statistics (attack_steps extra momentum updates per step, on the perturbed images), as in the authors'
@@ -92,11 +96,11 @@ def training_loss(model, x, y, eps, cfg: ExtractorConfig, device, generator) -> 
         x_adv = pgd(model, x, y, eps, alpha, cfg.attack_steps, loss=kl_to_clean,
                     precision=cfg.precision, generator=generator, train_mode=bn_train, checked=True)
         with autocast(cfg.precision, device):
-            z_clean, z_adv = model(torch.cat([x, x_adv])).float().chunk(2)
+            z_clean, z_adv = net(torch.cat([x, x_adv])).float().chunk(2)
         kl = F.kl_div(F.log_softmax(z_adv, dim=1), F.softmax(z_clean, dim=1), reduction="batchmean")
         return F.cross_entropy(z_clean, y) + cfg.trades_beta * kl
     with autocast(cfg.precision, device):
-        return F.cross_entropy(model(x_adv), y)
+        return F.cross_entropy(net(x_adv), y)
 
 
 RISE_TOLERANCE = 0.05  # a last epoch whose mean training loss is more than 5% above the epoch before is "rising"
@@ -147,18 +151,25 @@ def warn_if_unhealthy(health: dict, label: str) -> None:
 
 def train_epoch(model, optimizer, x_train: torch.Tensor, y_train: torch.Tensor, cfg: ExtractorConfig,
                 data_cfg: DataConfig, device, order_gen: torch.Generator, noise_gen: torch.Generator,
-                desc: str = "", progress: bool = False, batch_schedule=None) -> torch.Tensor:
+                desc: str = "", progress: bool = False, batch_schedule=None, net=None,
+                world: World = World()) -> torch.Tensor:
     """One pass over the uint8 images `x_train` (already on `device`): shuffled batches, batched
     augmentation on the device, the configured adversarial loss, one optimizer step per batch.
 
     Returns the mean training loss as a 0-dim tensor (read it with .item(): no host sync per batch).
     `batch_schedule` (a learning-rate scheduler) is stepped after every batch: the cyclic schedule.
-    `train_extractor` calls this once per epoch; the benchmarks time it on its own.
+    `train_extractor` calls this once per epoch; the benchmarks time it on its own. Under torchrun
+    (`--parallel data`) every rank takes its share of each batch (the global batch stays `cfg.batch_size`), `net`
+    is the DistributedDataParallel wrapper that averages the gradients, and the loss is the mean over ranks.
     """
     fmt = memory_format(cfg.precision)
     model.train()
-    batches = batches_on(list(iterate_batches(len(y_train), cfg.batch_size, shuffle=True, generator=order_gen)),
-                         device)
+    # a last batch smaller than the world would leave a rank without examples: it is dropped there
+    whole = [b for b in iterate_batches(len(y_train), cfg.batch_size, shuffle=True, generator=order_gen)
+             if len(b) >= world.size]
+    batches = batches_on([b.tensor_split(world.size)[world.rank] for b in whole], device)
+    # the ranks' gradients are averaged: a share's loss weighted by its size makes that the whole batch's mean
+    weights = [len(part) * world.size / len(b) for part, b in zip(batches, whole)]
     draws = torch.rand(len(batches), generator=order_gen)
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
     running = torch.zeros((), device=device)
@@ -168,14 +179,15 @@ def train_epoch(model, optimizer, x_train: torch.Tensor, y_train: torch.Tensor, 
         if cfg.eps_range is not None:
             lo, hi = cfg.eps_range
             eps = lo + (hi - lo) * draws[i].item()
-        loss = training_loss(model, x, y_train[idx], eps, cfg, device, noise_gen)
+        loss = training_loss(model, x, y_train[idx], eps, cfg, device, noise_gen, net=net)
+        loss = loss * weights[i] if world.distributed else loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if batch_schedule is not None:
             batch_schedule.step()
         running += loss.detach()
-    return running / len(batches)
+    return world.mean(running / len(batches))
 
 
 def save_progress(path: Path, key: str, epoch: int, module: torch.nn.Module, optimizer, order_gen: torch.Generator,
@@ -261,13 +273,16 @@ def existing_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig
 
 
 def train_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig, out_dir: str | Path,
-                    device: str = "auto", progress: bool = True, stop_after_epoch: int | None = None) -> dict:
+                    device: str = "auto", progress: bool = True, stop_after_epoch: int | None = None,
+                    world: World = World(), trained_by: dict | None = None) -> dict:
     """Train (or resume, or load) one extractor; returns its final checkpoint dict.
 
     `out_dir/last.pt` is rewritten after every epoch (weights, optimizer, schedule, RNG states,
     history, best weights so far) so a rerun of the same call resumes; `out_dir/extractor.pt` holds
     the early-stopped weights with their config and metrics. `stop_after_epoch` ends the call after
-    that epoch (0-based) as an interruption would, for tests.
+    that epoch (0-based) as an interruption would, for tests. `world` (under torchrun, `--parallel data`):
+    the ranks train this one network together under DistributedDataParallel; rank 0 validates, decides and
+    writes. `trained_by` (which rank, of how many, in which mode) goes into the checkpoint.
     """
     ckpt = existing_extractor(cfg, data, data_cfg, out_dir)
     out_dir = Path(out_dir)
@@ -290,6 +305,12 @@ def train_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig, o
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     order_gen = torch.Generator().manual_seed(cfg.seed)  # data order and per-batch budgets
     noise_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)  # augmentation and random starts
+    net = None
+    if world.distributed:
+        if cfg.batch_size % world.size:
+            raise ValueError(f"extractor.batch_size={cfg.batch_size} must be divisible by the world size {world.size} "
+                             f"(--parallel data keeps the global batch)")
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     train_idx, val_idx = validation_split(data, data_cfg.val_fraction, seed=0)
     x_train, y_train = data.x_train[train_idx].to(dev), data.y_train[train_idx].to(dev)
@@ -310,12 +331,16 @@ def train_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig, o
             print(f"{label}: resuming from {last_path} after epoch {ckpt['epoch'] + 1}/{cfg.epochs}")
 
     for epoch in range(start, cfg.epochs):
+        if world.distributed:  # each rank its own stream, from (seed, rank, epoch): a resume draws the same
+            noise_gen.manual_seed(cfg.seed + 1 + 7919 * (world.rank + 1) + 104729 * epoch)
         train_loss = train_epoch(model, optimizer, x_train, y_train, cfg, data_cfg, dev, order_gen, noise_gen,
                                  desc=f"{label} epoch {epoch + 1}/{cfg.epochs}", progress=progress,
-                                 batch_schedule=schedule if per_batch else None)
+                                 batch_schedule=schedule if per_batch else None, net=net, world=world)
         if not per_batch:
             schedule.step()
-        metrics = validate(model, x_val, y_val, val_eps, cfg, dev, noise_gen)
+        # validation's random starts from (seed, epoch): the same whatever training drew, on any world size
+        val_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 2 + 104729 * epoch)
+        metrics = world.broadcast(validate(model, x_val, y_val, val_eps, cfg, dev, val_gen) if world.main else None)
         metrics.update(epoch=epoch, train_loss=train_loss.item(), lr=optimizer.param_groups[0]["lr"])
         history.append(metrics)
         if metrics["val_pgd"] > best["val_pgd"]:
@@ -324,8 +349,9 @@ def train_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig, o
         if progress:
             print(f"{label} epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.3f} "
                   f"val clean {metrics['val_clean']:.1f}% val PGD {metrics['val_pgd']:.1f}%")
-        save_progress(last_path, key, epoch, model, optimizer, order_gen, noise_gen, history,
-                      schedule=schedule.state_dict(), best=best, best_state=best_state)
+        if world.main:
+            save_progress(last_path, key, epoch, model, optimizer, order_gen, noise_gen, history,
+                          schedule=schedule.state_dict(), best=best, best_state=best_state)
         if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch + 1 < cfg.epochs:
             return {"interrupted_after_epoch": epoch}
 
@@ -337,9 +363,12 @@ def train_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig, o
         "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
         "config": dataclasses.asdict(cfg), "data_config": dataclasses.asdict(data_cfg),
         **data_fingerprint(data), "metrics": best, "history": history, "health": health,
+        "trained_by": trained_by or {"rank": 0, "world_size": 1},
     }
-    save_checkpoint(final_path, ckpt)
-    last_path.unlink(missing_ok=True)
+    if world.main:
+        save_checkpoint(final_path, ckpt)
+        last_path.unlink(missing_ok=True)
+    world.barrier()
     return ckpt
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from afs_kit.models import MODEL_NAMES, build_model
 
 # Networks cheap enough for a forward pass on 2 CPU cores; the big WRNs are checked on the meta device.
-CHEAP = ("wrn-16-4", "preact-resnet18", "cnn-tiny", "cnn-small", "cnn-cifar")
+CHEAP = ("wrn-16-4", "preact-resnet18", "cnn-tiny", "cnn-small", "cnn-cifar", "mlp")
 # The two residual nets get 16x16 inputs (a quarter of the work of 32x32).
 SIDE = {"wrn-16-4": 16, "preact-resnet18": 16}
 

@@ -1,6 +1,7 @@
 """Extractors from outside the kit (issue 16), offline, on digits at CIFAR-10's shape: a RobustBench zoo
-architecture with weights this test writes where RobustBench reads them, loaded through `robustbench.load_model`, and a torchvision ResNet-18,
-both stacked with a kit extractor, a merger trained and evaluated; every bad input refused with nothing written.
+architecture with weights this test writes where RobustBench reads them, loaded through
+`robustbench.load_model`, and a torchvision ResNet-18, both stacked with a kit extractor, a merger trained
+and evaluated; every bad input refused with nothing written.
 """
 from __future__ import annotations
 
