@@ -35,3 +35,25 @@ def bad_data(tmp_path_factory) -> Path:
     (root / "empty" / "test").mkdir(parents=True)
     (root / "no-splits").mkdir()
     return root
+
+
+def quick_cnn(data):
+    """cnn-tiny after 150 SGD steps on the digits' training images (a few seconds): about 97% clean accuracy,
+    in eval mode."""
+    import torch.nn.functional as F
+
+    from afs_kit.models import build_model
+
+    x, y = data.x_train.float() / 255, data.y_train
+    torch.manual_seed(0)
+    net = build_model("cnn-tiny", 10, in_channels=1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    net.train()
+    for _ in range(150):
+        idx = torch.randint(len(y), (64,), generator=gen)
+        loss = F.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()

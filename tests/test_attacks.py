@@ -19,6 +19,8 @@ from afs_kit.attacks import autoattack, pgd
 from afs_kit.data import load_dataset
 from afs_kit.models import build_model
 
+from conftest import quick_cnn
+
 EPS, ALPHA = 0.1, 0.025  # Linf budget where the quickly trained CNN is about half robust
 L2_EPS = 1.0              # L2 budget on 8x8 images (the largest possible distance is 8)
 N = 64                    # a power of 2: torchattacks' mean loss then has the kit's summed gradient / N exactly
@@ -36,20 +38,7 @@ def digits():
 @pytest.fixture(scope="module")
 def model(digits):
     """cnn-tiny after 150 SGD steps on digits (a few seconds): about 97 % clean accuracy."""
-    data = digits[2]
-    x, y = data.x_train.float() / 255, data.y_train
-    torch.manual_seed(0)
-    net = build_model("cnn-tiny", 10, in_channels=1)
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    gen = torch.Generator().manual_seed(0)
-    net.train()
-    for _ in range(150):
-        idx = torch.randint(len(y), (64,), generator=gen)
-        loss = F.cross_entropy(net(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
+    net = quick_cnn(digits[2])
     for p in net.parameters():
         p.requires_grad_(False)
     xt, yt, _ = digits

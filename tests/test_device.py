@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchattacks
 
 from afs_kit import autoattack, build_model, evaluate, load_dataset, pgd, sanity_checks
 from afs_kit.config import EvalConfig
 from afs_kit.device import exact_fp32
+
+from conftest import quick_cnn
 
 DEVICE = torch.device(os.environ.get("AFS_TEST_DEVICE", "cpu"))
 OTHER = torch.device("cpu") if DEVICE.type == "cuda" else DEVICE  # where the caller's tensors live
@@ -33,18 +34,8 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
 def model_and_data():
     """cnn-tiny after 150 SGD steps on digits, on DEVICE; 64 test digits on the caller's device."""
     data = load_dataset("digits")
-    x, y = data.x_train.float() / 255, data.y_train
-    torch.manual_seed(0)
-    net = build_model("cnn-tiny", 10, in_channels=1)
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(150):
-        idx = torch.randint(len(y), (64,), generator=gen)
-        loss = F.cross_entropy(net(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net.eval().to(DEVICE), data.x_test[:64].float().div(255).to(OTHER), data.y_test[:64].to(OTHER)
+    net = quick_cnn(data)
+    return net.to(DEVICE), data.x_test[:64].float().div(255).to(OTHER), data.y_test[:64].to(OTHER)
 
 
 def test_pgd_runs_on_the_models_device_and_answers_on_the_callers(model_and_data):
