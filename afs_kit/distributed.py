@@ -1,6 +1,7 @@
 """Several processes of one job under PyTorch's own launcher, `torchrun` (never a scheduler of the kit's own):
 
-    torchrun --nproc_per_node=N -m afs_kit -- train-extractors --preset P --run DIR [--parallel budgets|data]
+    torchrun --standalone --nproc_per_node=N -m afs_kit -- train-extractors --preset P --run DIR \
+        [--parallel budgets|data]
 
 (the `--` keeps torchrun from reading the kit's `--run` as its own `--run-path`). Each process is one rank;
 `init` joins the job's process group with `gloo` on the CPU and `nccl` on GPUs (rank r on cuda:LOCAL_RANK).

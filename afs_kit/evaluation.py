@@ -70,13 +70,13 @@ def robust_where(standing: torch.Tensor, x, y, attack) -> torch.Tensor:
     return flags
 
 
-def random_starts(x: torch.Tensor, eps: float, seed: int, attack: str, part: slice | None = None,
+def random_starts(x: torch.Tensor, eps: float, seed: int, key: str, part: slice | None = None,
                   n: int | None = None) -> torch.Tensor:
     """PGD's uniform random start x + U(-eps, eps), clipped to [0, 1], drawn for all `n` examples of an evaluation
-    at once from (seed, attack name) on the CPU: example i starts at the same point whichever examples share its
+    at once from (seed, `key`) on the CPU: example i starts at the same point whichever examples share its
     batch, whichever rank evaluates it (`x` holds the examples of `part`) and on any device."""
     n = len(x) if n is None else n
-    gen = torch.Generator().manual_seed(seed + zlib.crc32(attack.encode()))
+    gen = torch.Generator().manual_seed(seed + zlib.crc32(key.encode()))
     noise = torch.empty((n, *x.shape[1:]), dtype=x.dtype).uniform_(-eps, eps, generator=gen)
     return (x + noise[part if part is not None else slice(None)].to(x.device)).clamp_(0, 1)
 
@@ -88,7 +88,8 @@ def attack_flags(model, x, y, attack: str, cfg: EvalConfig, clean: torch.Tensor,
     examples (a rank's, under torchrun)."""
     check_choice("attack", attack, (*PGD_STEPS, "aa"))
     if attack in PGD_STEPS:
-        starts = random_starts(x, cfg.eps, cfg.seed, attack, part, n)
+        # PGD-10 and PGD-20 start from the same points: the longer attack goes on where the shorter began
+        starts = random_starts(x, cfg.eps, cfg.seed, "pgd", part, n)
         # only the clean-correct examples: a misclassified one is not robust whatever the attack does
         standing = clean.nonzero().flatten()
         flags = torch.zeros_like(clean)

@@ -1,6 +1,6 @@
-"""Several processes under torchrun (issue 14), on the CPU with the gloo backend, launched exactly as the README
-says: `torchrun --nproc_per_node=2 -m afs_kit -- <command> ...`. Each job is compared with one process
-running the same command (both with one thread per process, as torchrun sets it, so both compute alike).
+"""Several processes under torchrun (issue 14), on the CPU with the gloo backend, launched exactly as the
+README says: `torchrun --standalone --nproc_per_node=2 -m afs_kit -- <command> ...`. Each job is compared with
+one process running the same command (both with one thread per process, as torchrun sets it, so both compute alike).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _env() -> dict[str, str]:
 
 
 def torchrun(*args: str, procs: int = 2, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    cmd = [TORCHRUN, f"--nproc_per_node={procs}", *extra, "-m", "afs_kit", "--", *args]
+    cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={procs}", *extra, "-m", "afs_kit", "--", *args]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
 
 
@@ -128,8 +128,8 @@ def test_a_killed_worker_restarts_and_the_job_ends_as_an_unbroken_one(reference,
     """`--max-restarts 1`: rank 0 (the lock holder, whose pid the lock file names) is killed with SIGKILL inside
     its second epoch; torchrun restarts both workers, which resume from their last finished epoch."""
     run = tmp_path / "run"
-    cmd = [TORCHRUN, "--nproc_per_node=2", "--max-restarts=1", "-m", "afs_kit", "--", "train-extractors", *SMOKE,
-           "--run", str(run), "--set", "extractor.epochs=2"]
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1", "-m", "afs_kit", "--",
+           "train-extractors", *SMOKE, "--run", str(run), "--set", "extractor.epochs=2"]
     job = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         first = run / "extractors" / "eps-0-255" / "last.pt"
