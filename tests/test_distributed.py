@@ -125,10 +125,12 @@ def test_sharded_evaluation_gives_one_process_flags(by_budgets, tmp_path):
 
 
 def test_a_killed_worker_restarts_and_the_job_ends_as_an_unbroken_one(reference, tmp_path):
-    """`--max-restarts 1`: rank 0 (the lock holder, whose pid the lock file names) is killed with SIGKILL inside
-    its second epoch; torchrun restarts both workers, which resume from their last finished epoch."""
+    """Rank 0 (the lock holder, whose pid the lock file names) is killed with SIGKILL inside its second epoch;
+    torchrun restarts both workers, which resume from their last finished epoch. `--max-restarts 3`, not 1: on
+    this machine gloo's reconnection after a restart now and then finds a peer not yet listening ("Connection
+    refused"), which costs one more restart (it happened once in four runs)."""
     run = tmp_path / "run"
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1", "-m", "afs_kit", "--",
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=3", "-m", "afs_kit", "--",
            "train-extractors", *SMOKE, "--run", str(run), "--set", "extractor.epochs=2"]
     job = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
