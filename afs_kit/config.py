@@ -16,6 +16,7 @@ from .checks import check_choice, check_int, parse_value
 TRAINERS = ("pgd", "fgsm", "trades")
 LR_SCHEDULES = ("step", "cyclic")
 MIXES = ("loss", "split")
+MERGER_INITS = ("random", "zero", "logit-average", "best-member")  # where the merger's weights start
 ATTACK_BN = ("train", "eval")
 ATTACKS = ("clean", "pgd10", "pgd20", "aa")
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")  # pyautoattack's attack names
@@ -81,6 +82,12 @@ class MergerConfig:
     weight_decay: float = 5e-4        # L2 penalty on the merger
     seed: int = 0                     # seeds the merger's init, data order and random starts
     precision: str = "bf16"           # autocast of the attack and forward passes while training
+    init: str = "best-member"         # random (nn.Linear's draw; the authors'), zero, logit-average (starts as eq. 9),
+                                      # best-member (the classifier of the member best on the validation objective)
+    min_steps: int = 0                # at least this many SGD steps: epochs and lr_drop_epoch are stretched alike
+    val_attack_steps: int = 10        # PGD steps of the validation score checked after every epoch (fp32)
+    val_examples: int | None = None   # validation images of those checks; None = the whole validation split
+    standardize: bool = False         # SGD in standardized feature coordinates, folded back into one linear layer
 
 
 @dataclass(frozen=True)
@@ -316,6 +323,11 @@ def validate_preset(p: Preset) -> None:
         raise ValueError(f"unknown extractor.attack_bn={e.attack_bn!r}; known: {', '.join(ATTACK_BN)}")
     if e.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"unknown extractor.lr_schedule={e.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
+    check_choice("merger.init", m.init, MERGER_INITS)
+    check_int("merger.min_steps", m.min_steps, 0)
+    check_int("merger.val_attack_steps", m.val_attack_steps, 1)
+    if m.val_examples is not None:
+        check_int("merger.val_examples", m.val_examples, 1)
     if m.mix not in MIXES:
         raise ValueError(f"unknown mix={m.mix!r}; known: {', '.join(MIXES)}")
     if v.sanity_strength not in SANITY_STRENGTHS:

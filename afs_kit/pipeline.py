@@ -330,7 +330,10 @@ class Run:
             return {"kind": kind, "name": what, "key": ckpt["key"], "source": ckpt["source"]}
         if kind == "merger":
             ckpt = load_checkpoint(self.dir.merger_dir(what) / "merger.pt")
-            return {"kind": kind, "name": what, "health": ckpt.get("health"), "extractors": ckpt.get("extractors")}
+            choice = ckpt.get("choice", {})
+            return {"kind": kind, "name": what, "health": ckpt.get("health"), "extractors": ckpt.get("extractors"),
+                    "floor": ckpt.get("floor"), "init": choice.get("init"), "kept_epoch": choice.get("kept_epoch"),
+                    "converged": choice.get("converged")}
         members, indices = self.members(), self.subset_indices(what)
         return {"kind": kind, "subset": subset_vector(indices, len(members)),
                 "extractors": [members[i][1].parent.name for i in indices],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from .attacks import pgd
 from .checks import parse_eps_list
 from .config import DataConfig, MergerConfig, format_budget, step_size
+from .merger_choice import ValidationSet, brief, converged, floor_verdict, initial_weights, objective_check
 from .batches import augment, batches_on, data_fingerprint, iterate_batches, to_float, validation_split
 from .data import Dataset
 from .device import autocast, memory_format, prepare_training, resolve_device
@@ -52,18 +54,43 @@ class FeatureStack(nn.Module):
 
 
 class LinearMerger(nn.Module):
-    """One linear layer over the stacked features (eq. 1)."""
+    """One linear layer over the stacked features (eq. 1).
+
+    While it trains with `merger.standardize`, its layer acts on standardized features (f - shift) / scale
+    (`standardize`); `fold` writes that back as one linear layer over the raw features, which is all a saved
+    merger ever holds, so its weights, importance ratios and histograms keep their meaning."""
 
     def __init__(self, in_features: int, num_classes: int):
         super().__init__()
         self.linear = nn.Linear(in_features, num_classes)
+        self.shift: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
 
     @property
     def weight(self) -> torch.Tensor:
         return self.linear.weight
 
+    def standardize(self, shift: torch.Tensor, scale: torch.Tensor) -> None:
+        """Reparametrize in place: the same logits, the layer now over (f - shift) / scale."""
+        with torch.no_grad():
+            self.linear.bias += self.linear.weight @ shift
+            self.linear.weight *= scale
+        self.shift, self.scale = shift, scale
+
+    def fold(self) -> None:
+        """Back to one linear layer over the raw features (the same logits)."""
+        if self.scale is None:
+            return
+        with torch.no_grad():
+            self.linear.weight /= self.scale
+            self.linear.bias -= self.linear.weight @ self.shift
+        self.shift = self.scale = None
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.linear(feats.float())
+        feats = feats.float()
+        if self.scale is not None:
+            feats = (feats - self.shift) / self.scale
+        return self.linear(feats)
 
 
 class AFSModel(nn.Module):
@@ -215,10 +242,27 @@ def train_merger_epoch(model: AFSModel, optimizer, x_train: torch.Tensor, y_trai
 
 
 @torch.no_grad()
+def feature_moments(stack: FeatureStack, x_uint8: torch.Tensor, precision: str, device,
+                    max_images: int = 1000, batch_size: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and second moment E[f_j^2] (fp64, on the CPU) of the stacked features of up to
+    `max_images` clean training images (evenly spaced, no augmentation, the frozen extractors in eval mode)."""
+    n = len(x_uint8)
+    idx = torch.arange(0, n, max(1, -(-n // max_images)))
+    fmt = memory_format(precision)
+    first = torch.zeros(stack.feature_dim, dtype=torch.float64, device=device)
+    second = torch.zeros_like(first)
+    for part in idx.split(batch_size):
+        x = to_float(x_uint8[part.to(x_uint8.device)]).to(device).contiguous(memory_format=fmt)
+        with autocast(precision, device):
+            feats = stack(x).double()
+        first += feats.sum(0)
+        second += feats.pow(2).sum(0)
+    return (first / len(idx)).cpu(), (second / len(idx)).cpu()
+
+
 def feature_sq_norm(stack: FeatureStack, x_uint8: torch.Tensor, precision: str, device,
                     max_images: int = 1000, batch_size: int = 250) -> float:
-    """E||f||^2: the mean squared norm of the stacked features of up to `max_images` clean training
-    images (evenly spaced, no augmentation, the frozen extractors in eval mode as always).
+    """E||f||^2: the mean squared norm of the stacked features (see `feature_moments`).
 
     The Hessian of the cross-entropy of a linear layer is at most E[f f^T] / 2, whose largest eigenvalue
     is at most E||f||^2 / 2; heavy-ball SGD (momentum m) is stable below lr * lambda_max = 2 (1 + m).
@@ -226,36 +270,56 @@ def feature_sq_norm(stack: FeatureStack, x_uint8: torch.Tensor, precision: str, 
     and number, while a raw lr is not (ReLU features are non-negative, so E||f||^2 is dominated by
     their mean and grows with every extractor stacked).
     """
-    n = len(x_uint8)
-    idx = torch.arange(0, n, max(1, -(-n // max_images)))
-    fmt = memory_format(precision)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for part in idx.split(batch_size):
-        x = to_float(x_uint8[part.to(x_uint8.device)]).to(device).contiguous(memory_format=fmt)
-        with autocast(precision, device):
-            feats = stack(x)
-        total += feats.double().pow(2).sum()
-    return float(total.item() / len(idx))
+    return float(feature_moments(stack, x_uint8, precision, device, max_images, batch_size)[1].sum())
 
 
-def merger_step_lr(cfg: MergerConfig, epoch: int, feat_sq: float | None) -> float:
+def standard_scaling(mean: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, scale) that standardize each feature; a feature constant on the measured images keeps scale 1."""
+    std = (second - mean.pow(2)).clamp_min(0).sqrt()
+    return mean.float(), torch.where(std > 1e-6 * std.max().clamp_min(1e-12), std, torch.ones_like(std)).float()
+
+
+def merger_schedule(cfg: MergerConfig, batches_per_epoch: int) -> tuple[int, int]:
+    """(epochs, lr_drop_epoch): the configured ones, both stretched by one factor when fewer than
+    `cfg.min_steps` steps would be taken (small data sets get enough steps; the rate still drops late)."""
+    stretch = max(1, math.ceil(cfg.min_steps / max(1, cfg.epochs * batches_per_epoch)))
+    return cfg.epochs * stretch, cfg.lr_drop_epoch * stretch
+
+
+def merger_step_lr(cfg: MergerConfig, epoch: int, feat_sq: float | None, drop_epoch: int | None = None) -> float:
     """The SGD learning rate of `epoch`: cfg.lr (divided by E||f||^2 with normalize_lr), a tenth of it
-    from `lr_drop_epoch` on."""
+    from the drop epoch (`drop_epoch`, default `cfg.lr_drop_epoch`) on."""
     lr = cfg.lr / feat_sq if cfg.normalize_lr else cfg.lr
-    return lr if epoch < cfg.lr_drop_epoch else lr * 0.1
+    return lr if epoch < (cfg.lr_drop_epoch if drop_epoch is None else drop_epoch) else lr * 0.1
+
+
+def _start_merger(model: AFSModel, cfg: MergerConfig, val: ValidationSet, member_names: list[str]) -> tuple[dict, dict]:
+    """Each member checked on the merger's objective, then the merger's initial weights set (`cfg.init`)."""
+    members = {name: objective_check(m, val, cfg) for name, m in zip(member_names, model.stack.extractors)}
+    weight, bias, info = initial_weights(list(model.stack.extractors), model.merger.linear.out_features,
+                                         cfg.init, [c["score"] for c in members.values()], cfg.seed)
+    if "member" in info:
+        info["member"] = member_names[info["member"]]
+    with torch.no_grad():
+        model.merger.linear.weight.copy_(weight)
+        model.merger.linear.bias.copy_(bias)
+    return members, info
 
 
 def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg: DataConfig,
                  out_dir: str | Path | None = None, key: str = "", device: str = "auto",
-                 progress: bool = True, world: World = World()) -> tuple[AFSModel, list[dict]]:
+                 progress: bool = True, world: World = World(),
+                 member_names: list[str] | None = None) -> tuple[AFSModel, list[dict], dict]:
     """Train the linear merger over a frozen stack (eq. 5); resumable when `out_dir` is given.
 
-    Trains on the training split (the validation split stays held out), `cfg.epochs` epochs, SGD with
-    `cfg.lr` for `cfg.lr_drop_epoch` epochs and a tenth of it after; the final weights are kept. With
-    `cfg.normalize_lr` the rate is divided by E||f||^2 (`feature_sq_norm`, measured once before the first
-    epoch and kept for a resume): the merger is still one linear layer over the raw concatenated features,
-    so its weights (importance ratios, histograms) mean what they meant; only the step size changes.
-    A RuntimeWarning says when `training_health` flags the run.
+    Starts from `cfg.init`; trains on the training split, SGD with `cfg.lr` (divided by E||f||^2 with
+    `cfg.normalize_lr`, measured once and kept for a resume) until the drop epoch and a tenth of it after, for
+    `merger_schedule`'s epochs. After every epoch the weights are checked on the merger's objective on the
+    validation split (`objective_check`); the weights kept are the best checked, the initial ones among them.
+    With `cfg.standardize` SGD runs in standardized feature coordinates and the result is folded back into
+    one linear layer over the raw features. Returns (model in eval mode, history, choice): `choice` holds the
+    init, the checks, the kept epoch (0 = the initial weights), `converged` and the `floor` verdict against
+    every member. A RuntimeWarning says when `training_health` flags the run or the floor is not met.
     """
     if not 0 <= cfg.alpha <= 1:
         raise ValueError(f"alpha (the clean-loss weight of eq. 5) must be in [0, 1], got alpha={cfg.alpha}")
@@ -263,7 +327,7 @@ def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg
     prepare_training(dev)
     fmt = memory_format(cfg.precision)
     stack = stack.to(dev, memory_format=fmt)
-    torch.manual_seed(cfg.seed)
+    names = member_names or [f"member {i + 1}" for i in range(len(stack.extractors))]
     merger = LinearMerger(stack.feature_dim, data.num_classes).to(dev)
     model = AFSModel(stack, merger)
     optimizer = torch.optim.SGD(merger.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -271,43 +335,71 @@ def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg
     noise_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
     train_idx, _ = validation_split(data, data_cfg.val_fraction, seed=0)
     x_train, y_train = data.x_train[train_idx].to(dev), data.y_train[train_idx].to(dev)
+    val = ValidationSet(data, data_cfg, cfg, dev)
+    n_batches = sum(1 for b in iterate_batches(len(y_train), cfg.batch_size, shuffle=False) if len(b) >= world.size)
+    epochs, drop_epoch = merger_schedule(cfg, n_batches)
 
     last_path = Path(out_dir) / "last.pt" if out_dir is not None else None
-    start, history, feat_sq = 0, [], None
-    ckpt = resume(last_path, key, merger, optimizer, order_gen, noise_gen, dev)
+    members, init = _start_merger(model, cfg, val, names)
+    mean, second = feature_moments(stack, x_train, cfg.precision, dev)
+    if cfg.standardize:
+        merger.standardize(*(t.to(dev) for t in standard_scaling(mean, second)))
+    # the rate's unit: E||f||^2 of the coordinates SGD moves in (the feature count, once standardized)
+    feat_sq = float(stack.feature_dim) if cfg.standardize else float(second.sum())
+    first = objective_check(model, val, cfg)
+    start, history = 0, []
+    best = {"epoch": 0, "score": first["score"], "state": {k: v.clone() for k, v in merger.linear.state_dict().items()}}
+    checks = [{"epoch": 0, **brief(first)}]
+    ckpt = resume(last_path, key, merger.linear, optimizer, order_gen, noise_gen, dev)
     if ckpt is not None:
-        start, history, feat_sq = ckpt["epoch"] + 1, ckpt["history"], ckpt.get("feature_sq_norm")
+        start, history, best, checks = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"], ckpt["checks"]
         if progress:
-            print(f"merger alpha={cfg.alpha:g}: resuming from {last_path} after epoch {start}/{cfg.epochs}")
-    if feat_sq is None:
-        feat_sq = feature_sq_norm(stack, x_train, cfg.precision, dev)
+            print(f"merger alpha={cfg.alpha:g}: resuming from {last_path} after epoch {start}/{epochs}")
 
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(start, epochs):
         if world.distributed:  # each rank its own stream, from (seed, rank, epoch): a resume draws the same
             noise_gen.manual_seed(cfg.seed + 1 + 7919 * (world.rank + 1) + 104729 * epoch)
-        lr = merger_step_lr(cfg, epoch, feat_sq)
+        lr = merger_step_lr(cfg, epoch, feat_sq, drop_epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         train_loss = train_merger_epoch(model, optimizer, x_train, y_train, cfg, data_cfg, dev, order_gen, noise_gen,
-                                        desc=f"merger alpha={cfg.alpha:g} epoch {epoch + 1}/{cfg.epochs}",
+                                        desc=f"merger alpha={cfg.alpha:g} epoch {epoch + 1}/{epochs}",
                                         progress=progress, world=world)
-        history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss.item(), "feature_sq_norm": feat_sq})
+        check = brief(objective_check(model, val, cfg))
+        checks.append({"epoch": epoch + 1, **check})
+        history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss.item(), "feature_sq_norm": feat_sq,
+                        "val_score": check["score"], "val_robust_loss": check["robust_loss"]})
+        if check["score"] > best["score"]:  # strictly: among equals the earlier (the init first) is kept
+            best = {"epoch": epoch + 1, "score": check["score"],
+                    "state": {k: v.clone() for k, v in merger.linear.state_dict().items()}}
         if last_path is not None and world.main:
-            save_progress(last_path, key, epoch, merger, optimizer, order_gen, noise_gen, history,
-                          feature_sq_norm=feat_sq)
+            save_progress(last_path, key, epoch, merger.linear, optimizer, order_gen, noise_gen, history,
+                          best=best, checks=checks)
+    merger.linear.load_state_dict(best["state"])
+    merger.fold()
     model.eval()
-    warn_if_unhealthy(training_health(history, data.num_classes), f"merger alpha={cfg.alpha:g}")
-    return model, history
+    kept = objective_check(model, val, cfg)
+    choice = {**init, "standardize": cfg.standardize, "epochs": epochs, "lr_drop_epoch": drop_epoch,
+              "val_examples": len(val), "checks": checks, "kept_epoch": best["epoch"], "kept_score": kept["score"],
+              "converged": converged([c["score"] for c in checks]),
+              "floor": floor_verdict(kept, members, cfg.alpha),
+              "members": {name: brief(c) for name, c in members.items()}}
+    if history:
+        warn_if_unhealthy(training_health(history, data.num_classes), f"merger alpha={cfg.alpha:g}")
+    if not choice["floor"]["met"]:
+        warnings.warn(f"merger alpha={cfg.alpha:g}: {choice['floor']['text']}", RuntimeWarning, stacklevel=2)
+    return model, history, choice
 
 
 def merger_checkpoint(model: AFSModel, cfg: MergerConfig, key: str, extractor_names: list[str],
-                      extractor_keys: list[str], data_info: dict, history: list[dict]) -> dict:
-    """The merger's checkpoint; "health" is `training_health` of its per-epoch training losses."""
-    health = training_health(history, model.merger.linear.out_features)
+                      extractor_keys: list[str], data_info: dict, history: list[dict], choice: dict) -> dict:
+    """The merger's checkpoint: "health" is `training_health` of its per-epoch training losses (None without
+    an epoch), "choice" how it started and which weights were kept, "floor" its verdict against its members."""
+    health = training_health(history, model.merger.linear.out_features) if history else None
     return {"key": key, "kind": "merger", "extractors": extractor_names, "extractor_keys": extractor_keys,
             "feature_dims": model.stack.feature_dims, "config": dataclasses.asdict(cfg), **data_info,
             "state_dict": {k: v.cpu() for k, v in model.merger.state_dict().items()}, "history": history,
-            "health": health}
+            "health": health, "choice": {k: v for k, v in choice.items() if k != "floor"}, "floor": choice["floor"]}
 
 
 def load_merger(path: str | Path, stack: FeatureStack, n_classes: int, **wanted) -> tuple[AFSModel, dict]:
@@ -334,10 +426,11 @@ def load_or_train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, 
     if final.is_file():
         model, _ = load_merger(final, stack, data.num_classes, key=key)
         return model.to(resolve_device(device)), False
-    model, history = train_merger(stack, data, cfg, data_cfg, out_dir, key, device, progress, world)
+    model, history, choice = train_merger(stack, data, cfg, data_cfg, out_dir, key, device, progress, world,
+                                          member_names=extractor_names)
     if world.main:
         save_merger(final, merger_checkpoint(model, cfg, key, extractor_names, extractor_keys, data_fingerprint(data),
-                                             history))
+                                             history, choice))
     world.barrier()
     return model.eval(), True
 

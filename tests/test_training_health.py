@@ -72,10 +72,12 @@ def tiny(tmp_path_factory, one_thread, digits):
                              device="cpu", progress=False) for i, eps in enumerate((0.0, 0.1))]
     from afs_kit.models import model_from_checkpoint
     extractors = [model_from_checkpoint(c) for c in ckpts]
-    model, history = train_merger(FeatureStack(extractors), digits, preset.merger, preset.data, root / "m",
-                                  "k", device="cpu", progress=False)
+    # from nn.Linear's random draw: these tests are about the step size, which a member's head as the start hides
+    preset = dataclasses.replace(preset, merger=dataclasses.replace(preset.merger, init="random"))
+    model, history, choice = train_merger(FeatureStack(extractors), digits, preset.merger, preset.data, root / "m",
+                                          "k", device="cpu", progress=False)
     merger = merger_checkpoint(model, preset.merger, "k", ["e0", "e1"], [c["key"] for c in ckpts],
-                               {"num_classes": digits.num_classes}, history)
+                               {"num_classes": digits.num_classes}, history, choice)
     return preset, ckpts, extractors, merger
 
 
@@ -110,6 +112,9 @@ class _Scaled(nn.Module):
     def features(self, x):
         return self.scale * self.inner.features(x)
 
+    def forward(self, x):  # the member's own logits (the merger's floor checks every member)
+        return self.inner(x)
+
 
 def test_the_merger_step_follows_the_feature_scale(tiny, digits):
     preset, _, extractors, merger = tiny
@@ -125,7 +130,7 @@ def test_the_merger_step_follows_the_feature_scale(tiny, digits):
     assert feature_sq_norm(many, x, "fp32", "cpu") == pytest.approx(8 * small_sq, rel=1e-4)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a healthy merger does not warn
-        _, history = train_merger(many, digits, cfg, preset.data, None, device="cpu", progress=False)
+        _, history, _ = train_merger(many, digits, cfg, preset.data, None, device="cpu", progress=False)
     assert history[0]["lr"] == pytest.approx(first["lr"] / 8, rel=0.01)
     assert training_health(history, digits.num_classes)["passed"], history
     for a, b in zip(history, merger["history"]):
@@ -136,7 +141,7 @@ def test_the_merger_step_follows_the_feature_scale(tiny, digits):
     assert feature_sq_norm(big, x, "fp32", "cpu") == pytest.approx(900 * small_sq, rel=1e-4)
     raw_cfg = dataclasses.replace(cfg, normalize_lr=False, lr=first["lr"])
     with pytest.warns(RuntimeWarning, match="merger alpha=0.5 looks unhealthy"):
-        _, raw = train_merger(big, digits, raw_cfg, preset.data, None, device="cpu", progress=False)
+        _, raw, _ = train_merger(big, digits, raw_cfg, preset.data, None, device="cpu", progress=False)
     assert not training_health(raw, digits.num_classes)["passed"], raw
 
 

@@ -13,14 +13,16 @@ import torch
 
 from ..checks import check_int
 from ..config import format_budget, get_preset, preset_from_dict
+from ..merger_choice import floor_label
 from ..pipeline import Run, default_run_dir
 from ..runs import load_checkpoint, model_name, read_json
 
 # the attacks of tables 1-3 (clean is always measured); AutoAttack only where the paper uses it
 PGD_ATTACKS = ("pgd10", "pgd20")
 # shown in every table that has them: the per-example worst case over every attack, the
-# gradient-masking checks and the training health of the model
-TRUST_COLUMNS = ("worst", "sanity", "health")
+# gradient-masking checks, the training health of the model and, for a merger, its floor (never significantly
+# below one of its members on its own objective, on validation images)
+TRUST_COLUMNS = ("worst", "sanity", "health", "floor")
 
 
 # ============================================================================ the run a notebook works on
@@ -182,6 +184,7 @@ def accuracy_row(metrics: dict, attacks: Sequence[str]) -> dict:
     out["sanity_passed"] = bool(sanity and sanity["passed"])
     model = metrics.get("model", {})
     out["health"] = "not trained" if model.get("kind") == "avg" else health_label(model.get("health"))
+    out["floor"] = floor_label(model.get("floor")) if model.get("kind") == "merger" else "-"
     out["eval"], out["examples_hash"] = metrics.get("name"), metrics.get("examples", {}).get("hash")
     return out
 

@@ -1,0 +1,152 @@
+"""How a merger starts, which of its weights are kept, and whether it reaches its members (the floor).
+
+The merger is judged on its own objective (eq. 5 read as accuracies): alpha x clean accuracy + (1 - alpha) x
+robust accuracy under PGD at the merger's budget, on the validation split (never the test set). The random
+starts are drawn once per validation example, so two checks differ only by the weights they check.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attacks import pgd
+from .batches import iterate_batches, to_float, validation_split
+from .config import MERGER_INITS, DataConfig, MergerConfig, step_size
+from .data import Dataset
+from .evaluation import random_starts
+from .models import eval_mode
+from .stats import SIGNIFICANCE, paired_test, points_apart
+
+CONVERGED_POINTS = 0.5   # "converged": the score moved less than this over the last CONVERGED_CHECKS checks
+CONVERGED_CHECKS = 3
+
+
+class ValidationSet:
+    """The merger's validation images (float, on the device), labels and one PGD start per image."""
+
+    def __init__(self, data: Dataset, data_cfg: DataConfig, cfg: MergerConfig, device):
+        _, idx = validation_split(data, data_cfg.val_fraction, seed=0)
+        if cfg.val_examples is not None and cfg.val_examples < len(idx):
+            idx = idx[torch.linspace(0, len(idx) - 1, cfg.val_examples).round().long()]  # evenly spaced: every class
+        self.x = to_float(data.x_train[idx]).to(device)
+        self.y = data.y_train[idx].to(device)
+        self.starts = random_starts(self.x, cfg.eps, cfg.seed, "merger-validation")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def objective_check(model: nn.Module, val: ValidationSet, cfg: MergerConfig, batch_size: int = 200) -> dict:
+    """The model on the merger's objective, in fp32: per-example clean and robust flags (robust = still right
+    after PGD-`cfg.val_attack_steps` at `cfg.eps`, ANDed with clean; None at alpha = 1), the mean robust
+    cross-entropy (the training objective's adversarial term, measured) and the score in percent."""
+    clean, robust, loss = [], [], torch.zeros((), dtype=torch.float64)
+    with eval_mode(model):
+        for idx in iterate_batches(len(val), batch_size, shuffle=False):
+            x, y = val.x[idx], val.y[idx]
+            with torch.no_grad():
+                clean.append(model(x).argmax(1) == y)
+            if cfg.alpha < 1:
+                x_adv = pgd(model, x, y, cfg.eps, step_size(cfg.eps, cfg.step_size), cfg.val_attack_steps,
+                            precision="fp32", start=val.starts[idx])
+                with torch.no_grad():
+                    z = model(x_adv).float()
+                robust.append(z.argmax(1) == y)
+                loss += F.cross_entropy(z, y, reduction="sum").double().cpu()
+    clean_flags = torch.cat(clean).cpu()
+    robust_flags = torch.cat(robust).cpu() & clean_flags if robust else None
+    score = 100 * cfg.alpha * clean_flags.float().mean().item()
+    if robust_flags is not None:
+        score += 100 * (1 - cfg.alpha) * robust_flags.float().mean().item()
+    return {"score": score, "clean": 100 * clean_flags.float().mean().item(),
+            "robust": None if robust_flags is None else 100 * robust_flags.float().mean().item(),
+            "robust_loss": None if robust_flags is None else loss.item() / len(val),
+            "flags": {"clean": clean_flags, "robust": robust_flags}}
+
+
+def brief(check: dict) -> dict:
+    """A check without its flags: what a history entry keeps."""
+    return {k: v for k, v in check.items() if k != "flags"}
+
+
+def initial_weights(members: list[nn.Module], num_classes: int, init: str, scores: list[float] | None = None,
+                    generator_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The merger's starting (weight, bias) over the concatenated features of `members` (each with `feature_dim`;
+    logit-average and best-member also read each member's final layer, `classifier`):
+
+    random: nn.Linear's default draw (seeded); zero: all zeros; logit-average: [W_1 ... W_n] / n and the mean
+    bias, so that the merger gives exactly eq. 9's uniform logit average; best-member: the classifier of the
+    member with the highest `scores` (its validation score on the merger's objective) and zeros elsewhere, so
+    that the merger gives exactly that member's logits. Returns (weight, bias, what was chosen)."""
+    if init not in MERGER_INITS:
+        raise ValueError(f"unknown merger.init={init!r}; known: {', '.join(MERGER_INITS)}")
+    dims = [int(m.feature_dim) for m in members]
+    heads = [m.classifier for m in members] if init in ("logit-average", "best-member") else []
+    weight = torch.zeros(num_classes, sum(dims))
+    bias = torch.zeros(num_classes)
+    info: dict = {"init": init}
+    if init == "random":
+        torch.manual_seed(generator_seed)
+        layer = nn.Linear(sum(dims), num_classes)
+        weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    elif init == "logit-average":
+        weight = torch.cat([h.weight.detach().float().cpu() for h in heads], dim=1) / len(heads)
+        bias = torch.stack([h.bias.detach().float().cpu() for h in heads]).mean(0)
+    elif init == "best-member":
+        if scores is None or len(scores) != len(heads):
+            raise ValueError(f"merger.init='best-member' needs one validation score per member ({len(heads)}), "
+                             f"got scores={scores}")
+        best = max(range(len(heads)), key=lambda i: scores[i])  # the first of equals
+        start = sum(dims[:best])
+        weight[:, start:start + dims[best]] = heads[best].weight.detach().float().cpu()
+        bias = heads[best].bias.detach().float().cpu().clone()
+        info["member"] = best
+    return weight, bias, info
+
+
+def converged(scores: list[float]) -> bool:
+    """The score moved less than CONVERGED_POINTS over the last CONVERGED_CHECKS checks."""
+    last = scores[-CONVERGED_CHECKS:]
+    return len(last) == CONVERGED_CHECKS and max(last) - min(last) < CONVERGED_POINTS
+
+
+def floor_verdict(afs: dict, members: dict[str, dict], alpha: float) -> dict:
+    """Is the merger significantly below one of its members on its own objective (validation split)?
+
+    Each objective term with weight (clean when alpha > 0, robust when alpha < 1) is compared by the exact
+    McNemar test on the same images; a member is "above" the merger when the merger's score is lower and one
+    of the terms on which it is lower has p < SIGNIFICANCE. `met` is True when no member is above it."""
+    terms = [t for t, w in (("clean", alpha), ("robust", 1 - alpha)) if w > 0]
+    rows = []
+    for name, member in members.items():
+        row = {"member": name, "member_score": member["score"], "merger_score": afs["score"],
+               "difference": afs["score"] - member["score"]}
+        below = []
+        for term in terms:
+            p = paired_test(afs["flags"][term], member["flags"][term])
+            row[f"{term}_p"] = p
+            lower = afs["flags"][term].float().mean() < member["flags"][term].float().mean()
+            if lower and p < SIGNIFICANCE:
+                below.append(term)
+        row["below"] = row["difference"] < 0 and bool(below)
+        rows.append(row)
+    above = [r for r in rows if r["below"]]
+    best = max(rows, key=lambda r: r["member_score"])
+    if above:
+        worst = min(above, key=lambda r: r["difference"])
+        text = (f"below the floor: {worst['member']} scores {worst['member_score']:.1f} against the merger's "
+                f"{worst['merger_score']:.1f} (merger {points_apart(worst['difference'])} it, "
+                + ", ".join(f"{t} p = {worst[f'{t}_p']:.2g}" for t in terms) + ")")
+    else:
+        text = (f"floor met: no member significantly above the merger (best member {best['member']} "
+                f"{best['member_score']:.1f}, merger {afs['score']:.1f})")
+    return {"met": not above, "members": rows, "n": len(afs["flags"]["clean"]),
+            "terms": terms, "text": text, "below": [r["member"] for r in above]}
+
+
+def floor_label(floor: dict | None) -> str:
+    """The floor verdict in a few words, for tables."""
+    if floor is None:
+        return "not checked"
+    return "met" if floor["met"] else f"BELOW {', '.join(floor['below'])}"
