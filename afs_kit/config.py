@@ -17,6 +17,7 @@ TRAINERS = ("pgd", "fgsm", "trades")
 LR_SCHEDULES = ("step", "cyclic")
 MIXES = ("loss", "split")
 MERGER_INITS = ("random", "zero", "logit-average", "best-member")  # where the merger's weights start
+MERGER_KEEPS = ("best", "last")  # which weights a trained merger keeps
 ATTACK_BN = ("train", "eval")
 ATTACKS = ("clean", "pgd10", "pgd20", "aa")
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")  # pyautoattack's attack names
@@ -88,6 +89,8 @@ class MergerConfig:
     val_attack_steps: int = 10        # PGD steps of the validation score checked after every epoch (fp32)
     val_examples: int | None = None   # validation images of those checks; None = the whole validation split
     standardize: bool = False         # SGD in standardized feature coordinates, folded back into one linear layer
+    keep: str = "best"                # best: the weights best on the validation checks (the init among them);
+                                      # last: the final ones, as the authors' code
 
 
 @dataclass(frozen=True)
@@ -324,6 +327,7 @@ def validate_preset(p: Preset) -> None:
     if e.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"unknown extractor.lr_schedule={e.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
     check_choice("merger.init", m.init, MERGER_INITS)
+    check_choice("merger.keep", m.keep, MERGER_KEEPS)
     check_int("merger.min_steps", m.min_steps, 0)
     check_int("merger.val_attack_steps", m.val_attack_steps, 1)
     if m.val_examples is not None:

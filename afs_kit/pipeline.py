@@ -306,8 +306,10 @@ class Run:
             [found[i][1].parent.name for i in indices], [self.member(found[i][1])[1]["key"] for i in indices],
             self.device, self.progress, self.world)
         stacked = ", ".join(found[i][0] for i in indices)
+        floor = load_checkpoint(out_dir / "merger.pt").get("floor") if trained and self.world.main else None
         self.say(f"merger {name} (subset {subset} = {stacked}, alpha {cfg.alpha:g}): "
-                 + (f"trained, saved in {out_dir}" if trained else f"found in {out_dir}"))
+                 + (f"trained, saved in {out_dir}" if trained else f"found in {out_dir}")
+                 + (f"; {floor['text']} (validation, n = {floor['n']})" if floor else ""))
         return model
 
     def merger_names(self) -> list[str]:

@@ -315,7 +315,8 @@ def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg
     Starts from `cfg.init`; trains on the training split, SGD with `cfg.lr` (divided by E||f||^2 with
     `cfg.normalize_lr`, measured once and kept for a resume) until the drop epoch and a tenth of it after, for
     `merger_schedule`'s epochs. After every epoch the weights are checked on the merger's objective on the
-    validation split (`objective_check`); the weights kept are the best checked, the initial ones among them.
+    validation split (`objective_check`); the weights kept are the best checked, the initial ones among them
+    (`cfg.keep="best"`), or the last (`"last"`, the authors').
     With `cfg.standardize` SGD runs in standardized feature coordinates and the result is folded back into
     one linear layer over the raw features. Returns (model in eval mode, history, choice): `choice` holds the
     init, the checks, the kept epoch (0 = the initial weights), `converged` and the `floor` verdict against
@@ -369,7 +370,8 @@ def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg
         checks.append({"epoch": epoch + 1, **check})
         history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss.item(), "feature_sq_norm": feat_sq,
                         "val_score": check["score"], "val_robust_loss": check["robust_loss"]})
-        if check["score"] > best["score"]:  # strictly: among equals the earlier (the init first) is kept
+        # strictly: among equals the earlier (the init first) is kept; keep="last" takes every epoch's
+        if check["score"] > best["score"] or cfg.keep == "last":
             best = {"epoch": epoch + 1, "score": check["score"],
                     "state": {k: v.clone() for k, v in merger.linear.state_dict().items()}}
         if last_path is not None and world.main:
