@@ -47,6 +47,22 @@ def test_cli_writes_metrics_with_attack_ordering(smoke_run):
     assert not (flags["aa"] & ~flags["clean"]).any(), "robust flags are ANDed with the clean flag"
 
 
+def test_the_merger_records_its_floor_and_its_start(smoke_run):
+    """The checkpoint holds the init, the validation checks and the floor against each member; the evaluation's
+    metrics.json carries the floor verdict with its numbers."""
+    (merger_pt,) = (smoke_run / "mergers").glob("*/merger.pt")
+    ckpt = load_checkpoint(merger_pt)
+    choice, floor = ckpt["choice"], ckpt["floor"]
+    assert choice["init"] == "best-member" and choice["member"] in ckpt["extractors"]
+    assert [c["epoch"] for c in choice["checks"]] == list(range(len(ckpt["history"]) + 1))
+    assert choice["kept_score"] == max(c["score"] for c in choice["checks"])
+    assert [r["member"] for r in floor["members"]] == ckpt["extractors"]
+    assert floor["met"] == (not floor["below"]) and floor["terms"] == ["clean", "robust"]
+    (metrics,) = (smoke_run / "eval").glob("*/metrics.json")
+    model = read_json(metrics)["model"]
+    assert model["floor"] == floor and model["init"] == "best-member" and model["kept_epoch"] == choice["kept_epoch"]
+
+
 def test_stages_skip_work_they_find(smoke_run, capsys):
     assert main(["train-extractors", "--preset", "smoke", "--run", str(smoke_run)]) == 0
     assert main(["train-merger", "--run", str(smoke_run), "--subset", "111", "--alpha", "0.5"]) == 0
