@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -372,3 +373,14 @@ def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     with eval_mode(model), torch.random.fork_rng(devices=_cuda_devices(x.device)), torch.no_grad():
         return torch.cat([attack.perturb(x[i:i + batch_size], y[i:i + batch_size])
                           for i in range(0, x.shape[0], batch_size)])
+
+
+def random_starts(x: torch.Tensor, eps: float, seed: int, key: str, part: slice | None = None,
+                  n: int | None = None) -> torch.Tensor:
+    """PGD's uniform random start x + U(-eps, eps), clipped to [0, 1], drawn for all `n` examples of an evaluation
+    at once from (seed, `key`) on the CPU: example i starts at the same point whichever examples share its
+    batch, whichever rank evaluates it (`x` holds the examples of `part`) and on any device."""
+    n = len(x) if n is None else n
+    gen = torch.Generator().manual_seed(seed + zlib.crc32(key.encode()))
+    noise = torch.empty((n, *x.shape[1:]), dtype=x.dtype).uniform_(-eps, eps, generator=gen)
+    return (x + noise[part if part is not None else slice(None)].to(x.device)).clamp_(0, 1)

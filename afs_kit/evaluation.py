@@ -6,13 +6,12 @@ example already misclassified is never counted as robust), and `worst` is the AN
 """
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .attacks import autoattack, pgd
+from .attacks import autoattack, pgd, random_starts
 from .config import ATTACKS, EvalConfig, step_size
 from .batches import iterate_batches
 from .checks import check_choice
@@ -68,17 +67,6 @@ def robust_where(standing: torch.Tensor, x, y, attack) -> torch.Tensor:
     if len(idx):
         flags[idx] = attack(x[idx], y[idx])
     return flags
-
-
-def random_starts(x: torch.Tensor, eps: float, seed: int, key: str, part: slice | None = None,
-                  n: int | None = None) -> torch.Tensor:
-    """PGD's uniform random start x + U(-eps, eps), clipped to [0, 1], drawn for all `n` examples of an evaluation
-    at once from (seed, `key`) on the CPU: example i starts at the same point whichever examples share its
-    batch, whichever rank evaluates it (`x` holds the examples of `part`) and on any device."""
-    n = len(x) if n is None else n
-    gen = torch.Generator().manual_seed(seed + zlib.crc32(key.encode()))
-    noise = torch.empty((n, *x.shape[1:]), dtype=x.dtype).uniform_(-eps, eps, generator=gen)
-    return (x + noise[part if part is not None else slice(None)].to(x.device)).clamp_(0, 1)
 
 
 def attack_flags(model, x, y, attack: str, cfg: EvalConfig, clean: torch.Tensor, progress: bool = False,

@@ -10,11 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attacks import pgd
+from .attacks import pgd, random_starts
 from .batches import iterate_batches, to_float, validation_split
 from .config import MERGER_INITS, DataConfig, MergerConfig, step_size
 from .data import Dataset
-from .evaluation import random_starts
 from .models import eval_mode
 from .stats import SIGNIFICANCE, paired_test, points_apart
 
