@@ -12,7 +12,7 @@ import torch
 from afs_kit.config import MERGER_INITS, get_preset, override
 from afs_kit.merger_choice import ValidationSet, converged, floor_label, floor_verdict, initial_weights, objective_check
 from afs_kit.models import build_model
-from afs_kit.stacking import FeatureStack, LinearMerger, LogitAverage, train_merger
+from afs_kit.stacking import FeatureStack, LinearMerger, LogitAverage, merger_schedule, train_merger
 from afs_kit.studies.common import accuracy_row
 
 from conftest import quick_cnn
@@ -140,3 +140,12 @@ def test_converged_means_three_checks_within_half_a_point():
     assert converged([10.0, 30.0, 30.2, 30.4])
     assert not converged([10.0, 30.0, 30.6])
     assert not converged([30.0, 30.1]), "fewer than three checks cannot show convergence"
+
+
+def test_a_step_budget_stretches_epochs_and_the_drop_alike():
+    cfg = dataclasses.replace(SMOKE.merger, epochs=2, lr_drop_epoch=1, min_steps=100)
+    assert merger_schedule(cfg, batches_per_epoch=14) == (8, 4), "28 steps -> 4 times as many: 112 >= 100"
+    assert merger_schedule(dataclasses.replace(cfg, min_steps=0), 14) == (2, 1)
+    assert merger_schedule(dataclasses.replace(cfg, min_steps=28), 14) == (2, 1), "enough steps already"
+    with pytest.raises(ValueError, match="merger.min_steps"):
+        override(SMOKE, ["merger.min_steps=-1"])
