@@ -15,7 +15,7 @@ from .batches import iterate_batches, to_float, validation_split
 from .config import MERGER_INITS, DataConfig, MergerConfig, step_size
 from .data import Dataset
 from .models import eval_mode
-from .stats import SIGNIFICANCE, paired_test, points_apart
+from .stats import SIGNIFICANCE, points_apart, sign_test
 
 CONVERGED_POINTS = 0.5   # "converged": the score moved less than this over the last CONVERGED_CHECKS checks
 CONVERGED_CHECKS = 3
@@ -110,38 +110,39 @@ def converged(scores: list[float]) -> bool:
     return len(last) == CONVERGED_CHECKS and max(last) - min(last) < CONVERGED_POINTS
 
 
+def example_scores(check: dict, alpha: float) -> torch.Tensor:
+    """Each example's share of the objective: alpha x clean + (1 - alpha) x robust (flags as 0/1)."""
+    score = alpha * check["flags"]["clean"].float()
+    if check["flags"]["robust"] is not None:
+        score = score + (1 - alpha) * check["flags"]["robust"].float()
+    return score
+
+
 def floor_verdict(afs: dict, members: dict[str, dict], alpha: float) -> dict:
     """Is the merger significantly below one of its members on its own objective (validation split)?
 
-    Each objective term with weight (clean when alpha > 0, robust when alpha < 1) is compared by the exact
-    McNemar test on the same images; a member is "above" the merger when the merger's score is lower and one
-    of the terms on which it is lower has p < SIGNIFICANCE. `met` is True when no member is above it."""
-    terms = [t for t, w in (("clean", alpha), ("robust", 1 - alpha)) if w > 0]
+    The per-example scores (`example_scores`) of the merger and of each member are compared by the exact sign
+    test on the same images, which is the exact McNemar test at alpha = 0 or 1 (0/1 scores); a member is
+    "above" the merger when its score is higher and p < SIGNIFICANCE. `met` is True when no member is above."""
+    mine = example_scores(afs, alpha)
     rows = []
     for name, member in members.items():
-        row = {"member": name, "member_score": member["score"], "merger_score": afs["score"],
-               "difference": afs["score"] - member["score"]}
-        below = []
-        for term in terms:
-            p = paired_test(afs["flags"][term], member["flags"][term])
-            row[f"{term}_p"] = p
-            lower = afs["flags"][term].float().mean() < member["flags"][term].float().mean()
-            if lower and p < SIGNIFICANCE:
-                below.append(term)
-        row["below"] = row["difference"] < 0 and bool(below)
-        rows.append(row)
+        theirs = example_scores(member, alpha)
+        p, wins, losses = sign_test(mine, theirs)
+        mean, other = 100 * mine.mean().item(), 100 * theirs.mean().item()
+        rows.append({"member": name, "member_score": other, "merger_score": mean, "difference": mean - other,
+                     "p": p, "merger_higher": wins, "member_higher": losses, "below": mean < other and p < SIGNIFICANCE})
     above = [r for r in rows if r["below"]]
     best = max(rows, key=lambda r: r["member_score"])
     if above:
         worst = min(above, key=lambda r: r["difference"])
         text = (f"below the floor: {worst['member']} scores {worst['member_score']:.1f} against the merger's "
-                f"{worst['merger_score']:.1f} (merger {points_apart(worst['difference'])} it, "
-                + ", ".join(f"{t} p = {worst[f'{t}_p']:.2g}" for t in terms) + ")")
+                f"{worst['merger_score']:.1f} (merger {points_apart(worst['difference'])} it, p = {worst['p']:.2g})")
     else:
         text = (f"floor met: no member significantly above the merger (best member {best['member']} "
-                f"{best['member_score']:.1f}, merger {afs['score']:.1f})")
-    return {"met": not above, "members": rows, "n": len(afs["flags"]["clean"]),
-            "terms": terms, "text": text, "below": [r["member"] for r in above]}
+                f"{best['member_score']:.1f}, merger {best['merger_score']:.1f})")
+    return {"met": not above, "members": rows, "n": len(mine), "alpha": alpha, "text": text,
+            "below": [r["member"] for r in above]}
 
 
 def floor_label(floor: dict | None) -> str:

@@ -76,6 +76,19 @@ def paired_test(flags_a, flags_b) -> float:
     return float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
 
 
+def sign_test(scores_a, scores_b) -> tuple[float, int, int]:
+    """Exact two-sided sign test that A and B score alike on the same examples: (p, examples where A scores
+    higher, examples where B does). Only the examples where the scores differ count, each equally likely to
+    favour either side under the null hypothesis; on 0/1 flags this is the exact McNemar test (`paired_test`)."""
+    a = np.asarray(scores_a.detach().cpu() if isinstance(scores_a, torch.Tensor) else scores_a, dtype=float)
+    b = np.asarray(scores_b.detach().cpu() if isinstance(scores_b, torch.Tensor) else scores_b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"scores_a and scores_b must be one score per example each, got shapes {a.shape} and {b.shape}")
+    higher, lower = int((a > b).sum()), int((a < b).sum())
+    p = 1.0 if higher + lower == 0 else float(binomtest(higher, higher + lower, 0.5).pvalue)
+    return p, higher, lower
+
+
 def points_apart(diff: float) -> str:
     """A difference of accuracies in words: "1.0 point above", "2.5 points below", "level with"."""
     if round(abs(diff), 1) == 0:

@@ -126,10 +126,15 @@ def test_the_floor_names_the_member_a_merger_falls_below():
     strong = {"score": 100.0, "flags": {"clean": good, "robust": good}}
     level = {"score": 25.0, "flags": {"clean": good, "robust": poor}}
     verdict = floor_verdict(merger, {"8/255": strong, "0": level}, alpha=0.0)
-    assert not verdict["met"] and verdict["below"] == ["8/255"] and verdict["terms"] == ["robust"]
+    assert not verdict["met"] and verdict["below"] == ["8/255"]
     assert "below the floor: 8/255 scores 100.0" in verdict["text"]
     assert floor_label(verdict) == "BELOW 8/255"
     assert floor_verdict(merger, {"0": level}, alpha=0.0)["met"]
+    # at alpha = 0.5 a trade-off is not a fall: 20 points less clean for 20 more robust scores level
+    tradeoff = {"score": 50.0, "flags": {"clean": torch.arange(n) % 10 < 6, "robust": torch.arange(n) % 10 < 4}}
+    other = {"score": 50.0, "flags": {"clean": torch.arange(n) % 10 < 8, "robust": torch.arange(n) % 10 < 2}}
+    assert floor_verdict(tradeoff, {"other": other}, alpha=0.5)["met"]
+    assert not floor_verdict(tradeoff, {"other": other}, alpha=1.0)["met"], "on clean alone it is 20 points below"
     # a merger row in a table says so; models that are not mergers have no floor
     row = accuracy_row({"ci95": {}, "model": {"kind": "merger", "floor": verdict}}, ())
     assert row["floor"] == "BELOW 8/255"

@@ -57,7 +57,7 @@ def test_the_merger_records_its_floor_and_its_start(smoke_run):
     assert [c["epoch"] for c in choice["checks"]] == list(range(len(ckpt["history"]) + 1))
     assert choice["kept_score"] == max(c["score"] for c in choice["checks"])
     assert [r["member"] for r in floor["members"]] == ckpt["extractors"]
-    assert floor["met"] == (not floor["below"]) and floor["terms"] == ["clean", "robust"]
+    assert floor["met"] == (not floor["below"]) and floor["alpha"] == 0.5 and floor["n"] == choice["val_examples"]
     (metrics,) = (smoke_run / "eval").glob("*/metrics.json")
     model = read_json(metrics)["model"]
     assert model["floor"] == floor and model["init"] == "best-member" and model["kept_epoch"] == choice["kept_epoch"]

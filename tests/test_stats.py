@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
-from afs_kit.stats import compare, confidence_interval, examples_hash, paired_test
+from afs_kit.stats import compare, confidence_interval, discordant, examples_hash, paired_test
 
 
 @pytest.mark.parametrize("correct, n", [(0, 200), (1, 200), (150, 200), (200, 200), (767, 1000), (5, 7)])
@@ -86,3 +86,16 @@ def test_spearman_is_exact_for_a_few_budgets():
                                        permutation_type="pairings", n_resamples=float("inf"))
     rho, p = spearman(x, y)
     assert rho == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue)
+
+
+def test_the_sign_test_is_mcnemar_on_flags_and_sees_only_the_sign():
+    from afs_kit.stats import sign_test
+
+    a = torch.tensor([1, 1, 1, 0, 0, 1, 1, 0, 1, 1], dtype=torch.bool)
+    b = torch.tensor([0, 0, 1, 0, 1, 1, 0, 0, 0, 1], dtype=torch.bool)
+    p, higher, lower = sign_test(a.float(), b.float())
+    assert (higher, lower) == discordant(a, b) and p == pytest.approx(paired_test(a, b))
+    assert sign_test([0.5, 1.0, 0.0], [0.0, 0.5, 0.0])[1:] == (2, 0)
+    assert sign_test([1.0], [1.0])[0] == 1.0
+    with pytest.raises(ValueError, match="one score per example"):
+        sign_test([1.0, 0.0], [1.0])
