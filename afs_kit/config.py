@@ -84,7 +84,7 @@ class MergerConfig:
     seed: int = 0                     # seeds the merger's init, data order and random starts
     precision: str = "bf16"           # autocast of the attack and forward passes while training
     init: str = "best-member"         # random (nn.Linear's draw; the authors'), zero, logit-average (starts as eq. 9),
-                                      # best-member (the classifier of the member best on the validation objective)
+                                      # best-member (the classifier of the member with the lowest validation eq. 5 loss)
     min_steps: int = 0                # at least this many SGD steps: epochs and lr_drop_epoch are stretched alike
     val_attack_steps: int = 10        # PGD steps of the validation score checked after every epoch (fp32)
     val_examples: int | None = None   # validation images of those checks; None = the whole validation split

@@ -297,7 +297,7 @@ def _start_merger(model: AFSModel, cfg: MergerConfig, val: ValidationSet, member
     """Each member checked on the merger's objective, then the merger's initial weights set (`cfg.init`)."""
     members = {name: objective_check(m, val, cfg) for name, m in zip(member_names, model.stack.extractors)}
     weight, bias, info = initial_weights(list(model.stack.extractors), model.merger.linear.out_features,
-                                         cfg.init, [c["score"] for c in members.values()], cfg.seed)
+                                         cfg.init, [c["loss"] for c in members.values()], cfg.seed)
     if "member" in info:
         info["member"] = member_names[info["member"]]
     with torch.no_grad():

@@ -27,8 +27,8 @@ def members(digits, one_thread):
     return [quick_cnn(digits), build_model("cnn-tiny", 10, in_channels=1).eval()]
 
 
-def _merger_with(stack: FeatureStack, init: str, scores=None) -> LinearMerger:
-    weight, bias, _ = initial_weights(list(stack.extractors), 10, init, scores, generator_seed=3)
+def _merger_with(stack: FeatureStack, init: str, losses=None) -> LinearMerger:
+    weight, bias, _ = initial_weights(list(stack.extractors), 10, init, losses, generator_seed=3)
     merger = LinearMerger(stack.feature_dim, 10)
     with torch.no_grad():
         merger.linear.weight.copy_(weight)
@@ -43,26 +43,26 @@ def test_each_init_gives_the_logits_it_promises(init, members, digits):
     torch.manual_seed(3)
     seeded = torch.nn.Linear(stack.feature_dim, 10)  # nn.Linear's own draw from the merger's seed
     with torch.no_grad():
-        logits = _merger_with(stack, init, scores=[90.0, 10.0])(stack(x))
+        logits = _merger_with(stack, init, losses=[0.5, 2.3])(stack(x))
         promised = {
             "logit-average": LogitAverage(members)(x),
-            "best-member": members[0](x),  # the member with the higher score, zeros over the other's features
+            "best-member": members[0](x),  # the member with the lower loss, zeros over the other's features
             "zero": torch.zeros(64, 10),
             "random": seeded(stack(x)),
         }[init]
     torch.testing.assert_close(logits, promised, rtol=1e-5, atol=1e-5)
 
 
-def test_best_member_follows_the_scores_and_refuses_without_them(members):
+def test_best_member_follows_the_losses_and_refuses_without_them(members):
     stack = FeatureStack(members)
     heads = [m.classifier for m in members]
-    weight, bias, info = initial_weights(members, 10, "best-member", scores=[5.0, 50.0])
+    weight, bias, info = initial_weights(members, 10, "best-member", losses=[2.0, 0.7])
     assert info["member"] == 1
     d0 = members[0].feature_dim
     assert torch.equal(weight[:, :d0], torch.zeros(10, d0)) and torch.equal(weight[:, d0:], heads[1].weight)
     assert torch.equal(bias, heads[1].bias)
-    with pytest.raises(ValueError, match="one validation score per member"):
-        initial_weights(members, 10, "best-member", scores=None)
+    with pytest.raises(ValueError, match="one validation loss per member"):
+        initial_weights(members, 10, "best-member", losses=None)
     with pytest.raises(ValueError, match="merger.init='median'"):
         initial_weights(members, 10, "median")
     with pytest.raises(ValueError, match="merger.init='median'"):
