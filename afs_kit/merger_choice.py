@@ -14,6 +14,7 @@ from .attacks import pgd, random_starts
 from .batches import iterate_batches, to_float, validation_split
 from .config import MERGER_INITS, DataConfig, MergerConfig, step_size
 from .data import Dataset
+from .device import exact_fp32
 from .models import eval_mode
 from .stats import SIGNIFICANCE, points_apart, sign_test
 
@@ -43,7 +44,7 @@ def objective_check(model: nn.Module, val: ValidationSet, cfg: MergerConfig, bat
     and robust cross-entropies)."""
     clean, robust = [], []
     clean_loss, loss = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    with eval_mode(model):
+    with eval_mode(model), exact_fp32("fp32"):  # IEEE fp32 as the evaluation's PGD (no TF32 on CUDA)
         for idx in iterate_batches(len(val), batch_size, shuffle=False):
             x, y = val.x[idx], val.y[idx]
             with torch.no_grad():
