@@ -347,15 +347,16 @@ def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg
         merger.standardize(*(t.to(dev) for t in standard_scaling(mean, second)))
     # the rate's unit: E||f||^2 of the coordinates SGD moves in (the feature count, once standardized)
     feat_sq = float(stack.feature_dim) if cfg.standardize else float(second.sum())
-    first = objective_check(model, val, cfg)
-    start, history = 0, []
-    best = {"epoch": 0, "score": first["score"], "state": {k: v.clone() for k, v in merger.linear.state_dict().items()}}
-    checks = [{"epoch": 0, **brief(first)}]
     ckpt = resume(last_path, key, merger.linear, optimizer, order_gen, noise_gen, dev)
-    if ckpt is not None:
+    if ckpt is not None:  # the start's check is in the checkpoint: not measured again
         start, history, best, checks = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"], ckpt["checks"]
         if progress:
             print(f"merger alpha={cfg.alpha:g}: resuming from {last_path} after epoch {start}/{epochs}")
+    else:
+        first = brief(objective_check(model, val, cfg))
+        start, history, checks = 0, [], [{"epoch": 0, **first}]
+        best = {"epoch": 0, "score": first["score"],
+                "state": {k: v.clone() for k, v in merger.linear.state_dict().items()}}
 
     for epoch in range(start, epochs):
         if world.distributed:  # each rank its own stream, from (seed, rank, epoch): a resume draws the same
@@ -368,8 +369,7 @@ def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg
                                         progress=progress, world=world)
         check = brief(objective_check(model, val, cfg))
         checks.append({"epoch": epoch + 1, **check})
-        history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss.item(), "feature_sq_norm": feat_sq,
-                        "val_score": check["score"], "val_robust_loss": check["robust_loss"]})
+        history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss.item(), "feature_sq_norm": feat_sq})
         # strictly: among equals the earlier (the init first) is kept; keep="last" takes every epoch's
         if check["score"] > best["score"] or cfg.keep == "last":
             best = {"epoch": epoch + 1, "score": check["score"],
