@@ -81,7 +81,12 @@ class Run:
     # ------------------------------------------------------------ data
     @functools.cached_property
     def data(self) -> Dataset:
-        return limited(load_dataset(resolve_spec(self.preset.data.spec), self.preset.data.root), self.preset.data)
+        spec = self.preset.data.spec
+        data = load_dataset(resolve_spec(spec), self.preset.data.root)
+        # named as the preset writes it: a checkpoint's data must not depend on the folder a kernel runs in
+        if resolve_spec(spec) != spec:
+            data = dataclasses.replace(data, name=spec)
+        return limited(data, self.preset.data)
 
     def test_set(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `n` test images as floats in [0,1] on the run's device, where its models are (all when
