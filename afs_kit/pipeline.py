@@ -82,11 +82,9 @@ class Run:
     @functools.cached_property
     def data(self) -> Dataset:
         spec = self.preset.data.spec
-        data = load_dataset(resolve_spec(spec), self.preset.data.root)
         # named as the preset writes it: a checkpoint's data must not depend on the folder a kernel runs in
-        if resolve_spec(spec) != spec:
-            data = dataclasses.replace(data, name=spec)
-        return limited(data, self.preset.data)
+        return limited(dataclasses.replace(load_dataset(resolve_spec(spec), self.preset.data.root), name=spec),
+                       self.preset.data)
 
     def test_set(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `n` test images as floats in [0,1] on the run's device, where its models are (all when
@@ -177,28 +175,21 @@ class Run:
     def train_ablation(self) -> dict | None:
         """Table 6 'Rand.pert.': one network with a budget drawn per batch from the preset's range."""
         rng = self.preset.ablation_budget_range
-        if rng is None:
-            return None
-        cfg = dataclasses.replace(self.preset.extractor, eps=rng[1], eps_range=rng)
-        return train_extractor(cfg, self.data, self.preset.data, self.dir.ablation_dir("random-budget"),
-                               self.device, self.progress)
+        return None if rng is None else self._train_extra("random-budget", eps=rng[1], eps_range=rng)
 
     def train_large_model(self) -> dict | None:
         """Table 6 'Large model': a wider network, PGD-trained like the extractors at the evaluation budget."""
-        if self.preset.large_model is None:
-            return None
-        cfg = dataclasses.replace(self.preset.extractor, model=self.preset.large_model,
-                                  eps=self.preset.evaluation.eps)
-        return train_extractor(cfg, self.data, self.preset.data, self.dir.ablation_dir("large-model"),
-                               self.device, self.progress)
+        wide = self.preset.large_model
+        return None if wide is None else self._train_extra("large-model", model=wide, eps=self.preset.evaluation.eps)
+
+    def _train_extra(self, which: str, **changes) -> dict:
+        return train_extractor(dataclasses.replace(self.preset.extractor, **changes), self.data, self.preset.data,
+                               self.dir.ablation_dir(which), self.device, self.progress)
 
     def extractor_checkpoints(self) -> list[tuple[float, Path]]:
         """(budget, path) of every finished extractor, sorted by budget."""
-        found = []
-        for name in self.dir.extractor_names():
-            path = self.dir.extractor_dir(name) / "extractor.pt"
-            found.append((self._budget_of(path), path))
-        return sorted(found)
+        paths = [self.dir.extractor_dir(name) / "extractor.pt" for name in self.dir.extractor_names()]
+        return sorted((self._budget_of(path), path) for path in paths)
 
     def _budget_of(self, path: Path) -> float:
         if path not in self._extractors:
@@ -317,6 +308,26 @@ class Run:
                  + (f"; {floor['text']} (validation, n = {floor['n']})" if floor else ""))
         return model
 
+    def same_budget_ensemble(self, eps: float, size: int, alpha: float | None = None) -> tuple[AFSModel, str]:
+        """The same-budget control: `size` networks at budget `eps` (this run's and the next seeds' runs', trained
+        there when missing) merged by AFS's merger training: does AFS win by its diversity of budgets, or by
+        having `size` networks? Returns (model, name); the merger lives in RUN/controls/<name>/."""
+        check_int("size", size, 1, what="(networks in the same-budget ensemble)")
+        cfg = dataclasses.replace(self.preset.merger, alpha=self.preset.merger.alpha if alpha is None else alpha)
+        check_real("alpha", cfg.alpha, 0, 1)
+        runs = [self.seed_run(seed) for seed in self.seeds(size)]
+        for run in runs:
+            run.train_extractors(budgets=[eps])
+        extractors, ckpts = zip(*(run.extractor(eps) for run in runs))
+        keys, names = [c["key"] for c in ckpts], [f"seed-{r.seed}/{budget_name(eps)}" for r in runs]
+        key = config_hash(cfg, self.preset.data, keys)
+        name = f"same-budget-{budget_name(eps)}-x{size}-alpha-{cfg.alpha:g}-{cfg.mix}-{key[:8]}"
+        model, trained = load_or_train_merger(FeatureStack([m.to(self.device) for m in extractors]), self.data, cfg,
+                                              self.preset.data, self.dir.control_dir(name), key, names, keys,
+                                              self.device, self.progress, self.world)
+        self.say(f"same-budget ensemble {name}: " + ("trained" if trained else "found"))
+        return model, name
+
     def merger_names(self) -> list[str]:
         base = self.dir.mergers_dir
         return sorted(p.name for p in base.iterdir() if (p / "merger.pt").is_file()) if base.is_dir() else []
@@ -335,8 +346,9 @@ class Run:
         if kind == "outside":
             ckpt = self.outside(what)[1]
             return {"kind": kind, "name": what, "key": ckpt["key"], "source": ckpt["source"]}
-        if kind == "merger":
-            ckpt = load_checkpoint(self.dir.merger_dir(what) / "merger.pt")
+        if kind in ("merger", "ensemble"):
+            folder = self.dir.merger_dir(what) if kind == "merger" else self.dir.control_dir(what)
+            ckpt = load_checkpoint(folder / "merger.pt")
             choice = ckpt.get("choice", {})
             return {"kind": kind, "name": what, "health": ckpt.get("health"), "extractors": ckpt.get("extractors"),
                     "floor": ckpt.get("floor"), "init": choice.get("init"), "kept_epoch": choice.get("kept_epoch"),

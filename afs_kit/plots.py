@@ -90,7 +90,8 @@ def _same_length(name: str, values: np.ndarray, ref_name: str, n: int) -> None:
 
 def plot_clean_vs_robust(results: Mapping[str, tuple[float, float]] | None = None,
                          reference: Sequence[ReferenceRow] | None = TABLE4_CIFAR10, robust: str = "pgd",
-                         title: str | None = None, n: int | None = None, robust_label: str = "PGD-20"):
+                         title: str | None = None, n: int | None = None, robust_label: str = "PGD-20",
+                         frontier: Sequence[tuple[float, float]] | None = None):
     """Fig. 1: clean accuracy (x) against robust accuracy (y) of several methods, each annotated.
 
     results: the kit's own methods, name -> (clean, robust), in % (filled circles).
@@ -99,7 +100,10 @@ def plot_clean_vs_robust(results: Mapping[str, tuple[float, float]] | None = Non
         "(paper)"; rows without the two values are skipped. None: no reference.
     robust: which reference column is the y value, "pgd" or "aa".
     robust_label: the attack behind the kit's own y values when `robust` is "pgd" (the y axis says it).
-    Each of the kit's models gets its own colour and legend entry; both axes span at least
+    frontier: the single networks' frontier, its corners as (robust, clean) (`afs_kit.frontier.envelope`),
+        drawn as a dashed line: flat left of the most accurate network, ending at the most robust one.
+    Each of the kit's models gets its own colour and legend entry (no labels on the points, so none
+    overlap); the paper's points are labelled beside them, nudged apart; both axes span at least
     `MIN_SPAN` points, so that a small gap is drawn small.
     """
     if robust not in ("pgd", "aa"):
@@ -116,9 +120,16 @@ def plot_clean_vs_robust(results: Mapping[str, tuple[float, float]] | None = Non
         if pts:
             ax.scatter([p[1] for p in pts], [p[2] for p in pts], marker="s", facecolors="none",
                        edgecolors="tab:gray", s=50, label="quoted from the paper")
-            for name, cx, ry in pts:
-                ax.annotate(f"{name} (paper)", (cx, ry), textcoords="offset points", xytext=(4, 4),
+            for (name, cx, ry), dy in zip(pts, _label_offsets([(p[1], p[2]) for p in pts])):
+                ax.annotate(f"{name} (paper)", (cx, ry), textcoords="offset points", xytext=(4, 4 + dy),
                             fontsize=8, color="tab:gray")
+    if frontier is not None and len(frontier):
+        corners = np.asarray(frontier, dtype=float).reshape(-1, 2)
+        # x is clean, y robust here: the frontier runs from the most accurate network (flat towards less
+        # robustness) down to the most robust one, where it ends
+        xs = np.concatenate([[corners[0, 1]], corners[:, 1]])
+        ys = np.concatenate([[0.0], corners[:, 0]])
+        ax.plot(xs, ys, "--", color="0.35", lw=1.2, label="single networks' frontier", zorder=1)
     colours = _distinct_colours(len(results))
     for (name, (cx, ry)), colour in zip(results.items(), colours):
         # one colour and one legend entry per model, with its interval
@@ -134,6 +145,19 @@ def plot_clean_vs_robust(results: Mapping[str, tuple[float, float]] | None = Non
     if results or reference:
         ax.legend(loc="best", fontsize=7)
     return fig
+
+
+def _label_offsets(points: Sequence[tuple[float, float]], close: float = 2.0, step: float = 9.0) -> list[float]:
+    """Vertical offsets (in points of type) that keep labels of nearby markers from overlapping: a label
+    whose marker lies within `close` percentage points of an earlier one on both axes moves `step` up."""
+    offsets: list[float] = []
+    for i, (x, y) in enumerate(points):
+        taken = {offsets[j] for j, (x2, y2) in enumerate(points[:i]) if abs(x - x2) < 4 * close and abs(y - y2) < close}
+        dy = 0.0
+        while dy in taken:
+            dy += step
+        offsets.append(dy)
+    return offsets
 
 
 # ----------------------------------------------------------------------------- fig. 3

@@ -36,6 +36,8 @@ def _cell(row: dict, key: str) -> str:
     if value is None:
         return "-"
     ci = row.get(f"{key}_ci")
+    if isinstance(ci, (list, tuple)):  # [lo, hi]; reports made before intervals were numbers hold "lo-hi"
+        ci = f"{ci[0]:.1f}-{ci[1]:.1f}"
     return f"{value:.1f} [{ci}]" if ci else f"{value:.1f}"
 
 
@@ -82,12 +84,25 @@ def report_section(name: str, summary: dict) -> str:
         from .studies.common import autoattack_name
 
         out += ["", "### Tables 4-5: the headline", "",
-                _table(["model", "clean", "PGD-20", autoattack_name(rows[0].get("aa_attacks")), "worst case",
+                _table(["role", "model", "clean", "PGD-20", autoattack_name(rows[0].get("aa_attacks")), "worst case",
                         "trade-off (clean+AA)/2", "n / n AA",
-                        "masking checks", "training"],
-                       [[r["method"], _cell(r, "clean"), _cell(r, "pgd20"), _cell(r, "aa"), _cell(r, "worst"),
-                         _pct(r.get("tradeoff")), f"{r.get('n')} / {r.get('n_aa') or '-'}", r.get("sanity", "-"),
-                         r.get("health", "-")] for r in rows])]
+                        "masking checks", "training", "merger floor"],
+                       [[r.get("role", "-"), r["method"], _cell(r, "clean"), _cell(r, "pgd20"), _cell(r, "aa"),
+                         _cell(r, "worst"), _pct(r.get("tradeoff")), f"{r.get('n')} / {r.get('n_aa') or '-'}",
+                         r.get("sanity", "-"), r.get("health", "-"), r.get("floor", "-")] for r in rows])]
+        frontier = summary.get("frontier")
+        if frontier is None:
+            out += ["", "_No distance above the single networks' frontier in this summary.json (made before it "
+                        "was measured)._"]
+        elif frontier["distance"] is None:
+            out += ["", f"Frontier: AFS is more robust than every single network ({frontier['verdict']}); no "
+                        f"distance is measured."]
+        else:
+            lo, hi = frontier["ci95"]
+            out += ["", f"Frontier: AFS lies **{frontier['distance']:+.1f}** points of clean accuracy from the "
+                        f"single networks' frontier at its robustness (95% bootstrap interval {lo:+.1f} to "
+                        f"{'unbounded' if hi is None else f'{hi:+.1f}'}, n = {frontier['n']}): "
+                        f"**{frontier['verdict']}**."]
     if "extractors" in summary:
         out += ["", "### Table 1: the extractors", "",
                 _table(["budget", "clean", "PGD-10", "PGD-20", "worst case", "masking checks", "training"],

@@ -228,6 +228,10 @@ class RunDir:
     def merger_dir(self, name: str) -> Path:
         return self.mergers_dir / name
 
+    def control_dir(self, name: str) -> Path:
+        """A control model's merger (the same-budget ensemble): beside the mergers, never one of their subsets."""
+        return self.root / "controls" / name
+
     def seed_dir(self, seed: int) -> Path:
         """Another training seed's complete run inside this one."""
         return self.root / "seeds" / f"seed-{seed}"

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from .config import format_budget
 from .pipeline import Run
 from .studies import PGD_ATTACKS, accuracy_row, evaluate_afs, extractor_points, extractor_table, main_alpha, \
-    main_subset, merger_exists, stacked_labels
+    main_subset, merger_exists, stacked_labels, ci_text
 
 
 def _setting(run: Run, vector: str, alpha: float, n_examples: int | None, cache: dict) -> dict:
@@ -71,8 +71,8 @@ def alpha_explorer(run: Run, alphas: Sequence[float] | None = None, subset: str 
             with out:
                 out.clear_output(wait=True)
                 row = _setting(run, vector, alpha, n_examples, cache)
-                print(f"alpha={alpha:g}: clean {row['clean']:.1f}% [{row['clean_ci']}], PGD-10 {row['pgd10']:.1f}%, "
-                      f"PGD-20 {row['pgd20']:.1f}%, worst case {row['worst']:.1f}% [{row['worst_ci']}] "
+                print(f"alpha={alpha:g}: clean {row['clean']:.1f}% [{ci_text(row['clean_ci'])}], PGD-10 {row['pgd10']:.1f}%, "
+                      f"PGD-20 {row['pgd20']:.1f}%, worst case {row['worst']:.1f}% [{ci_text(row['worst_ci'])}] "
                       f"(subset {vector}, masking checks {row['sanity']}); importance ratio "
                       + ", ".join(f"{lab}: {r:.2f}" for lab, r in zip(labels, row["importance"])))
                 seen = sorted((r for (v, _), r in cache.items() if v == vector), key=lambda r: r["alpha"])
@@ -139,9 +139,9 @@ def subset_explorer(run: Run, alpha: float | None = None, n_examples: int | None
                 print(f"subset {v} has no merger yet: press 'Train and show' to train it (then it stays cached)")
                 return
             row = _setting(run, v, alpha, n_examples, cache)
-            print(f"subset={v} alpha={alpha:g}: clean {row['clean']:.1f}% [{row['clean_ci']}], PGD-10 "
+            print(f"subset={v} alpha={alpha:g}: clean {row['clean']:.1f}% [{ci_text(row['clean_ci'])}], PGD-10 "
                   f"{row['pgd10']:.1f}%, PGD-20 {row['pgd20']:.1f}%, worst case {row['worst']:.1f}% "
-                  f"[{row['worst_ci']}], masking checks {row['sanity']}")
+                  f"[{ci_text(row['worst_ci'])}], masking checks {row['sanity']}")
             points = {**singles, **{f"AFS {s}": (r["clean"], r["pgd20"]) for (s, _), r in cache.items()}}
             display(plot_clean_vs_robust(points, reference=None, title="AFS subsets vs single extractors (PGD-20)",
                                          n=row["n"]))

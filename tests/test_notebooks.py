@@ -27,7 +27,7 @@ FIGURES = {
 }
 SUMMARY = {"01_extractors": ["extractors"], "02_delta_z": ["selection"], "03_tsne": ["tsne"],
            "04_merger_alpha": ["alpha_sweep"], "05_subsets": ["subsets"], "06_weights": ["weights"],
-           "07_comparison": ["comparison", "cost"]}
+           "07_comparison": ["comparison", "paired", "frontier", "cost"]}
 # tiny settings for the smoke run: AutoAttack (the slow part) on a handful of images
 SMOKE_PARAMS = ["N_AA=6", "TSNE_EXAMPLES=100"]
 
@@ -225,8 +225,11 @@ def test_summary_holds_the_numbers_of_every_table(smoke_report):
         assert r["sanity"] == "passed" or r["sanity"].startswith("FAILED: ")
         assert r["worst"] <= min(r["pgd10"], r["pgd20"]) + 1e-4
         assert r["health"] == "ok" or r["health"].startswith("FLAGGED: ")
-        lo, hi = map(float, r["worst_ci"].split("-"))
+        lo, hi = r["worst_ci"]  # intervals are two numbers a program can read
         assert lo <= r["worst"] <= hi and abs(sum(r["importance"]) - 1) < 1e-6
+        # each masking check with its verdict and the numbers behind it; each merger's floor
+        assert r["masking"]["passed"] == r["sanity_passed"] and r["masking"]["checks"]["converged"]["reported"] >= 0
+        assert isinstance(r["floor_verdict"]["met"], bool)
     assert set(s["texts"]) >= {"extractors (table 1)", "alpha (table 2)", "headline (tables 4-5)"}
     assert s["code_version"] and s["code_version"] != "unknown"
     assert s["seeds"]["seeds"] == [0] and set(s["seeds"]["comparison"]) == {"0"}
@@ -234,6 +237,18 @@ def test_summary_holds_the_numbers_of_every_table(smoke_report):
     assert [r["subset"] for r in s["subsets"]] == ["101", "111"]
     afs = s["comparison"][0]
     assert afs["method"].startswith("AFS") and afs["n_aa"] == 6 and afs["aa"] <= afs["clean"] + 1e-6
+    # one headline row, stacking the preset's default subset on every evaluated test image; both controls
+    roles = [r["role"] for r in s["comparison"]]
+    assert roles.count("AFS") == 1 and roles[0] == "AFS" and afs["n"] == preset.evaluation.n_examples
+    assert afs["subset"] == "1" * len(preset.budgets) == s["comparison"][roles.index("logit average")]["subset"]
+    ensemble = s["comparison"][roles.index("same-budget ensemble")]
+    assert ensemble["extractors"] == afs["extractors"] and ensemble["n"] == afs["n"]
+    assert ensemble["masking"]["checks"] and isinstance(ensemble["floor_verdict"]["met"], bool)
+    assert {"logit average", "same-budget ensemble"} <= {p["role"] for p in s["paired"]}
+    f = s["frontier"]
+    assert f["n"] == afs["n"] and f["verdict"] in ("above", "below", "on", "right of the range")
+    assert set(f["singles"]) == {f"eps={b:g}" for b in preset.budgets} and f["corners"]
+    assert (f["distance"] is None) == (f["verdict"] == "right of the range")
     assert afs["tradeoff"] is not None and afs["clean"] >= 60, "the smoke AFS model must still learn"
     settings = [r["setting"] for r in s["cost"]]
     assert [t.split(" ")[0] for t in settings] == ["Baseline", "Rand.pert.", "Large", "AFS"]

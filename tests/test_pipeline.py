@@ -180,3 +180,12 @@ def ckpt_key(path):
     from afs_kit.runs import load_checkpoint
 
     return load_checkpoint(path)["key"]
+
+
+def test_same_budget_ensemble_refuses_a_bad_size_before_writing(tmp_path):
+    run = Run(tmp_path / "run", get_preset("smoke"), device="cpu", progress=False)
+    with pytest.raises(ValueError, match="size"):
+        run.same_budget_ensemble(0.1, 0)
+    with pytest.raises(ValueError, match="alpha"):
+        run.same_budget_ensemble(0.1, 2, alpha=1.5)
+    assert not (tmp_path / "run").exists()

@@ -46,6 +46,20 @@ def test_clean_vs_robust_marks_quoted_and_own_points():
         plots.plot_clean_vs_robust({"x": (1.0, 2.0, 3.0)})
 
 
+def test_fig1_draws_the_singles_frontier_and_keeps_labels_apart():
+    from afs_kit.frontier import envelope
+
+    corners = envelope([(10.0, 60.0), (20.0, 50.0), (30.0, 30.0)]).tolist()
+    fig = plots.plot_clean_vs_robust({"AFS": (57.0, 21.0)}, reference=None, frontier=corners, n=500)
+    line = [ln for ln in fig.axes[0].lines if ln.get_label() == "single networks' frontier"]
+    assert len(line) == 1
+    # x is clean, y robust: flat (vertical here) below the most accurate network, then its corners
+    assert line[0].get_xdata().tolist() == [60.0, 60.0, 50.0, 30.0]
+    assert line[0].get_ydata().tolist() == [0.0, 10.0, 20.0, 30.0]
+    # two of the paper's points 0.3 points apart get labels one line of type apart
+    assert plots._label_offsets([(50.0, 40.0), (50.3, 40.2), (80.0, 10.0)]) == [0.0, 9.0, 0.0]
+
+
 def test_delta_z_figure_marks_selected():
     curve = 6 + np.concatenate([[0], np.cumsum([-0.9, -0.5, -0.2, -0.25, -0.3, -0.35, -0.4, -0.45, -0.5])])
     sel = select_extractors(EPS, curve)

@@ -96,6 +96,10 @@ def table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: in
     # settings are shown exactly (alpha 0.25 must not read 0.2); measured numbers to `digits` places
     df = df.round({c: digits for c in df.columns if c not in ("alpha", "eps", "p")})
     for c in df.columns:
+        # an interval or a min-max range, stored as [lo, hi], reads "lo-hi"
+        if c.endswith(("_ci", "_range")):
+            df[c] = [ci_text(v) if isinstance(v, (list, tuple)) and len(v) == 2 else "-" for v in df[c]]
+    for c in df.columns:
         # counts stay integers, and a missing one reads "-" (not 200.0 and NaN)
         column = [r.get(c) for r in rows]
         given = [v for v in column if v is not None]
@@ -176,17 +180,26 @@ def accuracy_row(metrics: dict, attacks: Sequence[str]) -> dict:
     for a in ("clean", *attacks, "worst"):
         if a in metrics:
             out[a] = metrics[a]
-            lo, hi = metrics["ci95"][a]
-            out[f"{a}_ci"] = f"{lo:.1f}-{hi:.1f}"
+            out[f"{a}_ci"] = [float(v) for v in metrics["ci95"][a]]  # [lo, hi], numbers a program can read
     sanity = metrics.get("sanity")
     out["sanity"] = "not run" if sanity is None else "passed" if sanity["passed"] else \
         "FAILED: " + ", ".join(sanity["failed"])
     out["sanity_passed"] = bool(sanity and sanity["passed"])
+    # every masking check with its verdict and the numbers it was decided on
+    out["masking"] = sanity
     model = metrics.get("model", {})
     out["health"] = "not trained" if model.get("kind") == "avg" else health_label(model.get("health"))
-    out["floor"] = floor_label(model.get("floor")) if model.get("kind") == "merger" else "-"
+    merged = model.get("kind") in ("merger", "ensemble")
+    out["floor"] = floor_label(model.get("floor")) if merged else "-"
+    out["floor_verdict"] = model.get("floor") if merged else None
     out["eval"], out["examples_hash"] = metrics.get("name"), metrics.get("examples", {}).get("hash")
     return out
+
+
+def ci_text(ci: Sequence[float]) -> str:
+    """An interval [lo, hi] as tables and sentences write it: "52.8-61.5"."""
+    lo, hi = ci
+    return f"{lo:.1f}-{hi:.1f}"
 
 
 def health_label(health: dict | None) -> str:
@@ -239,7 +252,7 @@ def over_seeds(per_seed: dict[int, Sequence[dict]], by: str, columns: Sequence[s
             row["seeds"] = max(row["seeds"], len(values))
             if values:
                 row[c] = float(np.mean(values))
-                row[f"{c}_range"] = f"{min(values):.1f}-{max(values):.1f}"
+                row[f"{c}_range"] = [float(min(values)), float(max(values))]
         out.append(row)
     return out
 

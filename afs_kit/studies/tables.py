@@ -12,7 +12,7 @@ from ..config import config_hash, format_budget
 from ..pipeline import Run
 from ..runs import model_name, read_json, write_json
 from ..stats import points_apart, spearman
-from .common import (PGD_ATTACKS, accuracy_row, autoattack_name, afs_name, baseline_budget, evaluate_afs,
+from .common import (PGD_ATTACKS, accuracy_row, autoattack_name, afs_name, baseline_budget, ci_text, evaluate_afs,
                      evaluate_extractor, evaluation_flags, label, main_alpha, main_subset, paired_sentence)
 
 
@@ -40,7 +40,7 @@ def extractor_text(rows: Sequence[dict]) -> str:
     in table 1? Said by a Spearman test across the budgets and by whether the smallest and largest
     budget's 95% intervals overlap."""
     def interval(r, what):
-        return tuple(map(float, r[f"{what}_ci"].split("-")))
+        return tuple(r[f"{what}_ci"])
 
     first, last = rows[0], rows[-1]
     parts = []
@@ -53,8 +53,8 @@ def extractor_text(rows: Sequence[dict]) -> str:
                     "no significant trend the paper's way"))
         (lo_a, hi_a), (lo_b, hi_b) = interval(first, what), interval(last, what)
         apart = "apart" if hi_b < lo_a or hi_a < lo_b else "overlapping"
-        parts.append(f"{name} {first[what]:.1f}% [{first[what + '_ci']}] at {first['budget']} and "
-                     f"{last[what]:.1f}% [{last[what + '_ci']}] at {last['budget']} (95% intervals {apart}); "
+        parts.append(f"{name} {first[what]:.1f}% [{ci_text(first[what + '_ci'])}] at {first['budget']} and "
+                     f"{last[what]:.1f}% [{ci_text(last[what + '_ci'])}] at {last['budget']} (95% intervals {apart}); "
                      f"{trend}")
     return "; ".join(parts) + ". The paper's table 1 has clean accuracy falling and robustness rising throughout."
 
@@ -183,13 +183,16 @@ def subset_text(run: Run, rows: Sequence[dict]) -> str:
 # ============================================================================ tables 4-6, fig. 1
 
 def comparison_table(run: Run, subset: str | None = None, alpha: float | None = None,
-                     n_examples: int | None = None, n_aa: int | None = None) -> list[dict]:
-    """Tables 4-5 for this run: the main AFS model, the baseline (PGD-AT at the evaluation budget),
-    the best single extractor and the logit average of eq. 9 over the same extractors.
+                     n_examples: int | None = None, n_aa: int | None = None, controls: bool = True) -> list[dict]:
+    """Tables 4-5 for this run: the headline AFS model (role "AFS": the preset's default subset, the
+    concavity rule's stack where there is a choice), the baseline (PGD-AT at the evaluation budget), the
+    best single extractor and, with `controls`, two controls on the same test images: the logit average of
+    eq. 9 over the same extractors ("logit average") and as many networks all trained at the baseline's
+    budget with other seeds, merged by the same merger training ("same-budget ensemble").
 
     Clean and PGD-20 on `n_examples`; AutoAttack on the first `n_aa` (default the preset's
-    `evaluation.aa_examples`, at most `n_examples`) with the
-    trade-off (mean of clean and AA) on those same examples. The logit average gets no AutoAttack.
+    `evaluation.aa_examples`, at most `n_examples`) with the trade-off (mean of clean and AA) on those
+    same examples. The controls get no AutoAttack.
     """
     if n_aa is None:
         n_aa = run.preset.evaluation.aa_examples
@@ -200,30 +203,39 @@ def comparison_table(run: Run, subset: str | None = None, alpha: float | None = 
     with_aa = (*PGD_ATTACKS, "aa")  # AutoAttack and PGD on the same examples: `worst` is over all of them
     rows = []
 
-    def row(role, method, pgd, aa, n_models):
-        r = {"role": role, "method": method, **accuracy_row(pgd, ("pgd20",)), "aa": None, "tradeoff": None,
-             "n": pgd["n"], "n_aa": None, "extractors": n_models, "pgd_eval": pgd["name"], "aa_eval": None}
+    def row(role, method, pgd, aa, n_models, subset=None):
+        r = {"role": role, "method": method, "subset": subset, **accuracy_row(pgd, ("pgd20",)), "aa": None,
+             "tradeoff": None, "n": pgd["n"], "n_aa": None, "extractors": n_models, "pgd_eval": pgd["name"],
+             "aa_eval": None}
         if aa is not None:
             on_aa = accuracy_row(aa, with_aa)
             # the worst case and the trade-off on the AutoAttack examples, with the clean accuracy of
             # those same examples (tables 4-5); the masking checks of that evaluation
-            r.update({k: on_aa[k] for k in ("aa", "aa_ci", "worst", "worst_ci", "sanity", "sanity_passed")},
+            r.update({k: on_aa[k] for k in ("aa", "aa_ci", "worst", "worst_ci", "sanity", "sanity_passed",
+                                            "masking")},
                      clean_on_aa=aa["clean"], tradeoff=aa["tradeoff"], n_aa=aa["n"], aa_eval=aa["name"],
                      aa_attacks=list(aa.get("aa_breakdown", {})))
         rows.append(r)
 
     afs_pgd, _ = evaluate_afs(run, vector, alpha, PGD_ATTACKS, n_examples)
     afs_aa, _ = evaluate_afs(run, vector, alpha, with_aa, n_aa)
-    row("AFS", f"AFS {vector}, alpha={alpha:g}", afs_pgd, afs_aa, vector.count("1"))
+    size = vector.count("1")
+    row("AFS", f"AFS {vector}, alpha={alpha:g}", afs_pgd, afs_aa, size, vector)
     row("baseline", f"baseline PGD-AT {label(base)}", evaluate_extractor(run, base, PGD_ATTACKS, n_examples),
         evaluate_extractor(run, base, with_aa, n_aa), 1)
     if abs(single - base) > 1e-12:
         row("best single", f"best single {label(single)}", evaluate_extractor(run, single, PGD_ATTACKS, n_examples),
             evaluate_extractor(run, single, with_aa, n_aa), 1)
-    avg = run.logit_average(vector)
-    avg_pgd = run.evaluate(model_name("avg", vector), avg, attacks=PGD_ATTACKS, n_examples=n_examples,
-                           model_info=run.model_info("avg", vector))
-    row("logit average", f"logit average (eq. 9) {vector}", avg_pgd, None, vector.count("1"))
+    if controls:
+        avg = run.logit_average(vector)
+        avg_pgd = run.evaluate(model_name("avg", vector), avg, attacks=PGD_ATTACKS, n_examples=n_examples,
+                               model_info=run.model_info("avg", vector))
+        row("logit average", f"logit average (eq. 9) {vector}", avg_pgd, None, size, vector)
+        model, name = run.same_budget_ensemble(base, size, alpha)
+        ens_pgd = run.evaluate(model_name("ensemble", name), model, attacks=PGD_ATTACKS, n_examples=n_examples,
+                               model_info=run.model_info("ensemble", name))
+        row("same-budget ensemble", f"same-budget ensemble {size} x {label(base)}, alpha={alpha:g}", ens_pgd, None,
+            size)
     return rows
 
 
@@ -240,20 +252,71 @@ def paired_comparisons(run: Run, rows: Sequence[dict]) -> list[dict]:
         a, b = evaluation_flags(run, afs[key]), evaluation_flags(run, other[key])
         for what in ("clean", "worst"):
             verdict = compare(a[what], b[what], "AFS", other["method"])
-            out.append({"against": other["method"], "measure": what, "examples": len(a[what]),
+            out.append({"against": other["method"], "role": other["role"], "measure": what,
+                        "examples": len(a[what]),
                         "attacks": f"PGD-10, PGD-20 and {autoattack_name(afs['aa_attacks'])}" if use_aa
                         else "PGD-10 and PGD-20", **verdict})
     # clean accuracy at matched robustness: every single extractor whose worst case lies inside AFS's
     # 95% interval (the question of the paper's abstract: more accurate at the same robustness?)
-    lo, hi = map(float, afs["worst_ci"].split("-"))
+    lo, hi = afs["worst_ci"]
     for r in extractor_table(run, afs["n"]):
         if lo <= r["worst"] <= hi:
             a, b = evaluation_flags(run, afs["pgd_eval"]), evaluation_flags(run, r["eval"])
             verdict = compare(a["clean"], b["clean"], "AFS", f"{label(r['eps'])} (matched robustness)")
             out.append({"against": f"{label(r['eps'])}, worst case {r['worst']:.1f}% inside AFS's [{lo:.1f}-{hi:.1f}]",
-                        "measure": "clean", "examples": len(a["clean"]), "attacks": "matched robustness",
-                        **verdict})
+                        "role": "single", "measure": "clean", "examples": len(a["clean"]),
+                        "attacks": "matched robustness", **verdict})
     return out
+
+
+def pgd_robust_flags(flags: dict) -> np.ndarray:
+    """Per example: correct under every PGD attack of an evaluation record (PGD-10, PGD-20 and the stronger
+    PGD of a failed `converged` check); AutoAttack, run on only some models, is left out so that every
+    point of the frontier is measured alike."""
+    robust = flags["clean"].bool().clone()
+    for attack, f in flags.items():
+        if attack.startswith("pgd"):
+            robust &= f.bool()
+    return robust.numpy()
+
+
+def singles_frontier(run: Run, rows: Sequence[dict], n_examples: int | None = None, draws: int = 2000) -> dict:
+    """The headline AFS model (the first of `rows`) against the single extractors' frontier on the same
+    test images: (robustness under every PGD attack, clean accuracy) points, the distance above the
+    frontier and its bootstrap interval (`afs_kit.frontier.frontier_study`, examples resampled once for
+    every model)."""
+    from ..frontier import frontier_study
+
+    afs = rows[0]
+    singles = extractor_table(run, n_examples)
+    hashes = {afs["examples_hash"], *(r["examples_hash"] for r in singles)}
+    if len(hashes) != 1:
+        raise ValueError("the AFS model and the single extractors were evaluated on different examples; the "
+                         "frontier needs the same ones")
+
+    def points(name):
+        f = evaluation_flags(run, name)
+        return {"clean": f["clean"].bool().numpy(), "robust": pgd_robust_flags(f)}
+
+    study = frontier_study(points(afs["pgd_eval"]), {label(r["eps"]): points(r["eval"]) for r in singles},
+                           draws=draws, seed=run.preset.evaluation.seed)
+    study["robust_measure"] = "every PGD attack (PGD-10, PGD-20 and the stronger PGD of a failed converged check)"
+    study["afs_method"] = afs["method"]
+    # the controls measured alike, for fig. 1 (they are not part of the frontier)
+    study["controls"] = {}
+    for r in rows[1:]:
+        if r["role"] in ("logit average", "same-budget ensemble") and r["examples_hash"] in hashes:
+            p = points(r["pgd_eval"])
+            study["controls"][r["method"]] = {"robust": 100 * float(p["robust"].mean()),
+                                              "clean": 100 * float(p["clean"].mean())}
+    return study
+
+
+def frontier_points(study: dict) -> dict[str, tuple[float, float]]:
+    """Fig. 1's points from `singles_frontier`: name -> (clean, robust) of AFS, the controls and every
+    single extractor, all under the frontier's robustness measure."""
+    named = {study["afs_method"]: study["afs"], **study["controls"], **study["singles"]}
+    return {name: (p["clean"], p["robust"]) for name, p in named.items()}
 
 
 def paper_reference(run: Run):
@@ -268,7 +331,7 @@ def paper_reference(run: Run):
     return None
 
 
-def comparison_text(rows: Sequence[dict], paired: Sequence[dict]) -> str:
+def comparison_text(rows: Sequence[dict], paired: Sequence[dict], frontier: dict | None = None) -> str:
     """Tables 4-5 in sentences, from the numbers: the trade-off (mean of clean and AutoAttack on the
     same examples) of AFS and of the best single network, then every paired test, which alone may
     say "better" or "worse"."""
@@ -277,14 +340,18 @@ def comparison_text(rows: Sequence[dict], paired: Sequence[dict]) -> str:
     best = max(singles, key=lambda r: r["tradeoff"])
     text = (f"{afs['method']}: clean {afs['clean_on_aa']:.1f}%, {autoattack_name(afs['aa_attacks'])} "
             f"{afs['aa']:.1f}% "
-            f"(worst case over every attack {afs['worst']:.1f}%, 95% CI {afs['worst_ci']}), trade-off "
+            f"(worst case over every attack {afs['worst']:.1f}%, 95% CI {ci_text(afs['worst_ci'])}), trade-off "
             f"{afs['tradeoff']:.1f}, against {best['tradeoff']:.1f} for the best single network, {best['method']} "
             f"(AFS {points_apart(afs['tradeoff'] - best['tradeoff'])}, on {afs['n_aa']} test examples).")
     for p in paired:
         text += f" {p['measure'].capitalize()} accuracy: {p['text']}."
     if not any(p["attacks"] == "matched robustness" for p in paired):
-        text += (f" No single extractor's worst case lies inside AFS's 95% interval [{afs['worst_ci']}], so "
-                 f"none is compared at matched robustness.")
+        text += (f" No single extractor's worst case lies inside AFS's 95% interval [{ci_text(afs['worst_ci'])}], "
+                 f"so none is compared at matched robustness.")
+    if frontier is not None:
+        from ..frontier import frontier_text
+
+        text += " " + frontier_text(frontier, "robustness under every PGD attack")
     return text
 
 
