@@ -125,34 +125,39 @@ def frontier_study(afs: Mapping[str, np.ndarray], singles: Mapping[str, Mapping[
             "afs": {"robust": float(point["robust"][0]), "clean": float(point["clean"][0])},
             "singles": {name: {"robust": float(r), "clean": float(c)}
                         for name, r, c in zip(singles, point["robust"][1:], point["clean"][1:])},
-            "corners": corners.tolist(), "verdict": verdict(observed, interval, where)}
+            "corners": corners.tolist(), "verdict": verdict(interval)}
 
 
-def verdict(observed: float, interval: Sequence[float] | None, where: str) -> str:
-    """'above', 'below' or 'on' the frontier, only as the interval allows; 'right of the range' when AFS
-    is more robust than every single network."""
-    if where == RIGHT or interval is None or np.isnan(observed):
+def verdict(interval: Sequence[float] | None) -> str:
+    """'above', 'below' or 'on' the frontier, only as the interval allows (draws where AFS is more robust
+    than every single network count as unboundedly above); 'right of the range' when that happens in so
+    many draws that the interval has no lower end."""
+    if interval is None:
         return "right of the range"
     lo, hi = interval
     return "above" if lo > 0 else "below" if hi is not None and hi < 0 else "on"
 
 
 def frontier_text(study: dict, robust_name: str = "worst-case accuracy") -> str:
-    """The frontier in one or two sentences, from the numbers."""
-    a = study["afs"]
-    head = (f"AFS ({robust_name} {a['robust']:.1f}%, clean {a['clean']:.1f}%, n = {study['n']})")
-    if study["verdict"] == "right of the range":
+    """The frontier in two or three sentences, from the numbers."""
+    a, share = study["afs"], study["right_of_range_share"]
+    head = f"AFS ({robust_name} {a['robust']:.1f}%, clean {a['clean']:.1f}%, n = {study['n']})"
+    draws = f"{study['draws']} bootstrap draws of the test examples, shared by every model"
+    if study["distance"] is None:  # more robust than every single network on these images
         most = max(study["singles"].items(), key=lambda kv: kv[1]["robust"])
-        return (f"{head} is more robust than every single network (the most robust, {most[0]}, has "
-                f"{most[1]['robust']:.1f}%): it lies right of the singles' range, where their frontier does not "
-                f"reach, so no distance above it is measured.")
+        text = (f"{head} is more robust than every single network (the most robust, {most[0]}, has "
+                f"{most[1]['robust']:.1f}%): it lies right of the singles' range, where their frontier ends, so no "
+                f"distance is measured on these images. Over {draws}, it lies right of the range in "
+                f"{100 * share:.1f}% of them")
+        if study["ci95"] is None:
+            return text + "."
+        lo, hi = study["ci95"]
+        return (text + f"; counting those as unboundedly above, the distance's 95% interval runs from {lo:+.1f} "
+                f"points to {'no upper end' if hi is None else f'{hi:+.1f} points'}: {_said(study['verdict'])}.")
     lo, hi = study["ci95"]
-    share = study["right_of_range_share"]
     upper = "unbounded" if hi is None else f"{hi:+.1f}"
     text = (f"{head} lies {study['distance']:+.1f} points of clean accuracy from the single networks' frontier at "
-            f"its robustness (95% bootstrap interval {lo:+.1f} to {upper} over test examples, {study['draws']} "
-            f"draws shared by every model): {study['verdict']} the frontier"
-            + (" (the interval excludes 0)." if study["verdict"] != "on" else " (the interval includes 0)."))
+            f"its robustness (95% interval {lo:+.1f} to {upper} over {draws}): {_said(study['verdict'])}.")
     if study["position"] == LEFT:
         text += (" AFS is less robust than every single network, so this compares it with the most accurate one "
                  "alone (the frontier is flat there).")
@@ -160,3 +165,9 @@ def frontier_text(study: dict, robust_name: str = "worst-case accuracy") -> str:
         text += (f" In {100 * share:.1f}% of the draws AFS was more robust than every single network (counted as "
                  f"unboundedly above).")
     return text
+
+
+def _said(verdict_: str) -> str:
+    return {"above": "above the frontier (the interval excludes 0)",
+            "below": "below the frontier (the interval excludes 0)",
+            "on": "on the frontier (the interval includes 0)"}[verdict_]

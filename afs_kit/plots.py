@@ -91,7 +91,8 @@ def _same_length(name: str, values: np.ndarray, ref_name: str, n: int) -> None:
 def plot_clean_vs_robust(results: Mapping[str, tuple[float, float]] | None = None,
                          reference: Sequence[ReferenceRow] | None = TABLE4_CIFAR10, robust: str = "pgd",
                          title: str | None = None, n: int | None = None, robust_label: str = "PGD-20",
-                         frontier: Sequence[tuple[float, float]] | None = None):
+                         frontier: Sequence[tuple[float, float]] | None = None,
+                         markers: Mapping[str, str] | None = None):
     """Fig. 1: clean accuracy (x) against robust accuracy (y) of several methods, each annotated.
 
     results: the kit's own methods, name -> (clean, robust), in % (filled circles).
@@ -102,6 +103,8 @@ def plot_clean_vs_robust(results: Mapping[str, tuple[float, float]] | None = Non
     robust_label: the attack behind the kit's own y values when `robust` is "pgd" (the y axis says it).
     frontier: the single networks' frontier, its corners as (robust, clean) (`afs_kit.frontier.envelope`),
         drawn as a dashed line: flat left of the most accurate network, ending at the most robust one.
+    markers: name -> matplotlib marker for some of `results` (e.g. "*" for AFS, "D" for other stacked
+        models); the others are circles.
     Each of the kit's models gets its own colour and legend entry (no labels on the points, so none
     overlap); the paper's points are labelled beside them, nudged apart; both axes span at least
     `MIN_SPAN` points, so that a small gap is drawn small.
@@ -133,8 +136,9 @@ def plot_clean_vs_robust(results: Mapping[str, tuple[float, float]] | None = Non
     colours = _distinct_colours(len(results))
     for (name, (cx, ry)), colour in zip(results.items(), colours):
         # one colour and one legend entry per model, with its interval
-        ax.errorbar([cx], [ry], xerr=_wilson_yerr([cx], n), yerr=_wilson_yerr([ry], n), fmt="o", color=colour,
-                    ms=7, capsize=3, label=name)
+        marker = (markers or {}).get(name, "o")
+        ax.errorbar([cx], [ry], xerr=_wilson_yerr([cx], n), yerr=_wilson_yerr([ry], n), fmt=marker, color=colour,
+                    ms=11 if marker == "*" else 7, capsize=3, label=name, zorder=3 if marker != "o" else 2)
     ax.margins(x=0.15, y=0.1)
     _at_least(ax, "x")
     _at_least(ax, "y")

@@ -94,15 +94,11 @@ def report_section(name: str, summary: dict) -> str:
         if frontier is None:
             out += ["", "_No distance above the single networks' frontier in this summary.json (made before it "
                         "was measured)._"]
-        elif frontier["distance"] is None:
-            out += ["", f"Frontier: AFS is more robust than every single network ({frontier['verdict']}); no "
-                        f"distance is measured."]
         else:
-            lo, hi = frontier["ci95"]
-            out += ["", f"Frontier: AFS lies **{frontier['distance']:+.1f}** points of clean accuracy from the "
-                        f"single networks' frontier at its robustness (95% bootstrap interval {lo:+.1f} to "
-                        f"{'unbounded' if hi is None else f'{hi:+.1f}'}, n = {frontier['n']}): "
-                        f"**{frontier['verdict']}**."]
+            from .frontier import frontier_text
+
+            out += ["", f"**Frontier ({frontier['verdict']})**: " + frontier_text(frontier, "robustness under "
+                                                                                  "every PGD attack")]
     if "extractors" in summary:
         out += ["", "### Table 1: the extractors", "",
                 _table(["budget", "clean", "PGD-10", "PGD-20", "worst case", "masking checks", "training"],

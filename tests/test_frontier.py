@@ -74,5 +74,10 @@ def test_the_verdict_follows_the_interval():
     far_below = frontier_study(_flags(rng, n, 0.30, 0.20), weak, draws=400)
     assert far_below["ci95"][1] < 0 and far_below["verdict"] == "below"
     beyond = frontier_study(_flags(rng, n, 0.60, 0.55), weak, draws=400)
-    assert beyond["distance"] is None and beyond["verdict"] == "right of the range"
+    assert beyond["distance"] is None and beyond["verdict"] == "right of the range" and beyond["ci95"] is None
     assert "more robust than every single network" in frontier_text(beyond)
+    # just right of the range: no distance on these images, but the interval still decides the verdict
+    edge = frontier_study(_flags(rng, n, 0.40, 0.405), {"a": weak["a"], "b": weak["b"]}, draws=400)
+    assert edge["position"] == "right" and edge["distance"] is None
+    assert 0 < edge["right_of_range_share"] < 0.975 and edge["ci95"][1] is None and edge["verdict"] == "on"
+    assert "on the frontier" in frontier_text(edge) and "right of the range in" in frontier_text(edge)

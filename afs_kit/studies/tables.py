@@ -319,6 +319,12 @@ def frontier_points(study: dict) -> dict[str, tuple[float, float]]:
     return {name: (p["clean"], p["robust"]) for name, p in named.items()}
 
 
+def frontier_markers(study: dict) -> dict[str, str]:
+    """Fig. 1's markers for the stacked models, which no single network shares: a star for AFS, diamonds
+    for the controls."""
+    return {study["afs_method"]: "*", **{name: "D" for name in study["controls"]}}
+
+
 def paper_reference(run: Run):
     """The paper's table of the same data set (quoted), or None."""
     from ..paper import TABLE4_CIFAR10, TABLE5_CIFAR100
