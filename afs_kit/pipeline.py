@@ -427,12 +427,14 @@ class Run:
                                    flags=result["flags"], strength=cfg.sanity_strength, step=alpha,
                                    n=cfg.sanity_examples if cfg.sanity_strength == "quick" else None, say=self.say)
             if not checks["checks"]["converged"]["passed"]:
-                # the reported PGD has not converged: the stronger attack, on every example, joins `worst`
+                # the reported PGD has not converged: the stronger attack joins `worst`, run (as AutoAttack runs
+                # its attacks) on every example the attacks so far left standing: `worst` is their AND, so one
+                # already broken needs no more work, and the record's pgdN is the attacks together
                 steps = checks["checks"]["converged"]["steps"]
                 gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
                 strong = stronger_pgd_flags(model, x.to(self.device), y.to(self.device), cfg.eps, steps,
                                             cfg.batch_size, generator=gen, progress=self.progress,
-                                            robust=result["flags"]["clean"].to(self.device))
+                                            robust=result["flags"]["worst"].to(self.device))
                 add_attack(result, f"pgd{steps}", strong)
             result["sanity"] = checks
         elif old_checks is not None:
