@@ -129,6 +129,8 @@ def _parser() -> argparse.ArgumentParser:
                     "extractors too (always on for AFS models and logit averages)")
     sp.add_argument("--sanity-full", action="store_true", help="the checks at full strength: every evaluated "
                     "example and Square with 5,000 queries (default: 200 examples, 1,000 queries)")
+    sp.add_argument("--estimate", action="store_true", help="print each attack's passes and the estimated wall "
+                    "time (from the model's measured time per image), then stop: nothing runs or is written")
     common(sp, needs_run=True)
 
     sp = command("report", help="execute the notebook sequence with papermill into reports/<preset>/")
@@ -387,6 +389,10 @@ def run_command(argv: list[str]) -> int:
             run.preset = override(run.preset, ["evaluation.sanity_strength=full"])
         # every model is built (and its checkpoints checked) before the lock is taken
         targets = [(name, what, _build(run, what)) for name, what in _models_to_evaluate(run, args.model)]
+        if args.estimate:  # before anything runs; nothing is written and no lock is taken
+            from .estimate import estimate_run
+            print("\n".join(estimate_run(run, [(n, m) for n, _, m in targets], attacks, args.n, args.sanity)))
+            return 0
         with job_lock(run.dir):
             done = [(what, run.evaluate(name, model, attacks=attacks, n_examples=args.n,
                                         # None: the pipeline runs the sanity checks for every stacked model

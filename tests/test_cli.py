@@ -261,6 +261,18 @@ def test_evaluate_writes_worst_intervals_and_the_examples_hash(box):
     assert m["code_version"], "every result names the code that made it"
 
 
+def test_estimate_counts_each_attack_times_the_model_and_writes_nothing(box, capsys):
+    before = snapshot(box["root"])
+    argv = ["evaluate", "--run", box["run"], "--device", "cpu", "--model", "extractor:0.1", "--attacks",
+            "clean,pgd20", "--n", "40", "--sanity", "--estimate"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "pgd20: 21 forward + 20 backward passes per example" in out and "x 40 examples" in out
+    assert "masking checks (quick)" in out and "if `converged` fails, 400 more" in out
+    assert re.search(r"^  estimated wall time: (under 1 s|[0-9.]+ (s|min|h))", out, re.M), out
+    assert snapshot(box["root"]) == before, "an estimate runs nothing and writes nothing"
+
+
 def test_seeds_train_one_complete_run_per_seed_inside_the_run_directory(box):
     run = box["run"]
     argv = ["train-extractors", "--run", run, "--device", "cpu", "--quiet", "--seeds", "2", "--eps", "0,0.1",

@@ -221,6 +221,7 @@ def comparison_table(run: Run, subset: str | None = None, alpha: float | None = 
     afs_aa, _ = evaluate_afs(run, vector, alpha, with_aa, n_aa)
     size = vector.count("1")
     row("AFS", f"AFS {vector}, alpha={alpha:g}", afs_pgd, afs_aa, size, vector)
+    rows[0]["spec"] = run.preset.default_subset if subset is None else subset  # "selected": the rule's stack
     row("baseline", f"baseline PGD-AT {label(base)}", evaluate_extractor(run, base, PGD_ATTACKS, n_examples),
         evaluate_extractor(run, base, with_aa, n_aa), 1)
     if abs(single - base) > 1e-12:
@@ -344,7 +345,8 @@ def comparison_text(rows: Sequence[dict], paired: Sequence[dict], frontier: dict
     afs = rows[0]
     singles = [r for r in rows[1:] if r["tradeoff"] is not None]
     best = max(singles, key=lambda r: r["tradeoff"])
-    text = (f"{afs['method']}: clean {afs['clean_on_aa']:.1f}%, {autoattack_name(afs['aa_attacks'])} "
+    chosen = " (the concavity rule's stack, chosen on validation images)" if afs.get("spec") == "selected" else ""
+    text = (f"{afs['method']}{chosen}: clean {afs['clean_on_aa']:.1f}%, {autoattack_name(afs['aa_attacks'])} "
             f"{afs['aa']:.1f}% "
             f"(worst case over every attack {afs['worst']:.1f}%, 95% CI {ci_text(afs['worst_ci'])}), trade-off "
             f"{afs['tradeoff']:.1f}, against {best['tradeoff']:.1f} for the best single network, {best['method']} "
