@@ -109,6 +109,8 @@ class EvalConfig:
     aa_attacks: tuple[str, ...] = ()  # AutoAttack's attacks; () = its standard version (APGD-CE, APGD-T, FAB-T,
                                       # Square); a list (e.g. apgd-ce,apgd-dlr) runs pyautoattack's "custom"
                                       # version: cheaper and weaker, recorded in metrics.json and named in reports
+    chunk_size: int = 250             # each attack runs over chunks of this many examples, each saved when done:
+                                      # a killed evaluation resumes at its first unfinished chunk
 
 
 @dataclass(frozen=True)
@@ -349,6 +351,7 @@ def validate_preset(p: Preset) -> None:
             raise ValueError(f"unknown evaluation.aa_attacks entry {a!r}; known: {', '.join(AA_ATTACKS)}")
     if v.sanity_examples is not None:
         check_int("evaluation.sanity_examples", v.sanity_examples, 1)
+    check_int("evaluation.chunk_size", v.chunk_size, 1)
     _check_unit(m.alpha, "alpha")
     for name, value in (("merger.eps", m.eps), ("evaluation.eps", v.eps), ("data.val_fraction", p.data.val_fraction)):
         _check_unit(value, name)

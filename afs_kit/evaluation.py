@@ -6,6 +6,7 @@ example already misclassified is never counted as robust), and `worst` is the AN
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -92,8 +93,14 @@ def attack_flags(model, x, y, attack: str, cfg: EvalConfig, clean: torch.Tensor,
     return {"flags": clean & robust.to(x.device), "aa_breakdown": breakdown}
 
 
+def chunk_seed(seed: int, chunk: int) -> int:
+    """AutoAttack's seed for chunk `chunk` of an evaluation: the evaluation's seed for the first, so an
+    evaluation of one chunk is what it always was; a resumed run draws what an uninterrupted one draws."""
+    return seed + 1_000_003 * chunk
+
+
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, device: str | None = None,
-             progress: bool = True, record: dict | None = None, world: World = World()) -> dict:
+             progress: bool = True, record: dict | None = None, world: World = World(), on_chunk=None) -> dict:
     """Clean, PGD-10, PGD-20 and AutoAttack (as configured) on the first `cfg.n_examples` examples.
 
     Returns `{"metrics": {...}, "flags": {attack: BoolTensor}}`; accuracies in percent. `metrics`
@@ -105,10 +112,16 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, device: s
     `record` (an earlier result on the same examples and settings) is extended: only the attacks it
     lacks run, every earlier attack is kept, and `worst` is recomputed over all of them.
 
+    Each attack runs over chunks of `cfg.chunk_size` examples; after each finished chunk `on_chunk(state)`
+    gets what is done so far (`state`: the flags of clean and every attack, those of the attack under way
+    filled up to its last finished chunk, `chunks_done` per attack, `chunks`, `aa_breakdown`) to save it;
+    such a state as `record["partial"]` resumes at the first unfinished chunk. PGD's random starts are
+    drawn per example (`random_starts`) and AutoAttack's seed per chunk (`chunk_seed`), so resumed flags
+    are an uninterrupted run's.
+
     Runs on `device` (None: the model's), with TF32 off for fp32 (`metrics["matmul_precision"]` says
     which arithmetic); the flags come back on x's device. Under torchrun (`world`) each rank attacks its
-    contiguous share of the examples and the flags are gathered back in their order on every rank; PGD's
-    random starts are drawn per example (`random_starts`), so the flags are those of one process.
+    contiguous share of every chunk and the flags are gathered back in their order on every rank.
     """
     for a in cfg.attacks:
         check_choice("attack", a, ATTACKS)
@@ -118,30 +131,65 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, device: s
     x, y = x[:n].to(dev).contiguous(), y[:n].to(dev)
     check_eval_inputs(x, y)
     model = model.to(dev).eval()
-    part = world.shard(n)  # this rank's examples: all of them in one process
-    x_part, y_part = x[part], y[part]
+    size = cfg.chunk_size
+    chunks = max(1, -(-n // size))
 
     def gathered(f: torch.Tensor) -> torch.Tensor:
         return torch.cat(world.gather(f.cpu()))
 
-    if record is None:
-        flags, extra, done = {"clean": gathered(correct_flags(model, x_part, y_part, cfg.batch_size))}, {}, ["clean"]
-    else:
+    state = (record or {}).get("partial")
+    if state is not None and (len(state["flags"]["clean"]) != n or state["chunks"] != chunks):
+        state = None  # saved under other settings: start the attacks again
+    if record is not None and record.get("flags"):
         flags, done = dict(record["flags"]), list(record["metrics"]["attacks"])
         extra = {k: record["metrics"][k] for k in ("aa_breakdown",) if k in record["metrics"]}
         if len(flags["clean"]) != n:
             raise ValueError(f"the evaluation record holds {len(flags['clean'])} examples, not n_examples={n}")
-    clean = flags["clean"][part].to(dev)
+    elif state is not None:
+        flags, done, extra = {"clean": state["flags"]["clean"]}, ["clean"], {}
+    else:
+        part = world.shard(n)
+        flags, extra, done = {"clean": gathered(correct_flags(model, x[part], y[part], cfg.batch_size))}, {}, ["clean"]
+    chunks_done = {a: k for a, k in (state or {}).get("chunks_done", {}).items() if a not in done}
+    for a, k in chunks_done.items():  # attacks whose every chunk was saved
+        if k == chunks:
+            flags[a], done = state["flags"][a], [*done, a]
+    if state is not None and "aa_breakdown" in state:
+        extra.setdefault("aa_breakdown", state["aa_breakdown"])
+    clean = flags["clean"].to(dev)
     for name in cfg.attacks:
-        if name not in done:
+        if name in done:
+            continue
+        first = chunks_done.get(name, 0)
+        robust = state["flags"][name].clone() if first else torch.zeros(n, dtype=torch.bool)
+        if first and progress and world.main:
+            print(f"resuming {name} at chunk {first + 1}/{chunks}", flush=True)
+        bar = tqdm(total=n, initial=min(n, first * size), desc=name, unit="example", disable=not progress,
+                   leave=False)
+        breakdown = dict((state or {}).get("aa_breakdown", {})) if first and name == "aa" else {}
+        for k in range(first, chunks):
+            lo, hi = k * size, min(n, (k + 1) * size)
+            share = world.shard(hi - lo)
+            part = slice(lo + share.start, lo + share.stop)  # this rank's examples of the chunk
+            chunk_cfg = cfg if name in PGD_STEPS else dataclasses.replace(cfg, seed=chunk_seed(cfg.seed, k))
             with exact_fp32(cfg.precision):
-                out = attack_flags(model, x_part, y_part, name, cfg, clean, progress, part, n)
-            flags[name] = gathered(out.pop("flags"))
-            if "aa_breakdown" in out:  # each rank counted what it broke
-                out["aa_breakdown"] = {a: sum(b[a] for b in world.gather(out["aa_breakdown"]))
-                                       for a in out["aa_breakdown"]}
-            extra.update(out)
-            done.append(name)
+                out = attack_flags(model, x[part], y[part], name, chunk_cfg, clean[part], progress, part, n)
+            robust[lo:hi] = gathered(out.pop("flags"))
+            if name == "aa":  # each rank counted what it broke (one gather on every rank, empty shares too)
+                for counted in world.gather(out.get("aa_breakdown", {})):
+                    for a, count in counted.items():
+                        breakdown[a] = breakdown.get(a, 0) + count
+            chunks_done[name] = k + 1
+            bar.update(hi - lo)
+            if on_chunk is not None:
+                saved = {**flags, name: robust}
+                on_chunk({"flags": saved, "chunks_done": {a: chunks for a in done if a != "clean"} | chunks_done,
+                          "chunks": chunks, **({"aa_breakdown": breakdown} if breakdown else {})})
+        bar.close()
+        flags[name] = robust
+        if name == "aa":
+            extra["aa_breakdown"] = breakdown
+        done.append(name)
     metrics = {**summarize(flags), **extra}  # refreshes flags["worst"]
     metrics.update(n=n, examples={"first": n, "hash": examples_hash(torch.arange(n))}, eps=cfg.eps,
                    step_size=step_size(cfg.eps, cfg.step_size), attacks=_ordered(done), seed=cfg.seed,
@@ -217,7 +265,27 @@ def write_evaluation(out_dir: str | Path, result: dict, model_info: dict) -> dic
         metrics["sanity"] = result["sanity"]
     save_checkpoint(out_dir / "flags.pt", {"kind": "flags", "flags": result["flags"]})
     write_json(out_dir / "metrics.json", metrics)
+    (out_dir / "partial.pt").unlink(missing_ok=True)  # finished: the chunks' state has served
     return metrics
+
+
+def save_partial(out_dir: str | Path, key: str, state: dict, metrics: dict | None) -> None:
+    """After each finished chunk: the flags so far (`partial.pt`) and a `metrics.json` that says
+    `"partial": true` with `chunks_done` per attack; the finished attacks' numbers (of an earlier record)
+    stay as they were, and nothing shows the unfinished attack as a number."""
+    out_dir = Path(out_dir)
+    save_checkpoint(out_dir / "partial.pt", {"kind": "partial-flags", "key": key, **state})
+    write_json(out_dir / "metrics.json", {**(metrics or {"attacks": []}), "key": key, "partial": True,
+                                          "chunks_done": state["chunks_done"], "chunks": state["chunks"]})
+
+
+def load_partial(out_dir: str | Path, key: str) -> dict | None:
+    """The saved state of an unfinished evaluation of `key` in `out_dir`, else None."""
+    path = Path(out_dir) / "partial.pt"
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path)
+    return state if state.get("key") == key else None
 
 
 def more_pgd_steps(held: list[str], added: list[str]) -> bool:

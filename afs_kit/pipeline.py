@@ -19,7 +19,7 @@ from .config import (ATTACKS, PARALLEL_MODES, Preset, budget_name, config_hash, 
 from .data import Dataset, load_dataset
 from .device import PRECISIONS, resolve_device
 from .distributed import World, world
-from .evaluation import add_attack, evaluate, more_pgd_steps, write_evaluation
+from .evaluation import add_attack, evaluate, load_partial, more_pgd_steps, save_partial, write_evaluation
 from .masking import aa_checks, sanity_checks, stronger_pgd_flags
 from .models import check_model_name
 from .outside import describe_source, load_outside, prepare_outside, save_outside
@@ -205,8 +205,8 @@ class Run:
     def members(self) -> list[tuple[str, Path]]:
         """(label, checkpoint) of every extractor a subset can stack, in the order of subset vectors: the kit's
         own by budget (labels like 8/255), then those added from outside the kit by name (`add_extractor`)."""
-        kit = [(format_budget(b), p) for b, p in self.extractor_checkpoints()]
-        return kit + [(n, self.dir.outside_dir(n) / "extractor.pt") for n in self.dir.outside_names()]
+        return ([(format_budget(b), p) for b, p in self.extractor_checkpoints()]
+                + [(n, self.dir.outside_dir(n) / "extractor.pt") for n in self.dir.outside_names()])
 
     def member(self, path: Path) -> tuple[torch.nn.Module, dict]:
         """The extractor (on the run's device, eval mode) and checkpoint of one of `members()`."""
@@ -219,17 +219,16 @@ class Run:
         return model.to(self.device).eval(), ckpt
 
     def outside(self, name: str) -> tuple[torch.nn.Module, dict]:
-        if name not in self.dir.outside_names():
+        if name not in (added := self.dir.outside_names()):
             raise ValueError(f"name={name!r} names no extractor added to {self.dir.root} (added: "
-                             f"{', '.join(self.dir.outside_names()) or 'none'}); add it with add-extractor first")
+                             f"{', '.join(added) or 'none'}); add it with add-extractor first")
         return self.member(self.dir.outside_dir(name) / "extractor.pt")
 
     def add_extractor(self, model: torch.nn.Module | None = None, name: str | None = None, **how) -> dict:
-        """Add a network from outside the kit as an extractor of this run (no training): `model` (any
-        nn.Module from images in [0, 1] to logits; `builder`/`kwargs` say how to rebuild it when its class
-        alone cannot), `robustbench="Wong2020Fast"` (with `model_dir`, `download`) or `builder="pkg.mod:fn"`
-        (with `kwargs`, `weights`); `layer` names its final linear layer when it is not found. Every check
-        (classes, image size, features, rebuild from source) runs before anything is written."""
+        """Add a network from outside the kit as an extractor of this run (no training): `model` (any nn.Module from
+        images in [0, 1] to logits; `builder`/`kwargs` say how to rebuild it when its class alone cannot),
+        `robustbench="Wong2020Fast"` (with `model_dir`, `download`) or `builder="pkg.mod:fn"` (with `kwargs`,
+        `weights`); `layer` names its final linear layer when it is not found. Every check runs before any write."""
         ckpt = prepare_outside(self.data, model, name, **how)
         self.save_extractor(ckpt)
         return ckpt
@@ -237,9 +236,9 @@ class Run:
     def save_extractor(self, ckpt: dict) -> None:
         """Write an outside extractor `prepare_outside` made (run.json first, for a new run) and say so."""
         added = save_outside(self.dir, ckpt, before_write=self.write_info)
+        where = f"added to {self.dir.outside_dir(ckpt['name'])}" if added else "already in this run"
         self.say(f"extractor {ckpt['name']} ({describe_source(ckpt['source'])}, {ckpt['feature_dim']} features "
-                 f"by {ckpt['method']}): " + (f"added to {self.dir.outside_dir(ckpt['name'])}" if added else
-                                              "already in this run"))
+                 f"by {ckpt['method']}): {where}")
 
     def extractor(self, eps: float) -> tuple[torch.nn.Module, dict]:
         for b, path in self.extractor_checkpoints():
@@ -309,9 +308,8 @@ class Run:
         return model
 
     def same_budget_ensemble(self, eps: float, size: int, alpha: float | None = None) -> tuple[AFSModel, str]:
-        """The same-budget control: `size` networks at budget `eps` (this run's and the next seeds' runs', trained
-        there when missing) merged by AFS's merger training: does AFS win by its diversity of budgets, or by
-        having `size` networks? Returns (model, name); the merger lives in RUN/controls/<name>/."""
+        """The same-budget control: `size` networks at budget `eps` (this run's and the next seeds', trained there when
+        missing) merged as AFS is: diversity of budgets, or just `size` networks? The merger is in RUN/controls/."""
         check_int("size", size, 1, what="(networks in the same-budget ensemble)")
         cfg = dataclasses.replace(self.preset.merger, alpha=self.preset.merger.alpha if alpha is None else alpha)
         check_real("alpha", cfg.alpha, 0, 1)
@@ -360,13 +358,13 @@ class Run:
 
     # ------------------------------------------------------------ evaluation
     def _evaluation_record(self, out_dir: Path, key: str) -> dict | None:
-        """The record in `out_dir` when it was made of this model under these settings, else None."""
+        """The record in `out_dir` when it was made of this model under these settings (the saved chunks of an
+        unfinished evaluation under "partial"), else None."""
         path = out_dir / "metrics.json"
-        if not (path.is_file() and (out_dir / "flags.pt").is_file()):
-            return None
-        metrics = read_json(path)
+        metrics = read_json(path) if path.is_file() else {}
         if metrics.get("key") != key:
-            self.say(f"evaluation {out_dir.name}: made for another model under this name, evaluating again")
+            if metrics:
+                self.say(f"evaluation {out_dir.name}: made for another model under this name, evaluating again")
             return None
         made_by, now = metrics.get("code_version", "unknown"), code_version()
         if made_by != now:
@@ -374,20 +372,22 @@ class Run:
                 raise ValueError(f"evaluation {out_dir} was made by code {made_by}, not {now}, and {SAME_CODE_ENV}=1 "
                                  f"(--same-code) refuses it; delete that folder to evaluate again")
             self.say(f"evaluation {out_dir.name}: made by code {made_by}, reused by {now}")
-        flags = load_checkpoint(out_dir / "flags.pt")["flags"]
-        return {"metrics": metrics, "flags": {a: f for a, f in flags.items() if a in metrics["attacks"]}}
+        partial, held = load_partial(out_dir, key), (out_dir / "flags.pt").is_file()
+        if not (held or partial):
+            return None
+        flags = load_checkpoint(out_dir / "flags.pt")["flags"] if held else {}
+        finished = {k: v for k, v in metrics.items() if k not in ("partial", "chunks_done", "chunks")}
+        return {"metrics": finished if held else {**finished, "attacks": []}, "partial": partial,
+                "flags": {a: f for a, f in flags.items() if a in metrics["attacks"]}}
 
     def evaluate(self, name: str, model: torch.nn.Module, attacks=None, n_examples=None, sanity: bool | None = None,
                  model_info: dict | None = None) -> dict:
         """Evaluate model `name` under the preset's protocol on the first `n_examples` test images.
 
-        One record per model and settings (RUN/eval/<name>--n<N>--<settings>): attacks it already
-        holds are reused, missing ones are added to it (never replacing it) and `worst` is
-        recomputed over all. `sanity` (the gradient-masking checks, recorded in metrics.json): None
-        runs them for stacked models (AFS models and logit averages), which must never be reported
-        without them. A record of a different model under the same name (a retrained network) is
-        replaced.
-        """
+        One record per model and settings (RUN/eval/<name>--n<N>--<settings>): attacks it holds are reused, missing
+        ones added (never replacing it), `worst` recomputed over all; each finished chunk of examples is saved, so a
+        killed evaluation resumes there. `sanity` (the masking checks): None runs them for stacked models, which are
+        never reported without them. A record of another model under the same name (a retrained one) is replaced."""
         if sanity is None:
             sanity = isinstance(model, (AFSModel, LogitAverage))
         if n_examples is not None and not (is_int(n_examples) and n_examples >= 1):
@@ -412,9 +412,11 @@ class Run:
         if not missing and not stale_checks:
             self.say(f"evaluation {folder}: found {', '.join(held)}")
             return record["metrics"]
-        if record is not None:
+        if held:
             self.say(f"evaluation {folder}: found {', '.join(held)}; adding {', '.join(missing) or 'masking checks'}")
-        result = evaluate(model, x, y, cfg, self.device, self.progress, record=record, world=self.world)
+        so_far = {"attacks": held, "code_version": code_version(), "name": folder, **(record["metrics"] if held else {})}
+        result = evaluate(model, x, y, cfg, self.device, self.progress, record=record, world=self.world,
+                          on_chunk=(lambda state: save_partial(out_dir, key, state, so_far)) if self.world.main else None)
         result["flags"] = {a: f.cpu() for a, f in result["flags"].items()}  # as the record on disk holds them
         result["metrics"].update(key=key, name=folder, model_name=name, code_version=code_version(),
                                  world_size=self.world.size)
@@ -427,15 +429,13 @@ class Run:
                                    flags=result["flags"], strength=cfg.sanity_strength, step=alpha,
                                    n=cfg.sanity_examples if cfg.sanity_strength == "quick" else None, say=self.say)
             if not checks["checks"]["converged"]["passed"]:
-                # the reported PGD has not converged: the stronger attack joins `worst`, run (as AutoAttack runs
-                # its attacks) on every example the attacks so far left standing: `worst` is their AND, so one
-                # already broken needs no more work, and the record's pgdN is the attacks together
+                # the reported PGD has not converged: the stronger attack joins `worst`, run (as AutoAttack chains
+                # its attacks) on the examples the others left standing; the record's pgdN is all of them together
                 steps = checks["checks"]["converged"]["steps"]
                 gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-                strong = stronger_pgd_flags(model, x.to(self.device), y.to(self.device), cfg.eps, steps,
-                                            cfg.batch_size, generator=gen, progress=self.progress,
-                                            robust=result["flags"]["worst"].to(self.device))
-                add_attack(result, f"pgd{steps}", strong)
+                add_attack(result, f"pgd{steps}", stronger_pgd_flags(
+                    model, x.to(self.device), y.to(self.device), cfg.eps, steps, cfg.batch_size, generator=gen,
+                    progress=self.progress, robust=result["flags"]["worst"].to(self.device)))
             result["sanity"] = checks
         elif old_checks is not None:
             # checks made before these attacks were added; those comparing AutoAttack with PGD are redone

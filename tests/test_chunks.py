@@ -1,0 +1,94 @@
+"""Evaluation in chunks that survive: each finished chunk of examples is saved, and an interrupted
+evaluation resumes at its first unfinished chunk with the flags an uninterrupted one gives."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import pytest
+import torch
+
+from afs_kit import evaluation
+from afs_kit.config import EvalConfig, get_preset
+from afs_kit.evaluation import evaluate
+from afs_kit.pipeline import Run
+from afs_kit.runs import load_checkpoint, read_json
+from conftest import quick_cnn
+
+CFG = EvalConfig(eps=0.1, attacks=("clean", "pgd10", "aa"), aa_attacks=("apgd-ce",), batch_size=50, chunk_size=30)
+
+
+class Stop(Exception):
+    """An interruption between two chunks (what a kill leaves on disk: every finished chunk saved)."""
+
+
+@pytest.fixture(scope="module")
+def model_and_data(digits, one_thread):
+    x, y = digits.x_test[:100].float() / 255, digits.y_test[:100]
+    return quick_cnn(digits), x, y
+
+
+@pytest.mark.parametrize("attack, stop_after", [("pgd10", 2), ("aa", 1)])
+def test_an_interrupted_evaluation_resumes_at_its_first_unfinished_chunk(model_and_data, attack, stop_after,
+                                                                        capsys):
+    model, x, y = model_and_data
+    whole = evaluate(model, x, y, CFG, "cpu", progress=False)
+    saved = []
+
+    def save_then_stop(state):
+        saved.append(state)
+        if state["chunks_done"].get(attack) == stop_after:
+            raise Stop
+
+    with pytest.raises(Stop):
+        evaluate(model, x, y, CFG, "cpu", progress=False, on_chunk=save_then_stop)
+    state = saved[-1]
+    assert state["chunks"] == 4 and state["chunks_done"][attack] == stop_after
+    resumed = evaluate(model, x, y, CFG, "cpu", progress=True, record={"partial": state})
+    assert f"resuming {attack} at chunk {stop_after + 1}/4" in capsys.readouterr().out
+    for a in ("clean", "pgd10", "aa", "worst"):
+        assert torch.equal(resumed["flags"][a], whole["flags"][a]), a
+    assert resumed["metrics"]["aa_breakdown"] == whole["metrics"]["aa_breakdown"]
+
+
+def test_pgd_in_chunks_gives_the_flags_of_one_pass(model_and_data):
+    """PGD's starts are drawn per example: the chunk size changes nothing."""
+    model, x, y = model_and_data
+    one = evaluate(model, x, y, dataclasses.replace(CFG, attacks=("clean", "pgd10"), chunk_size=100), "cpu", False)
+    many = evaluate(model, x, y, dataclasses.replace(CFG, attacks=("clean", "pgd10"), chunk_size=7), "cpu", False)
+    assert torch.equal(one["flags"]["pgd10"], many["flags"]["pgd10"])
+
+
+def test_a_run_keeps_its_chunks_and_says_partial_until_finished(tmp_path, monkeypatch, capsys):
+    preset = dataclasses.replace(get_preset("smoke"), evaluation=dataclasses.replace(
+        get_preset("smoke").evaluation, chunk_size=20, n_examples=60))
+    run = Run(tmp_path / "run", preset, device="cpu", progress=False)
+    run.train_extractors(budgets=[0.1])
+    shutil.copytree(tmp_path / "run", tmp_path / "twin")
+    twin = Run(tmp_path / "twin", preset, device="cpu", progress=False)
+    model = run.extractor(0.1)[0]
+    real, calls = evaluation.attack_flags, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while PGD-20 works on its third chunk
+        calls.append(args[3])
+        if calls.count("pgd20") == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "attack_flags", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run.evaluate("extractor-x", model, attacks=["pgd10", "pgd20"])
+    (folder,) = (tmp_path / "run" / "eval").iterdir()
+    on_disk = read_json(folder / "metrics.json")
+    assert on_disk["partial"] is True and on_disk["chunks_done"] == {"pgd10": 3, "pgd20": 2}
+    assert on_disk["attacks"] == [] and "pgd20" not in on_disk, "no unfinished number is written"
+    monkeypatch.setattr(evaluation, "attack_flags", real)
+    run.progress = True
+    resumed = run.evaluate("extractor-x", model, attacks=["pgd10", "pgd20"])
+    assert "resuming pgd20 at chunk 3/3" in capsys.readouterr().out
+    assert "partial" not in resumed and not (folder / "partial.pt").exists()
+    whole = twin.evaluate("extractor-x", twin.extractor(0.1)[0], attacks=["pgd10", "pgd20"])
+    flags = load_checkpoint(folder / "flags.pt")["flags"]
+    twin_flags = load_checkpoint(next((tmp_path / "twin" / "eval").iterdir()) / "flags.pt")["flags"]
+    assert all(torch.equal(flags[a], twin_flags[a]) for a in ("clean", "pgd10", "pgd20", "worst"))
+    assert resumed["worst"] == whole["worst"]
