@@ -3,6 +3,8 @@ evaluation resumes at its first unfinished chunk with the flags an uninterrupted
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import shutil
 
 import pytest
@@ -92,3 +94,67 @@ def test_a_run_keeps_its_chunks_and_says_partial_until_finished(tmp_path, monkey
     twin_flags = load_checkpoint(next((tmp_path / "twin" / "eval").iterdir()) / "flags.pt")["flags"]
     assert all(torch.equal(flags[a], twin_flags[a]) for a in ("clean", "pgd10", "pgd20", "worst"))
     assert resumed["worst"] == whole["worst"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """A smoke run with its 0.1 extractor (one epoch), trained through the command line."""
+    import subprocess
+    import sys
+
+    run = tmp_path_factory.mktemp("chunks") / "run"
+    done = subprocess.run([sys.executable, "-m", "afs_kit", "train-extractors", "--preset", "smoke", "--run", str(run),
+                           "--eps", "0.1", "--set", "extractor.epochs=1", "--device", "cpu", "--quiet"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attacks", ["clean,pgd20", "clean,aa"])
+def test_a_sigkilled_evaluation_resumes_where_its_chunks_end(cli_run, tmp_path, attacks):
+    """SIGKILL after at least two saved chunks (of PGD-20, or of AutoAttack's APGD-CE), then the same command
+    again: it says where it resumes and ends with the flags of an evaluation never killed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    attack = attacks.split(",")[1]
+    for copy in ("killed", "whole"):
+        shutil.copytree(cli_run, tmp_path / copy)
+    argv = ["evaluate", "--model", "extractor:0.1", "--attacks", attacks, "--n", "120", "--device", "cpu",
+            "--set", "evaluation.chunk_size=10", "--set", "evaluation.batch_size=1",
+            "--set", "evaluation.aa_attacks=apgd-ce"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def command(copy):
+        return [sys.executable, "-m", "afs_kit", argv[0], "--run", str(tmp_path / copy), *argv[1:]]
+
+    proc = subprocess.Popen(command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    partial = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list((tmp_path / "killed" / "eval").glob("*/partial.pt"))
+        if found:
+            try:
+                state = load_checkpoint(found[0])
+            except Exception:  # caught while being replaced: look again
+                state = {}
+            if state.get("chunks_done", {}).get(attack, 0) >= 2:
+                partial = found[0]
+                break
+        time.sleep(0.02)
+    assert partial is not None, "the evaluation ended before two chunks could be seen"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert read_json(partial.parent / "metrics.json")["partial"] is True
+    again = subprocess.run(command("killed"), env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert re.search(rf"resuming {attack} at chunk \d+/12", again.stdout + again.stderr)
+    whole = subprocess.run(command("whole"), env=env, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    flags = {c: load_checkpoint(next((tmp_path / c / "eval").glob("*/flags.pt")))["flags"] for c in ("killed", "whole")}
+    for a in ("clean", attack, "worst"):
+        assert torch.equal(flags["killed"][a], flags["whole"][a]), a
+    assert not partial.exists() and "partial" not in read_json(partial.parent / "metrics.json")
