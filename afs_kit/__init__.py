@@ -2,12 +2,14 @@
 
 The public API: `Run` (a run directory and its preset: every stage), `PRESETS`, `load_dataset`,
 `build_model`, `pgd`, `autoattack`, `evaluate` (clean, PGD and AutoAttack with `worst` and
-intervals) and `sanity_checks` (the gradient-masking checks).
+intervals), `sanity_checks` (the gradient-masking checks), `export_model` and `load_model` (an AFS model
+as one self-contained checkpoint with a RobustBench-style card, and back).
 """
 from .attacks import autoattack, pgd
 from .config import PRESETS
 from .data import load_dataset
 from .evaluation import evaluate, sanity_checks
+from .export import export_model, load_model
 from .models import build_model
 from .outside import alias_autoattack
 from .pipeline import Run
@@ -17,4 +19,4 @@ from .version import code_version
 alias_autoattack()
 
 __all__ = ["Run", "PRESETS", "load_dataset", "build_model", "pgd", "autoattack", "evaluate", "sanity_checks",
-           "code_version"]
+           "export_model", "load_model", "code_version"]

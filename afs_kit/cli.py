@@ -13,6 +13,7 @@ from pathlib import Path
 from .checks import parse_eps_list, parse_unit
 from .config import ATTACKS, PARALLEL_MODES, PRESETS, format_budget, get_preset, override, preset_from_dict
 from .runs import RunDir, model_name, read_json
+from .version import VersionAction
 
 
 class UsageError(ValueError):
@@ -32,35 +33,16 @@ EXAMPLES = {
     "add-extractor": ["afs-kit add-extractor --preset zoo-cifar10 --model-dir models",
                       "afs-kit add-extractor --run runs/demo --builder torchvision.models:resnet18 "
                       "--kwargs '{\"num_classes\": 10}' --weights resnet18.pt --name resnet18"],
+    "export": ["afs-kit export --run runs/demo --model afs:0001100-alpha-0.5-loss-1a2b3c4d --out exported/demo"],
     "report": ["afs-kit report --preset demo", "afs-kit report --readme"],
     "presets": ["afs-kit presets"],
 }
 
 
-class _Version(argparse.Action):
-    """--version: the package's version and the code's (git commit, "-dirty"), computed only when asked."""
-
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, **kwargs):
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
-                         help="print the package and code versions and exit", **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        from importlib import metadata
-
-        from .version import code_version
-        try:
-            package = metadata.version("afs-kit")
-        except metadata.PackageNotFoundError:
-            package = "(not installed)"
-        code = code_version()
-        print(f"afs-kit {package}" + ("" if code == f"afs-kit {package}" else f" (code {code})"))
-        parser.exit(0)
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="afs-kit", description="Adversarial Feature Stacking (Liu & Zhao): train "
                                 "extractors at several budgets, stack them, train the merger, attack the whole model.")
-    p.add_argument("--version", action=_Version)
+    p.add_argument("--version", action=VersionAction)
     p.add_argument("--same-code", action="store_true", help="refuse cached evaluations made by another commit "
                    "(default: reuse them with a one-line note naming both commits)")
     subparsers = p.add_subparsers(dest="command", required=True)
@@ -131,6 +113,11 @@ def _parser() -> argparse.ArgumentParser:
                     "example and Square with 5,000 queries (default: 200 examples, 1,000 queries)")
     sp.add_argument("--estimate", action="store_true", help="print each attack's passes and the estimated wall "
                     "time (from the model's measured time per image), then stop: nothing runs or is written")
+    common(sp, needs_run=True)
+
+    sp = command("export", help="an AFS model as one self-contained checkpoint and a RobustBench-style card")
+    sp.add_argument("--model", required=True, help="afs:<merger folder> (see the run's mergers/)")
+    sp.add_argument("--out", required=True, help="folder for model.pt and card.json (afs_kit.load_model reads it)")
     common(sp, needs_run=True)
 
     sp = command("report", help="execute the notebook sequence with papermill into reports/<preset>/")
@@ -404,6 +391,13 @@ def run_command(argv: list[str]) -> int:
         return 0
     if args.command == "add-extractor":
         return _add_extractors(run, args)
+    if args.command == "export":
+        from .export import export_model
+
+        if not args.model.startswith("afs:"):
+            raise UsageError(f"--model must be afs:<merger folder>, got model={args.model!r}")
+        run.say(f"exported to {export_model(run, args.model.removeprefix('afs:'), args.out)}")
+        return 0
     raise UsageError(f"unknown command {args.command!r}")
 
 

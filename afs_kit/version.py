@@ -7,6 +7,7 @@ report that spans a commit is not split in two.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import os
@@ -59,3 +60,20 @@ def pinned_code_version() -> Iterator[str]:
             os.environ.pop(ENV, None)
         else:
             os.environ[ENV] = old
+
+
+class VersionAction(argparse.Action):
+    """`afs-kit --version`: the package's version and the code's (git commit, "-dirty"), computed only when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the package and code versions and exit", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            package = metadata.version("afs-kit")
+        except metadata.PackageNotFoundError:
+            package = "(not installed)"
+        code = code_version()
+        print(f"afs-kit {package}" + ("" if code == f"afs-kit {package}" else f" (code {code})"))
+        parser.exit(0)

@@ -192,6 +192,11 @@ ROWS = [
     pytest.param(merger("--seeds", "2"), r"seeds/seed-1 has no trained extractors; run train-extractors --seeds 2",
                  id="seeds-untrained"),
     pytest.param(report("--seeds", "0"), r"--seeds must be an integer >= 1, got seeds='0'", id="seeds-report"),
+    # export (issue 26): only a trained AFS model, named as its merger folder
+    pytest.param(["export", "--run", RUN, "--model", "extractor:0.1", "--out", OUT],
+                 r"--model must be afs:<merger folder>, got model='extractor:0.1'", id="export-not-afs"),
+    pytest.param(["export", "--run", RUN, "--model", "afs:nope", "--out", OUT],
+                 r"model=afs:nope names no trained merger in .* \(trained: none\)", id="export-no-merger"),
 ]
 
 
@@ -209,7 +214,7 @@ def test_bad_input_exits_2_names_it_and_writes_nothing(argv, message, box, bad_d
 
 def test_the_rows_cover_every_command():
     commands = {p.values[0][0] for p in ROWS}
-    assert commands == {"train-extractors", "train-merger", "evaluate", "report"}
+    assert commands == {"train-extractors", "train-merger", "evaluate", "report", "export"}
 
 
 def _env() -> dict[str, str]:

@@ -189,3 +189,25 @@ def test_same_budget_ensemble_refuses_a_bad_size_before_writing(tmp_path):
     with pytest.raises(ValueError, match="alpha"):
         run.same_budget_ensemble(0.1, 2, alpha=1.5)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_exported_model_loads_alone_and_gives_the_runs_logits(smoke_run, tmp_path):
+    """export writes one self-contained checkpoint and a RobustBench-style card; load_model rebuilds the model
+    (weights only, strict, eval mode) with exactly the run's logits on real images."""
+    from afs_kit import load_model
+
+    run = Run.open(smoke_run, device="cpu", progress=False)
+    (name,) = run.merger_names()
+    out = tmp_path / "exported"
+    assert main(["export", "--run", str(smoke_run), "--model", f"afs:{name}", "--out", str(out), "--quiet"]) == 0
+    model = load_model(out)
+    assert not model.training and all(not m.training for m in model.modules())
+    x, _ = run.test_set(64)
+    with torch.no_grad():
+        assert torch.equal(model(x), run.afs_model("all", alpha=0.5)(x))
+    card = read_json(out / "card.json")
+    (record,) = [read_json(p) for p in (smoke_run / "eval").glob(f"afs-{name}--n*/metrics.json")]
+    assert card["number_forward_passes"] == 3 and card["additional_data"] is False
+    assert card["clean_acc"] == round(record["clean"], 2) and card["autoattack_acc"] == round(record["aa"], 2)
+    assert card["n_examples"] == record["n"] and card["autoattack_version"].startswith("standard (pyautoattack ")
+    assert card["masking_checks"]["passed"] == record["sanity"]["passed"] and card["threat_model"] == "Linf"
