@@ -198,11 +198,13 @@ PRESETS: dict[str, Preset] = {
         large_model="cnn-small-x2",
         tsne_examples=500,
     ),
-    # real CIFAR-10 (lossless 4,000 train / 1,000 test), five budgets 0..8/255, evaluated at 8/255: the whole
-    # report in about 90 minutes on 2 CPU cores (measured: 96 min of wall time over seven invocations of
-    # `report`, each reusing what the one before had finished, on cores shared with the Fashion-MNIST report
-    # and the test suite; the committed summary's stage times are the last, fully cached, invocation's).
-    # What was cut to fit, and why (each measured on 1 core):
+    # real CIFAR-10 (lossless 4,000 train / 1,000 test), five budgets 0..8/255, evaluated at 8/255. On 500 test
+    # images and 2 seeds the whole report took 96 min of wall time on 2 shared CPU cores. On all 1,000 test
+    # images it is longer than 2 hours: evaluations of one extractor took 1 (0/255) to 14 minutes (6/255) each on
+    # 2 cores shared with another report, most of it the stronger PGD that a failed `converged` check runs
+    # (PGD-100, 2 restarts, CE and CW, now only on the examples PGD-10/20 left standing); `evaluate --estimate`
+    # says 8.4 min for that extractor, 36 if the check fails. Evaluations are saved chunk by chunk, so the
+    # report resumes across invocations. What was cut to fit, and why (each measured on 1 core):
     # - extractors: FGSM with a random start and a cyclic rate (Wong et al. 2020), 15 epochs: 1.7 min at 8/255
     #   (val clean 43.5%, PGD-10 26.5%) where 10 epochs of PGD-5 took 3.5 min for 37.0% / 22.5%;
     #   20 epochs gained 2 points for 50% more time. cnn-cifar pools after its first conv (half the MACs).
@@ -211,13 +213,12 @@ PRESETS: dict[str, Preset] = {
     #   divided by 10 for the last; the weights kept are the best of the 5 validation checks (the start among
     #   them). Rate 0.5 in units of 1/E||f||^2, chosen on the validation split at alpha = 0.5 (score 32.5 after
     #   one epoch at 0.5 against 32.0 at 2, the earlier rate; at alpha = 0 no rate from 0.02 to 2 beat the start).
-    # - evaluation on the first 500 test images; AutoAttack there too but APGD-CE and APGD-DLR only: the
+    # - evaluation on all 1,000 test images, AutoAttack on the first 500 and APGD-CE and APGD-DLR only: the
     #   standard version took 191 s for 100 images through ONE network (APGD-T's 9 targets, FAB-T and
     #   Square's 5,000 queries on every robust image), hours through five. Square still runs, 1,000 queries,
     #   in the masking checks, which use 100 images instead of 200.
-    # - the main AFS model stacks all five; table 3 compares it with the concavity rule's choice ("selected",
-    #   chosen on validation images by notebook 02).
-    # - the committed report ran `afs-kit report --preset cifar10-mini --seeds 2 -p SUBSETS=selected,all`.
+    # - the headline AFS model is the concavity rule's stack ("selected", chosen on validation images by
+    #   notebook 02: 6/255 and 8/255 here), as in the paper; table 3 adds the full stack.
     "cifar10-mini": Preset(
         name="cifar10-mini",
         data=DataConfig(spec="npz:../shared/data/cifar10-mini.npz", **_CIFAR_DATA),

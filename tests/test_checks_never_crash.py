@@ -1,0 +1,43 @@
+"""Every masking check runs on any model that evaluates: a member, or a path of the model, without
+gradients is a finding the checks record and fail on, never a traceback."""
+import copy
+
+import torch
+from torch import nn
+
+from afs_kit.evaluation import sanity_checks
+from afs_kit.stacking import AFSModel, FeatureStack, LinearMerger
+from conftest import quick_cnn
+
+
+class NoGradient(nn.Module):
+    """A member whose features are computed without autograd (a non-differentiable preprocessing, say)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.feature_dim = net, net.feature_dim
+
+    def features(self, x):
+        with torch.no_grad():
+            return self.net.features(x)
+
+    def forward(self, x):
+        return self.net.classifier(self.features(x))
+
+
+def test_a_member_without_gradients_fails_the_transfer_check_and_crashes_nothing(digits, one_thread):
+    net = quick_cnn(digits)
+    stack = FeatureStack([net, NoGradient(copy.deepcopy(net))])
+    merger = LinearMerger(stack.feature_dim, 10)
+    with torch.no_grad():  # the first member's own classifier, the second's features weighted too
+        merger.linear.weight.copy_(torch.cat([net.classifier.weight, 0.5 * net.classifier.weight], dim=1))
+        merger.linear.bias.copy_(net.classifier.bias)
+    model = AFSModel(stack, merger).eval()
+    x, y = digits.x_test[:40].float() / 255, digits.y_test[:40]
+    out = sanity_checks(model, x, y, eps=0.1, n=40, seed=0, device="cpu")
+    transfer = out["checks"]["transfer_not_stronger"]
+    assert not transfer["passed"] and transfer["no_gradient"] == ["extractor 1"]
+    assert transfer["per_source"]["extractor 1"].startswith("no gradient: ")
+    assert "transfer_not_stronger" in out["failed"]
+    # the whole model still has gradients through the first member
+    assert out["checks"]["nonzero_gradients"]["zero_gradient_share"] < 0.5
