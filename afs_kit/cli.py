@@ -6,6 +6,7 @@ exits with status 2 and one line on stderr naming the value.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -380,7 +381,9 @@ def run_command(argv: list[str]) -> int:
             from .estimate import estimate_run
             print("\n".join(estimate_run(run, [(n, m) for n, _, m in targets], attacks, args.n, args.sanity)))
             return 0
-        with job_lock(run.dir):
+        # one process: each evaluation takes the run's lock only if it has something to write, so a complete run
+        # answers from a read-only place; under torchrun rank 0 holds it for the job, as every rank must know
+        with job_lock(run.dir) if w.distributed else contextlib.nullcontext():
             done = [(what, run.evaluate(name, model, attacks=attacks, n_examples=args.n,
                                         # None: the pipeline runs the sanity checks for every stacked model
                                         sanity=True if args.sanity else None, model_info=run.model_info(*what)))

@@ -5,6 +5,7 @@ and a stage that finds its output made from the same config skips the work and s
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -130,6 +131,11 @@ class Run:
                                      evaluation=dataclasses.replace(p.evaluation, seed=seed))
         return Run(self.dir.seed_dir(seed), preset, device=self.device, progress=self.progress)
 
+    def writing(self, needed: bool = True):
+        """The run's lock while a stage writes (`runs.writer`, shared by stages inside stages); taken by rank 0, whose
+        job lock covers every rank under torchrun; nothing to write (`needed` False) takes nothing."""
+        return self.dir.lock() if needed and self.world.main else contextlib.nullcontext()
+
     # ------------------------------------------------------------ extractors
     def extractor_config(self, eps: float):
         return dataclasses.replace(self.preset.extractor, eps=eps)
@@ -151,24 +157,25 @@ class Run:
         w = self.world if parallel is not None else World()
         if parallel is not None:
             check_choice("parallel", parallel, PARALLEL_MODES)
-        if w.main:  # run.json is shared: rank 0 writes it before any rank trains
-            self.write_info()
-        w.barrier()
         found = [eps for eps, ckpt in out.items() if ckpt is not None]
         todo = [eps for eps, ckpt in out.items() if ckpt is None]
-        mine = todo[w.rank::w.size] if parallel == "budgets" else todo
-        if found:  # one line for what is on disk, not one per extractor
-            self.say(f"extractors {', '.join(format_budget(e) for e in found)}: found in {self.dir.root}")
-        started = time.monotonic()
-        for k, eps in enumerate(mine):
-            done = time.monotonic() - started
-            eta = "" if k == 0 else f", about {done / k * (len(mine) - k) / 60:.0f} min left for all"
-            self.say(f"extractor {k + 1} of {len(mine)} to train (eps {format_budget(eps)}){eta}")
-            out[eps] = train_extractor(self.extractor_config(eps), self.data, self.preset.data,
-                                       self.dir.extractor_dir(budget_name(eps)), self.device, self.progress,
-                                       world=w if parallel == "data" else World(),
-                                       trained_by={"rank": w.rank, "world_size": w.size, "parallel": parallel})
-        w.barrier()  # the other ranks' extractors are on disk now
+        with self.writing(bool(todo) or not self.dir.info_path.is_file()):
+            if w.main:  # run.json is shared: rank 0 writes it before any rank trains
+                self.write_info()
+            w.barrier()
+            mine = todo[w.rank::w.size] if parallel == "budgets" else todo
+            if found:  # one line for what is on disk, not one per extractor
+                self.say(f"extractors {', '.join(format_budget(e) for e in found)}: found in {self.dir.root}")
+            started = time.monotonic()
+            for k, eps in enumerate(mine):
+                done = time.monotonic() - started
+                eta = "" if k == 0 else f", about {done / k * (len(mine) - k) / 60:.0f} min left for all"
+                self.say(f"extractor {k + 1} of {len(mine)} to train (eps {format_budget(eps)}){eta}")
+                out[eps] = train_extractor(self.extractor_config(eps), self.data, self.preset.data,
+                                           self.dir.extractor_dir(budget_name(eps)), self.device, self.progress,
+                                           world=w if parallel == "data" else World(),
+                                           trained_by={"rank": w.rank, "world_size": w.size, "parallel": parallel})
+            w.barrier()  # the other ranks' extractors are on disk now
         return [out[eps] or existing_extractor(self.extractor_config(eps), self.data, self.preset.data,
                                                self.dir.extractor_dir(budget_name(eps))) for eps in budgets]
 
@@ -183,8 +190,9 @@ class Run:
         return None if wide is None else self._train_extra("large-model", model=wide, eps=self.preset.evaluation.eps)
 
     def _train_extra(self, which: str, **changes) -> dict:
-        return train_extractor(dataclasses.replace(self.preset.extractor, **changes), self.data, self.preset.data,
-                               self.dir.ablation_dir(which), self.device, self.progress)
+        with self.writing():
+            return train_extractor(dataclasses.replace(self.preset.extractor, **changes), self.data, self.preset.data,
+                                   self.dir.ablation_dir(which), self.device, self.progress)
 
     def extractor_checkpoints(self) -> list[tuple[float, Path]]:
         """(budget, path) of every finished extractor, sorted by budget."""
@@ -235,7 +243,8 @@ class Run:
 
     def save_extractor(self, ckpt: dict) -> None:
         """Write an outside extractor `prepare_outside` made (run.json first, for a new run) and say so."""
-        added = save_outside(self.dir, ckpt, before_write=self.write_info)
+        with self.writing():
+            added = save_outside(self.dir, ckpt, before_write=self.write_info)
         where = f"added to {self.dir.outside_dir(ckpt['name'])}" if added else "already in this run"
         self.say(f"extractor {ckpt['name']} ({describe_source(ckpt['source'])}, {ckpt['feature_dim']} features "
                  f"by {ckpt['method']}): {where}")
@@ -292,39 +301,21 @@ class Run:
         if not 0 <= cfg.alpha <= 1:
             raise ValueError(f"alpha (the clean-loss weight of eq. 5) must be in [0, 1], got alpha={cfg.alpha}")
         name, key = self.merger_name(indices, cfg)
-        out_dir = self.dir.merger_dir(name)
-        if not (out_dir / "merger.pt").is_file() and self.world.main:
-            self.write_info()
-        found = self.members()
-        model, trained = load_or_train_merger(
-            self.stack(indices), self.data, cfg, self.preset.data, out_dir, key,
-            [found[i][1].parent.name for i in indices], [self.member(found[i][1])[1]["key"] for i in indices],
-            self.device, self.progress, self.world)
+        out_dir, found = self.dir.merger_dir(name), self.members()
+        missing = not (out_dir / "merger.pt").is_file()
+        with self.writing(missing):
+            if missing and self.world.main:
+                self.write_info()
+            model, trained = load_or_train_merger(
+                self.stack(indices), self.data, cfg, self.preset.data, out_dir, key,
+                [found[i][1].parent.name for i in indices], [self.member(found[i][1])[1]["key"] for i in indices],
+                self.device, self.progress, self.world)
         stacked = ", ".join(found[i][0] for i in indices)
         floor = load_checkpoint(out_dir / "merger.pt").get("floor") if trained and self.world.main else None
         self.say(f"merger {name} (subset {subset} = {stacked}, alpha {cfg.alpha:g}): "
                  + (f"trained, saved in {out_dir}" if trained else f"found in {out_dir}")
                  + (f"; {floor['text']} (validation, n = {floor['n']})" if floor else ""))
         return model
-
-    def same_budget_ensemble(self, eps: float, size: int, alpha: float | None = None) -> tuple[AFSModel, str]:
-        """The same-budget control: `size` networks at budget `eps` (this run's and the next seeds', trained there when
-        missing) merged as AFS is: diversity of budgets, or just `size` networks? The merger is in RUN/controls/."""
-        check_int("size", size, 1, what="(networks in the same-budget ensemble)")
-        cfg = dataclasses.replace(self.preset.merger, alpha=self.preset.merger.alpha if alpha is None else alpha)
-        check_real("alpha", cfg.alpha, 0, 1)
-        runs = [self.seed_run(seed) for seed in self.seeds(size)]
-        for run in runs:
-            run.train_extractors(budgets=[eps])
-        extractors, ckpts = zip(*(run.extractor(eps) for run in runs))
-        keys, names = [c["key"] for c in ckpts], [f"seed-{r.seed}/{budget_name(eps)}" for r in runs]
-        key = config_hash(cfg, self.preset.data, keys)
-        name = f"same-budget-{budget_name(eps)}-x{size}-alpha-{cfg.alpha:g}-{cfg.mix}-{key[:8]}"
-        model, trained = load_or_train_merger(FeatureStack([m.to(self.device) for m in extractors]), self.data, cfg,
-                                              self.preset.data, self.dir.control_dir(name), key, names, keys,
-                                              self.device, self.progress, self.world)
-        self.say(f"same-budget ensemble {name}: " + ("trained" if trained else "found"))
-        return model, name
 
     def merger_names(self) -> list[str]:
         base = self.dir.mergers_dir
@@ -412,39 +403,43 @@ class Run:
         if not missing and not stale_checks:
             self.say(f"evaluation {folder}: found {', '.join(held)}")
             return record["metrics"]
-        if held:
-            self.say(f"evaluation {folder}: found {', '.join(held)}; adding {', '.join(missing) or 'masking checks'}")
-        so_far = {"attacks": held, "code_version": code_version(), "name": folder, **(record["metrics"] if held else {})}
-        result = evaluate(model, x, y, cfg, self.device, self.progress, record=record, world=self.world,
-                          on_chunk=(lambda state: save_partial(out_dir, key, state, so_far)) if self.world.main else None)
-        result["flags"] = {a: f.cpu() for a, f in result["flags"].items()}  # as the record on disk holds them
-        result["metrics"].update(key=key, name=folder, model_name=name, code_version=code_version(),
-                                 world_size=self.world.size)
-        if not self.world.main:  # under torchrun rank 0 alone runs the masking checks and writes the record
-            return self.world.broadcast(None)
-        if sanity and (stale_checks or more_pgd_steps(held, missing)):
-            self.say(f"evaluation {folder}: gradient-masking checks ({cfg.sanity_strength}) ...")
-            alpha = step_size(cfg.eps, cfg.step_size)
-            checks = sanity_checks(model, x, y, cfg.eps, result["metrics"], seed=cfg.seed, device=self.device,
-                                   flags=result["flags"], strength=cfg.sanity_strength, step=alpha,
-                                   n=cfg.sanity_examples if cfg.sanity_strength == "quick" else None, say=self.say)
-            if not checks["checks"]["converged"]["passed"]:
-                # the reported PGD has not converged: the stronger attack joins `worst`, run (as AutoAttack chains
-                # its attacks) on the examples the others left standing; the record's pgdN is all of them together
-                steps = checks["checks"]["converged"]["steps"]
-                gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-                add_attack(result, f"pgd{steps}", stronger_pgd_flags(
-                    model, x.to(self.device), y.to(self.device), cfg.eps, steps, cfg.batch_size, generator=gen,
-                    progress=self.progress, robust=result["flags"]["worst"].to(self.device)))
-            result["sanity"] = checks
-        elif old_checks is not None:
-            # checks made before these attacks were added; those comparing AutoAttack with PGD are redone
-            result["sanity"] = aa_checks(old_checks, result["metrics"], result["flags"])
-        metrics = write_evaluation(out_dir, result, model_info or {})
-        shown = dict.fromkeys(a for a in ("clean", *metrics["attacks"], "worst") if a in metrics)
-        checks = metrics.get("sanity")
-        self.say(f"evaluation {name}: " + ", ".join(
-            f"{a} {metrics[a]:.1f}% [{metrics['ci95'][a][0]:.1f}-{metrics['ci95'][a][1]:.1f}]" for a in shown)
-            + ("" if checks is None else "; masking checks " + (
-                "passed" if checks["passed"] else "FAILED: " + ", ".join(checks["failed"]))))
-        return self.world.broadcast(metrics)
+        with self.writing():
+            if held:
+                self.say(f"evaluation {folder}: found {', '.join(held)}; adding "
+                         f"{', '.join(missing) or 'masking checks'}")
+            so_far = {"attacks": held, "code_version": code_version(), "name": folder,
+                      **(record["metrics"] if held else {})}
+            save = (lambda state: save_partial(out_dir, key, state, so_far)) if self.world.main else None
+            result = evaluate(model, x, y, cfg, self.device, self.progress, record=record, world=self.world,
+                              on_chunk=save)
+            result["flags"] = {a: f.cpu() for a, f in result["flags"].items()}  # as the record on disk holds them
+            result["metrics"].update(key=key, name=folder, model_name=name, code_version=code_version(),
+                                     world_size=self.world.size)
+            if not self.world.main:  # under torchrun rank 0 alone runs the masking checks and writes the record
+                return self.world.broadcast(None)
+            if sanity and (stale_checks or more_pgd_steps(held, missing)):
+                self.say(f"evaluation {folder}: gradient-masking checks ({cfg.sanity_strength}) ...")
+                alpha = step_size(cfg.eps, cfg.step_size)
+                checks = sanity_checks(model, x, y, cfg.eps, result["metrics"], seed=cfg.seed, device=self.device,
+                                       flags=result["flags"], strength=cfg.sanity_strength, step=alpha,
+                                       n=cfg.sanity_examples if cfg.sanity_strength == "quick" else None, say=self.say)
+                if not checks["checks"]["converged"]["passed"]:
+                    # the reported PGD has not converged: the stronger attack joins `worst`, run (as AutoAttack chains
+                    # its attacks) on the examples the others left standing; the record's pgdN is all of them together
+                    steps = checks["checks"]["converged"]["steps"]
+                    gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+                    add_attack(result, f"pgd{steps}", stronger_pgd_flags(
+                        model, x.to(self.device), y.to(self.device), cfg.eps, steps, cfg.batch_size, generator=gen,
+                        progress=self.progress, robust=result["flags"]["worst"].to(self.device)))
+                result["sanity"] = checks
+            elif old_checks is not None:
+                # checks made before these attacks were added; those comparing AutoAttack with PGD are redone
+                result["sanity"] = aa_checks(old_checks, result["metrics"], result["flags"])
+            metrics = write_evaluation(out_dir, result, model_info or {})
+            shown = dict.fromkeys(a for a in ("clean", *metrics["attacks"], "worst") if a in metrics)
+            checks = metrics.get("sanity")
+            self.say(f"evaluation {name}: " + ", ".join(
+                f"{a} {metrics[a]:.1f}% [{metrics['ci95'][a][0]:.1f}-{metrics['ci95'][a][1]:.1f}]" for a in shown)
+                + ("" if checks is None else "; masking checks " + (
+                    "passed" if checks["passed"] else "FAILED: " + ", ".join(checks["failed"]))))
+            return self.world.broadcast(metrics)

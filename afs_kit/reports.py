@@ -212,7 +212,7 @@ def run_report(preset: str, out: str | Path | None = None, run_dir: str | Path |
             "INTERACTIVE": False, **values}
     base["RUN_DIR"] = _relative(run_dir, here)
 
-    from .runs import RunLock
+    from .runs import RunDir
 
     info = {"preset": preset, "run": _relative(run_dir), "parameters": values}
     stage_seconds: dict[str, float] = {}
@@ -221,7 +221,7 @@ def run_report(preset: str, out: str | Path | None = None, run_dir: str | Path |
     from .version import pinned_code_version
 
     # one code version for the whole report, whatever is committed while it runs (the kernels inherit it)
-    with RunLock(run_dir), pinned_code_version() as version:
+    with RunDir(run_dir).lock(children=True), pinned_code_version() as version:
         info["code_version"] = version
         _clear_report(out, paths)
         _write_summary(out, run_dir, {"partial": True, "stage_seconds": stage_seconds, **info})

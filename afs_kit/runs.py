@@ -12,6 +12,7 @@ Layout of a run directory::
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -184,6 +185,41 @@ class RunLock:
             self._fd = None
 
 
+# the run directories this process writes, with how many stages hold each (a stage inside another shares its lock)
+_HELD: dict[Path, int] = {}
+# run directories a parent process holds for its children (`afs-kit report`'s notebook kernels), os.pathsep-separated
+INHERITED_ENV = "AFS_KIT_RUN_LOCKED_BY_PARENT"
+
+
+@contextlib.contextmanager
+def writer(run_dir: str | Path, children: bool = False):
+    """This process as the run directory's one writer while a stage writes: its lock taken (a second writer
+    elsewhere is refused with the holder named), or shared when a stage of this process, or the parent that
+    started it with `children=True`, holds it already. Reading never takes it."""
+    root = Path(run_dir).resolve()
+    inherited = os.environ.get(INHERITED_ENV, "").split(os.pathsep)
+    if root in _HELD or str(root) in inherited:
+        _HELD[root] = _HELD.get(root, 0) + 1
+        try:
+            yield
+        finally:
+            _HELD[root] -= 1
+            if not _HELD[root]:
+                del _HELD[root]
+        return
+    with RunLock(root):
+        _HELD[root] = 1
+        old = os.environ.get(INHERITED_ENV)
+        if children:
+            os.environ[INHERITED_ENV] = os.pathsep.join(filter(None, [old, str(root)]))
+        try:
+            yield
+        finally:
+            del _HELD[root]
+            if children:
+                os.environ.pop(INHERITED_ENV) if old is None else os.environ.__setitem__(INHERITED_ENV, old)
+
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -276,8 +312,9 @@ class RunDir:
     def summary_path(self) -> Path:
         return self.root / "summary.json"
 
-    def lock(self) -> RunLock:
-        return RunLock(self.root)
+    def lock(self, children: bool = False):
+        """The run directory's lock for a stage that writes (`writer`)."""
+        return writer(self.root, children)
 
     def extractor_names(self) -> list[str]:
         """Names of the extractors that finished training."""
@@ -288,6 +325,7 @@ class RunDir:
 
     def update_summary(self, key: str, value: Any) -> None:
         """Each notebook or stage writes its part of summary.json."""
-        summary = read_json(self.summary_path) if self.summary_path.is_file() else {}
-        summary[key] = value
-        write_json(self.summary_path, summary)
+        with self.lock():
+            summary = read_json(self.summary_path) if self.summary_path.is_file() else {}
+            summary[key] = value
+            write_json(self.summary_path, summary)

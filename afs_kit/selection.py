@@ -422,7 +422,8 @@ def run_selection(run) -> str:
     budgets, values = run.delta_z_values()
     sel = select_extractors(budgets, values, Delta=run.preset.evaluation.eps)
     chosen = [i for i, b in enumerate(budgets) if any(abs(b - s) < 1e-9 for s in sel.selected)]
-    write_json(path, {"budgets": budgets, "extractor_keys": keys, **settings, "n_examples": sel.n_examples,
-                      "delta_z": sel.delta_z, "std": sel.std, "selection": dataclasses.asdict(sel),
-                      "vector": subset_vector(chosen, len(budgets))})
+    with run.writing():
+        write_json(path, {"budgets": budgets, "extractor_keys": keys, **settings, "n_examples": sel.n_examples,
+                          "delta_z": sel.delta_z, "std": sel.std, "selection": dataclasses.asdict(sel),
+                          "vector": subset_vector(chosen, len(budgets))})
     return read_json(path)["vector"]

@@ -409,6 +409,24 @@ def test_a_read_only_run_directory_exits_2_naming_it(command, box):
         _chmod_tree(run, writable=True)
 
 
+@pytest.mark.slow  # a real `python -m afs_kit` process: make test-fast skips it
+def test_a_read_only_run_answers_a_cached_evaluate_without_the_lock(box):
+    """Reading never needs write access: a colleague's finished run on a read-only mount."""
+    argv = ["evaluate", "--model", "extractor:0.1", "--attacks", "pgd10", "--n", "20", "--device", "cpu"]
+    assert main([argv[0], "--run", box["run"], *argv[1:], "--quiet"]) == 0
+    run = Path(box["run"])
+    _chmod_tree(run, writable=False)
+    try:
+        prefix = _unwritable_prefix(run)
+        before = snapshot(box["root"])
+        out = afs_kit(argv[0], "--run", str(run), *argv[1:], cwd=box["root"], prefix=prefix)
+        assert out.returncode == 0, out.stderr
+        assert "found clean, pgd10" in out.stdout + out.stderr
+        assert snapshot(box["root"]) == before
+    finally:
+        _chmod_tree(run, writable=True)
+
+
 @pytest.mark.slow  # a real `python -m afs_kit` process per case: make test-fast skips them
 @pytest.mark.parametrize("command", ["train-merger", "evaluate"])
 @pytest.mark.parametrize("exists", [False, True], ids=["missing", "empty"])

@@ -10,6 +10,7 @@ from afs_kit.attacks import pgd
 from afs_kit.cli import main
 from afs_kit.checks import parse_eps_list
 from afs_kit.config import get_preset
+from afs_kit.controls import same_budget_ensemble
 from afs_kit.evaluation import correct_flags
 from afs_kit.pipeline import Run
 from afs_kit.runs import load_checkpoint, read_json
@@ -185,9 +186,9 @@ def ckpt_key(path):
 def test_same_budget_ensemble_refuses_a_bad_size_before_writing(tmp_path):
     run = Run(tmp_path / "run", get_preset("smoke"), device="cpu", progress=False)
     with pytest.raises(ValueError, match="size"):
-        run.same_budget_ensemble(0.1, 0)
+        same_budget_ensemble(run, 0.1, 0)
     with pytest.raises(ValueError, match="alpha"):
-        run.same_budget_ensemble(0.1, 2, alpha=1.5)
+        same_budget_ensemble(run, 0.1, 2, alpha=1.5)
     assert not (tmp_path / "run").exists()
 
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..config import config_hash, format_budget
+from ..controls import same_budget_ensemble
 from ..pipeline import Run
 from ..runs import model_name, read_json, write_json
 from ..stats import points_apart, spearman
@@ -125,7 +126,8 @@ def robustness_curves(run: Run, subset: str | None = None, alpha: float | None =
         curve = robustness_curve(build(), x, y, budgets, steps=steps, batch_size=ev.batch_size, seed=ev.seed,
                                  precision=ev.precision, device=run.device)
         curves[name] = [c["accuracy"] for c in curve]
-        write_json(path, {"key": key, "name": name, "budgets": budgets, "accuracy": curves[name], "n": len(y)})
+        with run.writing():
+            write_json(path, {"key": key, "name": name, "budgets": budgets, "accuracy": curves[name], "n": len(y)})
     return {"budgets": budgets, "accuracy": curves, "n": int(len(y)), "steps": steps}
 
 
@@ -232,7 +234,7 @@ def comparison_table(run: Run, subset: str | None = None, alpha: float | None = 
         avg_pgd = run.evaluate(model_name("avg", vector), avg, attacks=PGD_ATTACKS, n_examples=n_examples,
                                model_info=run.model_info("avg", vector))
         row("logit average", f"logit average (eq. 9) {vector}", avg_pgd, None, size, vector)
-        model, name = run.same_budget_ensemble(base, size, alpha)
+        model, name = same_budget_ensemble(run, base, size, alpha)
         ens_pgd = run.evaluate(model_name("ensemble", name), model, attacks=PGD_ATTACKS, n_examples=n_examples,
                                model_info=run.model_info("ensemble", name))
         row("same-budget ensemble", f"same-budget ensemble {size} x {label(base)}, alpha={alpha:g}", ens_pgd, None,
