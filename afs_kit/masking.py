@@ -10,6 +10,7 @@ adversarial robustness"). Every form of masking they name is caught by at least 
 | vanishing / exploding gradients          | nonzero_gradients, converged (its margin loss)     |
 | a backward pass that does not match      | blackbox_not_stronger, transfer_not_stronger       |
 | an attack that has not converged         | converged                                          |
+| a stack whose members hide each other    | stack_attacks_not_stronger (a stack's own attacks) |
 
 "Stronger" is decided per example, never on two averages: an attack is significantly stronger than
 the reported one when an exact McNemar test on the same examples gives p < 0.05 and it breaks more
@@ -70,6 +71,75 @@ def stronger_pgd_flags(model, x, y, eps: float, steps: int, batch_size: int = 20
     return robust
 
 
+class MemberLogits(nn.Module):
+    """The logits an AFS model's merger computes from some of its members' features alone (the others' share
+    left out): what an attack made for a stack follows, one member (or group) at a time."""
+
+    def __init__(self, model, members: list[int]):
+        super().__init__()
+        dims = model.stack.feature_dims
+        start = [sum(dims[:i]) for i in range(len(dims))]
+        cols = torch.cat([torch.arange(start[i], start[i] + dims[i]) for i in members])
+        self.extractors = nn.ModuleList([model.stack.extractors[i] for i in members])
+        self.register_buffer("weight", model.merger.linear.weight.detach()[:, cols].clone())
+        self.register_buffer("bias", model.merger.linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.cat([m.features(x) for m in self.extractors], dim=1), self.weight, self.bias)
+
+
+def stack_sources(model: nn.Module, below: list[int] | None = None) -> dict[str, nn.Module]:
+    """The attacks made for a stack: PGD on each member's share of the merger's logits and, where `below`
+    names the members trained below the evaluation budget, on theirs together; none for other models."""
+    from .stacking import AFSModel
+
+    if not isinstance(model, AFSModel) or len(model.stack.extractors) < 2:
+        return {}
+    sources = {f"member {i}": MemberLogits(model, [i]) for i in range(len(model.stack.extractors))}
+    if below and 1 < len(below) < len(model.stack.extractors):
+        sources["members below the budget"] = MemberLogits(model, below)
+    return sources
+
+
+def stack_attack_flags(model, x, y, eps: float, step: float, steps: int, sources: dict[str, nn.Module],
+                       standing: torch.Tensor, generator=None, batch_size: int = 200) -> tuple[torch.Tensor, dict]:
+    """Robust flags of `model` under every attack of `sources` (PGD-`steps` on each, evaluated on the whole
+    model), each on the examples the ones before left standing; and per source what it broke, or why it could
+    not attack (a source without gradients is a finding, not a crash)."""
+    robust, per = standing.clone(), {}
+    for name, source in sources.items():
+        def crafted(xs, ys, source=source):
+            x_adv = torch.cat([pgd(source, xs[i:i + batch_size], ys[i:i + batch_size], eps, step, steps,
+                                   generator=generator) for i in range(0, len(ys), batch_size)])
+            return correct_flags(model, x_adv, ys)
+
+        try:
+            hit = robust_where(robust, x, y, crafted)
+        except RuntimeError as err:
+            per[name] = f"no gradient: {str(err).splitlines()[0]}"
+            continue
+        per[name] = int((robust & ~hit).sum())  # broken by this attack and by none before it
+        robust = hit
+    return robust, per
+
+
+def attacks_joining_worst(model, x, y, eps: float, step: float, checks: dict, standing: torch.Tensor, generator,
+                          batch_size: int = 200, progress: bool = False, below: list[int] | None = None) -> dict:
+    """The stronger attacks of the checks that failed (`sanity_checks` result `checks`), run on every example
+    still `standing`, each after the one before: {"pgd<N>": flags} for `converged`, {"stack": flags} for
+    `stack_attacks_not_stronger`. They join `worst`."""
+    out, found = {}, checks["checks"]
+    if not found["converged"]["passed"]:
+        steps = found["converged"]["steps"]
+        out[f"pgd{steps}"] = standing = stronger_pgd_flags(model, x, y, eps, steps, batch_size, generator=generator,
+                                                           progress=progress, robust=standing)
+    stack = found.get("stack_attacks_not_stronger")
+    if stack is not None and not stack["passed"]:
+        out["stack"], _ = stack_attack_flags(model, x, y, eps, step, stack["steps"], stack_sources(model, below),
+                                             standing, generator, batch_size)
+    return out
+
+
 def transfer_sources(model: nn.Module) -> dict[str, nn.Module]:
     """The surrogates a stacked model's transfer check attacks: each extractor and their logit average."""
     from .stacking import AFSModel, LogitAverage
@@ -90,7 +160,7 @@ def transfer_sources(model: nn.Module) -> dict[str, nn.Module]:
 def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: dict | None = None,
                   n: int | None = None, seed: int = 0, device: str | None = None, flags: dict | None = None,
                   strength: str = "quick", sources: dict[str, nn.Module] | None = None,
-                  step: float | None = None, say=None) -> dict:
+                  step: float | None = None, say=None, below: list[int] | None = None) -> dict:
     """Gradient-masking checks on at most `n` examples (default: the strength's, 200 for "quick").
 
     Args:
@@ -117,6 +187,10 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
         transfer_not_stronger: PGD on each surrogate, transferred to the model, breaks no significantly
             more examples (all surrogates together) than the white-box attack.
         aa_not_above_pgd (where AutoAttack ran): PGD does not break significantly more than AutoAttack.
+        stack_attacks_not_stronger (AFS models): PGD on each member's share of the merger's logits (and on the
+            members trained below the budget together, `below`), each evaluated on the whole model and run on
+            what the reported attack left standing, breaks no significantly more; `broke_beyond_reported` says
+            what each broke. `Run.evaluate` then reports them in `worst` ("stack").
         monotone_in_budget: robust accuracy does not rise with the budget (eps/2, eps, 2 eps).
         large_budget_breaks: at a budget of max(0.5, 8 eps) accuracy falls to at most 10%.
         nonzero_gradients: input gradients are finite and non-zero for most examples.
@@ -191,6 +265,16 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
         unattackable = [k for k, v in per_source.items() if isinstance(v, str)]
         if unattackable:
             checks["transfer_not_stronger"].update(passed=False, no_gradient=unattackable)
+
+    stack = stack_sources(model, below)
+    if stack:
+        say(f"  masking check 3b: PGD-{reported_steps} on each member's share of the merger's logits ...")
+        by_stack, per_member = stack_attack_flags(model, x, y, eps, alpha, reported_steps, stack, white,
+                                                  generator=gen)
+        checks["stack_attacks_not_stronger"] = _stronger(white, by_stack, broke_beyond_reported=per_member,
+                                                         steps=reported_steps)
+        if any(isinstance(v, str) for v in per_member.values()):
+            checks["stack_attacks_not_stronger"]["passed"] = False
 
     checks.update(_autoattack_checks(metrics, flags, n))
 

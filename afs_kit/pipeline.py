@@ -21,7 +21,7 @@ from .data import Dataset, load_dataset
 from .device import PRECISIONS, resolve_device
 from .distributed import World, world
 from .evaluation import add_attack, evaluate, load_partial, more_pgd_steps, save_partial, write_evaluation
-from .masking import aa_checks, sanity_checks, stronger_pgd_flags
+from .masking import aa_checks, attacks_joining_worst, sanity_checks
 from .models import check_model_name
 from .outside import describe_source, load_outside, prepare_outside, save_outside
 from .runs import PROJECT_ROOT, RunDir, default_run_dir, expect, load_checkpoint, read_json, write_json
@@ -399,7 +399,9 @@ class Run:
         held = record["metrics"]["attacks"] if record else []
         old_checks = (record or {}).get("metrics", {}).get("sanity")
         missing = [a for a in cfg.attacks if a not in held]
-        stale_checks = sanity and (old_checks is None or old_checks.get("strength") != cfg.sanity_strength)
+        stale_checks = sanity and (old_checks is None or old_checks.get("strength") != cfg.sanity_strength or (
+            len(getattr(getattr(model, "stack", None), "extractors", [])) > 1  # checks made before a stack's own
+            and "stack_attacks_not_stronger" not in old_checks["checks"]))
         if not missing and not stale_checks:
             self.say(f"evaluation {folder}: found {', '.join(held)}")
             return record["metrics"]
@@ -419,18 +421,20 @@ class Run:
                 return self.world.broadcast(None)
             if sanity and (stale_checks or more_pgd_steps(held, missing)):
                 self.say(f"evaluation {folder}: gradient-masking checks ({cfg.sanity_strength}) ...")
-                alpha = step_size(cfg.eps, cfg.step_size)
+                alpha, budget = step_size(cfg.eps, cfg.step_size), {id(m): c["config"]["eps"] for m, c in
+                                                                    self._extractors.values()}
+                below = [i for i, m in enumerate(getattr(getattr(model, "stack", None), "extractors", [])) if
+                         budget.get(id(m), cfg.eps) < cfg.eps - 1e-12]  # a stack's members trained below the budget
                 checks = sanity_checks(model, x, y, cfg.eps, result["metrics"], seed=cfg.seed, device=self.device,
-                                       flags=result["flags"], strength=cfg.sanity_strength, step=alpha,
+                                       flags=result["flags"], strength=cfg.sanity_strength, step=alpha, below=below,
                                        n=cfg.sanity_examples if cfg.sanity_strength == "quick" else None, say=self.say)
-                if not checks["checks"]["converged"]["passed"]:
-                    # the reported PGD has not converged: the stronger attack joins `worst`, run (as AutoAttack chains
-                    # its attacks) on the examples the others left standing; the record's pgdN is all of them together
-                    steps = checks["checks"]["converged"]["steps"]
-                    gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-                    add_attack(result, f"pgd{steps}", stronger_pgd_flags(
-                        model, x.to(self.device), y.to(self.device), cfg.eps, steps, cfg.batch_size, generator=gen,
-                        progress=self.progress, robust=result["flags"]["worst"].to(self.device)))
+                # a failed check's stronger attack joins `worst`, run (as AutoAttack chains its attacks) on every
+                # example the others left standing: the record's pgdN (or "stack") is all of them together
+                gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+                for attack, robust in attacks_joining_worst(model, x.to(self.device), y.to(self.device), cfg.eps, alpha,
+                                                            checks, result["flags"]["worst"].to(self.device), gen,
+                                                            cfg.batch_size, self.progress, below).items():
+                    add_attack(result, attack, robust)
                 result["sanity"] = checks
             elif old_checks is not None:
                 # checks made before these attacks were added; those comparing AutoAttack with PGD are redone

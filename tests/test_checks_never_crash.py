@@ -41,3 +41,23 @@ def test_a_member_without_gradients_fails_the_transfer_check_and_crashes_nothing
     assert "transfer_not_stronger" in out["failed"]
     # the whole model still has gradients through the first member
     assert out["checks"]["nonzero_gradients"]["zero_gradient_share"] < 0.5
+
+
+def test_the_stacks_own_attacks_follow_each_members_share_of_the_merger(digits, one_thread):
+    from afs_kit.masking import MemberLogits, stack_sources
+
+    a, b, c = (quick_cnn(digits) for _ in range(3))
+    stack = FeatureStack([a, b, c])
+    torch.manual_seed(1)
+    model = AFSModel(stack, LinearMerger(stack.feature_dim, 10)).eval()
+    x, y = digits.x_test[:40].float() / 255, digits.y_test[:40]
+    with torch.no_grad():
+        parts = sum(MemberLogits(model, [i])(x) for i in range(3)) - 2 * model.merger.linear.bias
+        torch.testing.assert_close(parts, model(x), rtol=1e-5, atol=1e-5)  # the shares add up to the logits
+    assert set(stack_sources(model, below=[0, 1])) == {"member 0", "member 1", "member 2", "members below the budget"}
+    assert stack_sources(a) == {} and set(stack_sources(model)) == {"member 0", "member 1", "member 2"}
+    out = sanity_checks(model, x, y, eps=0.1, n=40, seed=0, device="cpu", below=[0])
+    check = out["checks"]["stack_attacks_not_stronger"]
+    assert set(check["broke_beyond_reported"]) == {"member 0", "member 1", "member 2"}
+    assert all(isinstance(v, int) and v >= 0 for v in check["broke_beyond_reported"].values())
+    assert check["other"] <= check["reported"] + 1e-9, "run on what the reported attack left standing"

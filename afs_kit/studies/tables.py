@@ -273,12 +273,12 @@ def paired_comparisons(run: Run, rows: Sequence[dict]) -> list[dict]:
 
 
 def pgd_robust_flags(flags: dict) -> np.ndarray:
-    """Per example: correct under every PGD attack of an evaluation record (PGD-10, PGD-20 and the stronger
-    PGD of a failed `converged` check); AutoAttack, run on only some models, is left out so that every
-    point of the frontier is measured alike."""
+    """Per example: correct under every PGD attack of an evaluation record (PGD-10, PGD-20, the stronger PGD of a
+    failed `converged` check and a stack's own attacks where they broke more); AutoAttack, run on only some
+    models, is left out so that every point of the frontier is measured alike."""
     robust = flags["clean"].bool().clone()
     for attack, f in flags.items():
-        if attack.startswith("pgd"):
+        if attack.startswith("pgd") or attack == "stack":  # "stack": PGD through the merger's share of a member
             robust &= f.bool()
     return robust.numpy()
 
