@@ -421,10 +421,11 @@ class Run:
                 return self.world.broadcast(None)
             if sanity and (stale_checks or more_pgd_steps(held, missing)):
                 self.say(f"evaluation {folder}: gradient-masking checks ({cfg.sanity_strength}) ...")
-                alpha, budget = step_size(cfg.eps, cfg.step_size), {id(m): c["config"]["eps"] for m, c in
-                                                                    self._extractors.values()}
+                # a stack's members trained below the budget (outside ones carry no budget)
+                alpha, budget = step_size(cfg.eps, cfg.step_size), {id(m): c.get("config", {}).get("eps", cfg.eps)
+                                                                    for m, c in self._extractors.values()}
                 below = [i for i, m in enumerate(getattr(getattr(model, "stack", None), "extractors", [])) if
-                         budget.get(id(m), cfg.eps) < cfg.eps - 1e-12]  # a stack's members trained below the budget
+                         budget.get(id(m), cfg.eps) < cfg.eps - 1e-12]
                 checks = sanity_checks(model, x, y, cfg.eps, result["metrics"], seed=cfg.seed, device=self.device,
                                        flags=result["flags"], strength=cfg.sanity_strength, step=alpha, below=below,
                                        n=cfg.sanity_examples if cfg.sanity_strength == "quick" else None, say=self.say)
