@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import os
 
 import torch
@@ -96,7 +97,11 @@ def init(device: torch.device) -> tuple[World, torch.device]:
         device = torch.device("cuda", w.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # AFS_KIT_DIST_TIMEOUT (seconds; torch's 30 min by default): a worker restarted by torchrun whose peer never
+        # connects fails after it, and torchrun restarts the job again, instead of waiting half an hour
+        timeout = os.environ.get("AFS_KIT_DIST_TIMEOUT")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                **({"timeout": datetime.timedelta(seconds=float(timeout))} if timeout else {}))
     return world(), device
 
 

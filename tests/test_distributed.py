@@ -126,13 +126,16 @@ def test_sharded_evaluation_gives_one_process_flags(by_budgets, tmp_path):
 
 def test_a_killed_worker_restarts_and_the_job_ends_as_an_unbroken_one(reference, tmp_path):
     """Rank 0 (the lock holder, whose pid the lock file names) is killed with SIGKILL inside its second epoch;
-    torchrun restarts both workers, which resume from their last finished epoch. `--max-restarts 3`, not 1: on
+    torchrun restarts both workers, which resume from their last finished epoch. `--max-restarts 6`, not 1: on
     this machine gloo's reconnection after a restart now and then finds a peer not yet listening ("Connection
-    refused"), which costs one more restart (it happened once in four runs)."""
+    refused"), which costs one more restart, and a restarted worker can wait for a peer that never comes: with
+    AFS_KIT_DIST_TIMEOUT=60 it fails and is restarted instead of waiting torch's 30 minutes (it hung 2 of 4 runs)."""
     run = tmp_path / "run"
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=3", "-m", "afs_kit", "--",
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=6", "-m", "afs_kit", "--",
            "train-extractors", *SMOKE, "--run", str(run), "--set", "extractor.epochs=2"]
-    job = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # a restarted worker whose peer never connects (gloo, now and then here) fails after 60 s and is restarted
+    job = subprocess.Popen(cmd, env={**_env(), "AFS_KIT_DIST_TIMEOUT": "60"}, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
     try:
         first = run / "extractors" / "eps-0-255" / "last.pt"
         deadline = time.monotonic() + 300
