@@ -400,7 +400,7 @@ class Run:
         old_checks = (record or {}).get("metrics", {}).get("sanity")
         missing = [a for a in cfg.attacks if a not in held]
         stale_checks = sanity and (old_checks is None or old_checks.get("strength") != cfg.sanity_strength or (
-            len(getattr(getattr(model, "stack", None), "extractors", [])) > 1  # checks made before a stack's own
+            isinstance(model, AFSModel) and len(model.stack.extractors) > 1  # checks made before a stack's own
             and "stack_attacks_not_stronger" not in old_checks["checks"]))
         if not missing and not stale_checks:
             self.say(f"evaluation {folder}: found {', '.join(held)}")
@@ -424,7 +424,7 @@ class Run:
                 # a stack's members trained below the budget (outside ones carry no budget)
                 alpha, budget = step_size(cfg.eps, cfg.step_size), {id(m): c.get("config", {}).get("eps", cfg.eps)
                                                                     for m, c in self._extractors.values()}
-                below = [i for i, m in enumerate(getattr(getattr(model, "stack", None), "extractors", [])) if
+                below = [i for i, m in enumerate(model.stack.extractors if isinstance(model, AFSModel) else []) if
                          budget.get(id(m), cfg.eps) < cfg.eps - 1e-12]
                 checks = sanity_checks(model, x, y, cfg.eps, result["metrics"], seed=cfg.seed, device=self.device,
                                        flags=result["flags"], strength=cfg.sanity_strength, step=alpha, below=below,
