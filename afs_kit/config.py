@@ -11,7 +11,8 @@ import json
 import typing
 from dataclasses import dataclass
 
-from .checks import check_choice, check_int, parse_value
+from .core.checks import check_choice, check_int, parse_value
+from .core.errors import BadInput
 
 TRAINERS = ("pgd", "fgsm", "trades")
 LR_SCHEDULES = ("step", "cyclic")
@@ -20,7 +21,6 @@ MERGER_INITS = ("random", "zero", "logit-average", "best-member")  # where the m
 MERGER_KEEPS = ("best", "last")  # which weights a trained merger keeps
 ATTACK_BN = ("train", "eval")
 ATTACKS = ("clean", "pgd10", "pgd20", "aa")
-AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")  # pyautoattack's attack names
 SANITY_STRENGTHS = ("quick", "full")
 PARALLEL_MODES = ("budgets", "data")  # how a torchrun job shares out extractor training (afs_kit.distributed)
 
@@ -288,7 +288,7 @@ PRESETS["paper-cifar100"] = dataclasses.replace(
 
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset={name!r}; known presets: {', '.join(PRESETS)}")
+        raise BadInput(f"unknown preset={name!r}; known presets: {', '.join(PRESETS)}")
     return PRESETS[name]
 
 
@@ -296,17 +296,17 @@ def override(preset: Preset, assignments: list[str] | tuple[str, ...]) -> Preset
     """Apply `section.field=value` (or a top-level `field=value`) overrides to a preset."""
     for item in assignments:
         if "=" not in item:
-            raise ValueError(f"override must look like section.field=value, got {item!r}")
+            raise BadInput(f"override must look like section.field=value, got {item!r}")
         key, text = item.split("=", 1)
         key = key.strip()
         section, _, fname = key.rpartition(".")
         if section and (section not in {f.name for f in dataclasses.fields(preset)}
                         or not dataclasses.is_dataclass(getattr(preset, section))):
-            raise ValueError(f"unknown config section in override {key!r}; sections: data, extractor, merger, evaluation")
+            raise BadInput(f"unknown config section in override {key!r}; sections: data, extractor, merger, evaluation")
         target = getattr(preset, section) if section else preset
         hints = typing.get_type_hints(type(target))
         if fname not in hints:
-            raise ValueError(f"unknown config field {key!r}; {type(target).__name__} has: {', '.join(hints)}")
+            raise BadInput(f"unknown config field {key!r}; {type(target).__name__} has: {', '.join(hints)}")
         value = parse_value(text, hints[fname], key)
         new = dataclasses.replace(target, **{fname: value})
         preset = dataclasses.replace(preset, **{section: new}) if section else new
@@ -316,25 +316,25 @@ def override(preset: Preset, assignments: list[str] | tuple[str, ...]) -> Preset
 
 def _check_unit(value: float, name: str) -> None:
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {name}={value!r}")
+        raise BadInput(f"{name} must be in [0, 1], got {name}={value!r}")
 
 
 def validate_preset(p: Preset) -> None:
     """Every check that can be made before anything is written."""
     if not p.budgets and not p.zoo:
-        raise ValueError("budgets must list at least one training budget (or zoo a RobustBench model), got budgets=()")
+        raise BadInput("budgets must list at least one training budget (or zoo a RobustBench model), got budgets=()")
     for eps in p.budgets:
         _check_unit(eps, "eps")
     if len(set(p.budgets)) != len(p.budgets):
-        raise ValueError(f"budgets must be distinct, got budgets={p.budgets}")
+        raise BadInput(f"budgets must be distinct, got budgets={p.budgets}")
     for a in p.alphas:
         _check_unit(a, "alpha")
     e, m, v = p.extractor, p.merger, p.evaluation
     check_choice("trainer", e.trainer, TRAINERS)
     if e.attack_bn not in ATTACK_BN:
-        raise ValueError(f"unknown extractor.attack_bn={e.attack_bn!r}; known: {', '.join(ATTACK_BN)}")
+        raise BadInput(f"unknown extractor.attack_bn={e.attack_bn!r}; known: {', '.join(ATTACK_BN)}")
     if e.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"unknown extractor.lr_schedule={e.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
+        raise BadInput(f"unknown extractor.lr_schedule={e.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
     check_choice("merger.init", m.init, MERGER_INITS)
     check_choice("merger.keep", m.keep, MERGER_KEEPS)
     check_int("merger.min_steps", m.min_steps, 0)
@@ -342,15 +342,12 @@ def validate_preset(p: Preset) -> None:
     if m.val_examples is not None:
         check_int("merger.val_examples", m.val_examples, 1)
     if m.mix not in MIXES:
-        raise ValueError(f"unknown mix={m.mix!r}; known: {', '.join(MIXES)}")
+        raise BadInput(f"unknown mix={m.mix!r}; known: {', '.join(MIXES)}")
     if v.sanity_strength not in SANITY_STRENGTHS:
-        raise ValueError(f"unknown evaluation.sanity_strength={v.sanity_strength!r}; "
+        raise BadInput(f"unknown evaluation.sanity_strength={v.sanity_strength!r}; "
                          f"known: {', '.join(SANITY_STRENGTHS)}")
     for a in v.attacks:
         check_choice("attack", a, ATTACKS)
-    for a in v.aa_attacks:
-        if a not in AA_ATTACKS:
-            raise ValueError(f"unknown evaluation.aa_attacks entry {a!r}; known: {', '.join(AA_ATTACKS)}")
     if v.sanity_examples is not None:
         check_int("evaluation.sanity_examples", v.sanity_examples, 1)
     check_int("evaluation.chunk_size", v.chunk_size, 1)
@@ -360,24 +357,24 @@ def validate_preset(p: Preset) -> None:
     if e.eps_range is not None:
         lo, hi = e.eps_range
         if not (0 <= lo <= hi <= 1):
-            raise ValueError(f"eps_range must satisfy 0 <= lo <= hi <= 1, got eps_range={e.eps_range}")
+            raise BadInput(f"eps_range must satisfy 0 <= lo <= hi <= 1, got eps_range={e.eps_range}")
     for name, value in (("extractor.epochs", e.epochs), ("extractor.batch_size", e.batch_size),
                         ("extractor.attack_steps", e.attack_steps), ("merger.epochs", m.epochs),
                         ("merger.batch_size", m.batch_size), ("merger.attack_steps", m.attack_steps),
                         ("evaluation.batch_size", v.batch_size), ("extractor.val_attack_steps", e.val_attack_steps)):
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {name}={value}")
+            raise BadInput(f"{name} must be >= 1, got {name}={value}")
     for name, value in (("extractor.step_size", e.step_size), ("merger.step_size", m.step_size),
                         ("evaluation.step_size", v.step_size)):
         if value is not None and value <= 0:
-            raise ValueError(f"{name} (the PGD step size) must be > 0, got {name}={value}")
+            raise BadInput(f"{name} (the PGD step size) must be > 0, got {name}={value}")
     if v.n_examples is not None and v.n_examples < 1:
-        raise ValueError(f"evaluation.n_examples must be >= 1 or None, got evaluation.n_examples={v.n_examples}")
+        raise BadInput(f"evaluation.n_examples must be >= 1 or None, got evaluation.n_examples={v.n_examples}")
     if v.aa_examples is not None and v.aa_examples < 1:
-        raise ValueError(f"evaluation.aa_examples must be >= 1 or None, got evaluation.aa_examples={v.aa_examples}")
+        raise BadInput(f"evaluation.aa_examples must be >= 1 or None, got evaluation.aa_examples={v.aa_examples}")
     for name, value in (("extractor.lr", e.lr), ("merger.lr", m.lr)):
         if value <= 0:
-            raise ValueError(f"{name} must be > 0, got {name}={value}")
+            raise BadInput(f"{name} must be > 0, got {name}={value}")
 
 
 def step_size(eps: float, step: float | None) -> float:
@@ -389,10 +386,84 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Cache keys that survive new fields. A key hashes the fields each class had when keys were introduced
+# (listed here by hand, so a field added later is NOT in them) plus any later field only where its value differs
+# from its default: a new field left at its default keeps every old key, so it orphans no run. These tuples
+# must never change; tests/test_cache_keys.py pins the keys of every preset.
+_KEYED_FIELDS: dict[type, tuple[str, ...]] = {
+    DataConfig: ("spec", "root", "val_fraction", "crop_padding", "flip", "train_limit"),
+    ExtractorConfig: ("model", "trainer", "eps", "eps_range", "attack_steps", "step_size", "trades_beta",
+                      "attack_bn", "epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule",
+                      "lr_milestones", "lr_gamma", "val_attack_steps", "val_examples", "seed", "precision"),
+    MergerConfig: ("alpha", "mix", "eps", "attack_steps", "step_size", "epochs", "batch_size", "lr",
+                   "normalize_lr", "lr_drop_epoch", "momentum", "weight_decay", "seed", "precision", "init",
+                   "min_steps", "val_attack_steps", "val_examples", "standardize", "keep"),
+    EvalConfig: ("eps", "step_size", "attacks", "n_examples", "aa_examples", "batch_size", "budgets", "seed",
+                 "precision", "sanity_strength", "sanity_examples", "aa_attacks", "chunk_size"),
+    Preset: ("name", "data", "extractor", "budgets", "merger", "evaluation", "alphas", "subsets",
+             "default_subset", "ablation_budget_range", "large_model", "tsne_examples", "delta_z_examples", "zoo"),
+}
+# What a config computes with the same settings: bump a class's version when its code makes something else from
+# them (a new default behaviour), so a result made the old way is never reused as the new. Version 1 adds
+# nothing to the key (today's keys); a later one enters it as "__recipe__": n.
+_RECIPE_VERSIONS: dict[type, int] = {DataConfig: 1, ExtractorConfig: 1, MergerConfig: 1, EvalConfig: 1, Preset: 1}
+
+
+def _class_entry(table: dict, cls: type):
+    """The entry of `cls` or of its nearest listed base (a subclass keys as its parent); None if none."""
+    for klass in cls.__mro__:
+        if klass in table:
+            return table[klass]
+    return None
+
+
+def _key_value(value):
+    """`dataclasses.asdict`'s value for the JSON of a key, with each dataclass as `_key_fields` of it."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _key_fields(value)
+    if isinstance(value, (list, tuple)):
+        return [_key_value(v) for v in value]  # JSON writes tuples as lists, as asdict's did
+    if isinstance(value, dict):
+        return {k: _key_value(v) for k, v in value.items()}
+    return value
+
+
+def _key_json(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _key_fields(cfg) -> dict:
+    """The dict a config's key hashes: its keyed fields, a later field only where it differs from its default
+    (compared as the key's JSON, so 1 and 1.0 or True differ as they would in the key), and "__recipe__" above
+    version 1. A dataclass not in _KEYED_FIELDS (a test's own) keys all its fields, as asdict."""
+    if isinstance(cfg, type):
+        raise TypeError(f"config_hash takes config instances, got the class {cfg.__name__}")  # as asdict
+    keyed = _class_entry(_KEYED_FIELDS, type(cfg))
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = _key_value(getattr(cfg, f.name))
+        if keyed is not None and f.name not in keyed:
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:  # no default to stay silent at: always keyed
+                default = dataclasses.MISSING
+            if default is not dataclasses.MISSING and _key_json(value) == _key_json(_key_value(default)):
+                continue
+        out[f.name] = value
+    version = _class_entry(_RECIPE_VERSIONS, type(cfg)) or 1
+    if version != 1:
+        out["__recipe__"] = version
+    return out
+
+
 def config_hash(*parts) -> str:
-    """A short stable hash of configs (dataclasses or plain containers), keying what a stage made."""
-    blob = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
-                      sort_keys=True, default=str)
+    """A short stable hash of configs (dataclasses or plain containers), keying what a stage made.
+
+    A dataclass part hashes as `_key_fields` (keys survive new fields left at their defaults; a recipe version
+    bump changes them); a plain part hashes as it is, as before."""
+    blob = _key_json([_key_fields(p) if dataclasses.is_dataclass(p) else p for p in parts])
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -418,7 +489,7 @@ def _from_fields(cls, values: dict):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - known
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+        raise BadInput(f"unknown {cls.__name__} fields {sorted(unknown)}")
     out = {}
     for k, v in values.items():
         if isinstance(v, list):

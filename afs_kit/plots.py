@@ -17,10 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .analysis import weight_array, weight_stats
-from .checks import check_int
-from .paper import TABLE4_CIFAR10, ReferenceRow
-from .selection import Selection
+from .attacks.registry import PGD_ATTACKS, attack_label
+from .core.checks import check_int
+from .core.errors import BadInput
+from .core.io import atomic_write
+from .core.stats import confidence_interval
+from .explain.analysis import weight_array, weight_stats
+from .explain.paper import TABLE4_CIFAR10, ReferenceRow
+from .explain.selection import Selection
 
 __all__ = [
     "plot_clean_vs_robust", "plot_delta_z", "plot_tsne", "plot_robustness_vs_budget",
@@ -52,7 +56,6 @@ def _wilson_yerr(percent: Sequence[float], n: int | None) -> np.ndarray | None:
     (`afs_kit.stats.confidence_interval`); None when `n` is None (no bars drawn)."""
     if n is None:
         return None
-    from .stats import confidence_interval
 
     n = check_int("n", n, 1, what="examples behind each accuracy, or None")
     v = np.asarray(percent, dtype=float)
@@ -75,15 +78,15 @@ def _array(values, name: str, ndim: int = 1) -> np.ndarray:
     try:
         arr = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be numeric, got {name}={values!r}") from err
+        raise BadInput(f"{name} must be numeric, got {name}={values!r}") from err
     if arr.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-dimensional, got {name} with shape {arr.shape}")
+        raise BadInput(f"{name} must be {ndim}-dimensional, got {name} with shape {arr.shape}")
     return arr
 
 
 def _same_length(name: str, values: np.ndarray, ref_name: str, n: int) -> None:
     if len(values) != n:
-        raise ValueError(f"{name} must have one value per entry of {ref_name} ({n}), got len({name})={len(values)}")
+        raise BadInput(f"{name} must have one value per entry of {ref_name} ({n}), got len({name})={len(values)}")
 
 
 # ----------------------------------------------------------------------------- fig. 1
@@ -110,11 +113,11 @@ def plot_clean_vs_robust(results: Mapping[str, tuple[float, float]] | None = Non
     `MIN_SPAN` points, so that a small gap is drawn small.
     """
     if robust not in ("pgd", "aa"):
-        raise ValueError(f"robust must be 'pgd' or 'aa', got robust={robust!r}")
+        raise BadInput(f"robust must be 'pgd' or 'aa', got robust={robust!r}")
     results = dict(results or {})
     for name, point in results.items():
         if len(tuple(point)) != 2:
-            raise ValueError(f"results[{name!r}] must be (clean, robust), got {point!r}")
+            raise BadInput(f"results[{name!r}] must be (clean, robust), got {point!r}")
     fig, axes = _new_figure(figsize=(6, 4.5))
     ax = axes[0, 0]
     if reference:
@@ -222,21 +225,21 @@ def plot_tsne(embeddings: Sequence, labels, class_names: Sequence[str] | None = 
     """
     embs = [_array(e, f"embeddings[{i}]", ndim=2) for i, e in enumerate(embeddings)]
     if not embs:
-        raise ValueError("embeddings must hold at least one embedding, got an empty sequence")
+        raise BadInput("embeddings must hold at least one embedding, got an empty sequence")
     y = np.asarray(labels.detach().cpu() if hasattr(labels, "detach") else labels)
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"labels must be a 1-D array of integer classes, got shape {y.shape} and dtype {y.dtype}")
+        raise BadInput(f"labels must be a 1-D array of integer classes, got shape {y.shape} and dtype {y.dtype}")
     for i, e in enumerate(embs):
         if e.shape[1] != 2:
-            raise ValueError(f"embeddings[{i}] must be [N, 2], got shape {e.shape}")
+            raise BadInput(f"embeddings[{i}] must be [N, 2], got shape {e.shape}")
         _same_length(f"embeddings[{i}]", e, "labels", len(y))
     n_classes = int(y.max()) + 1 if len(y) else 0
     names = list(class_names) if class_names is not None else [str(c) for c in range(n_classes)]
     if len(names) < n_classes:
-        raise ValueError(f"class_names must name every class (labels go up to {n_classes - 1}), "
+        raise BadInput(f"class_names must name every class (labels go up to {n_classes - 1}), "
                          f"got {len(names)} names")
     if titles is not None and len(titles) != len(embs):
-        raise ValueError(f"titles must have one title per embedding ({len(embs)}), got titles={list(titles)!r}")
+        raise BadInput(f"titles must have one title per embedding ({len(embs)}), got titles={list(titles)!r}")
     colors = _distinct_colours(max(n_classes, 1))
     fig, axes = _new_figure(1, len(embs), figsize=(4.2 * len(embs) + 1.5, 4.2))
     for i, (ax, e) in enumerate(zip(axes[0], embs)):
@@ -262,7 +265,7 @@ def plot_robustness_vs_budget(budgets: Sequence[float], accuracies: Mapping[str,
     with `n` (test examples) 95% Wilson error bars."""
     b = _array(budgets, "budgets")
     if not accuracies:
-        raise ValueError("accuracies must map at least one model name to its accuracies, got an empty mapping")
+        raise BadInput("accuracies must map at least one model name to its accuracies, got an empty mapping")
     fig, axes = _new_figure(figsize=(6, 4))
     ax = axes[0, 0]
     scale, unit = _budget_unit(b)
@@ -289,14 +292,14 @@ def plot_importance_ratios(ratios: Mapping[float | str, Sequence[float]],
     extractor_labels: x tick labels (e.g. "3/255"); default "net-1", "net-2", ...
     """
     if not ratios:
-        raise ValueError("ratios must map at least one alpha to its importance ratios, got an empty mapping")
+        raise BadInput("ratios must map at least one alpha to its importance ratios, got an empty mapping")
     rows = {k: _array(v, f"ratios[{k!r}]") for k, v in ratios.items()}
     n = len(next(iter(rows.values())))
     for k, v in rows.items():
         _same_length(f"ratios[{k!r}]", v, "the first entry of ratios", n)
     labels = list(extractor_labels) if extractor_labels is not None else [f"net-{i + 1}" for i in range(n)]
     if len(labels) != n:
-        raise ValueError(f"extractor_labels must have one label per extractor ({n}), got {labels!r}")
+        raise BadInput(f"extractor_labels must have one label per extractor ({n}), got {labels!r}")
     fig, axes = _new_figure(figsize=(max(5.0, 0.9 * n + 3), 4))
     ax = axes[0, 0]
     width = 0.8 / len(rows)
@@ -322,7 +325,7 @@ def plot_weight_histograms(weights: Mapping[str, object], bins: int = 60, title:
     the largest 10% of entries, Gini of |W|, excess kurtosis).
     """
     if not weights:
-        raise ValueError("weights must map at least one name to a weight matrix, got an empty mapping")
+        raise BadInput("weights must map at least one name to a weight matrix, got an empty mapping")
     bins = check_int("bins", bins, 1)
     mats = {name: weight_array(w, f"weights[{name!r}]") for name, w in weights.items()}
     fig, axes = _new_figure(1, len(mats), figsize=(4.2 * len(mats), 3.8))
@@ -340,15 +343,16 @@ def plot_weight_histograms(weights: Mapping[str, object], bins: int = 60, title:
 
 # ----------------------------------------------------------------------------- table 2 as a figure
 
-def plot_alpha_tradeoff(alphas: Sequence[float], clean: Sequence[float], pgd10: Sequence[float],
-                        pgd20: Sequence[float] | None = None, title: str | None = None, n: int | None = None,
-                        worst: Sequence[float] | None = None):
+def plot_alpha_tradeoff(alphas: Sequence[float], clean: Sequence[float], *robust: Sequence[float],
+                        title: str | None = None, n: int | None = None, worst: Sequence[float] | None = None):
     """Table 2 as a figure: clean and PGD accuracy (%) of the stacked model against the merger's alpha;
-    `worst` adds the worst case over every attack, `n` (test examples) 95% Wilson error bars."""
+    `robust` the PGD accuracies in the registry's order (PGD-10, then PGD-20), `worst` adds the worst case over
+    every attack, `n` (test examples) 95% Wilson error bars."""
     a = _array(alphas, "alphas")
-    series = {"clean": _array(clean, "clean"), "PGD-10": _array(pgd10, "pgd10")}
-    if pgd20 is not None:
-        series["PGD-20"] = _array(pgd20, "pgd20")
+    if not 1 <= len(robust) <= len(PGD_ATTACKS):
+        raise BadInput(f"robust: give 1 to {len(PGD_ATTACKS)} PGD curves ({', '.join(PGD_ATTACKS)}), got {len(robust)}")
+    series = {"clean": _array(clean, "clean"),
+              **{attack_label(name): _array(v, name) for name, v in zip(PGD_ATTACKS, robust)}}
     if worst is not None:
         series["worst case"] = _array(worst, "worst")
     for name, v in series.items():
@@ -372,11 +376,9 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 150) -> Path:
 
     The folder is created when missing. Returns the path written.
     """
-    from .runs import atomic_write
-
     path = Path(path)
     if path.suffix.lower() != ".png":
-        raise ValueError(f"path must end in .png, got path={str(path)!r}")
+        raise BadInput(f"path must end in .png, got path={str(path)!r}")
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
     import matplotlib.pyplot as plt
 

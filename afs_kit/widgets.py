@@ -11,16 +11,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .attacks.registry import HEADLINE_PGD, PGD_ATTACKS, attack_label
 from .config import format_budget
-from .pipeline import Run
-from .studies import PGD_ATTACKS, accuracy_row, evaluate_afs, extractor_points, extractor_table, main_alpha, \
-    main_subset, merger_exists, stacked_labels, ci_text
+from .core.errors import BadInput
+from .explain.analysis import importance_ratio
+from .plots import plot_alpha_tradeoff, plot_clean_vs_robust, plot_importance_ratios
+from .run.pipeline import Run
+from .studies.common import (accuracy_row, ci_text, evaluate_afs, extractor_points, extractor_table, main_alpha,
+                             main_subset, merger_exists, stacked_labels)
+
+
+def _accuracies(row: dict) -> str:
+    """clean, every PGD and the worst case of a widget's row, with the intervals of clean and worst."""
+    pgds = "".join(f"{attack_label(a)} {row[a]:.1f}%, " for a in PGD_ATTACKS)
+    return (f"clean {row['clean']:.1f}% [{ci_text(row['clean_ci'])}], {pgds}"
+            f"worst case {row['worst']:.1f}% [{ci_text(row['worst_ci'])}]")
 
 
 def _setting(run: Run, vector: str, alpha: float, n_examples: int | None, cache: dict) -> dict:
     """Metrics and importance ratio of one (subset, alpha), computed once per explorer."""
-    from .analysis import importance_ratio
-
     key = (vector, round(alpha, 6))
     if key not in cache:
         metrics, model = evaluate_afs(run, vector, alpha, PGD_ATTACKS, n_examples)
@@ -40,10 +49,9 @@ def alpha_explorer(run: Run, alphas: Sequence[float] | None = None, subset: str 
     import ipywidgets as w
     from IPython.display import display
 
-    from .plots import plot_alpha_tradeoff, plot_importance_ratios
 
     if not 0 < step <= 1:
-        raise ValueError(f"step must be in (0, 1], got step={step!r}")
+        raise BadInput(f"step must be in (0, 1], got step={step!r}")
     vector = main_subset(run, subset)
     start = main_alpha(run, value)
     cache: dict = {}
@@ -71,13 +79,12 @@ def alpha_explorer(run: Run, alphas: Sequence[float] | None = None, subset: str 
             with out:
                 out.clear_output(wait=True)
                 row = _setting(run, vector, alpha, n_examples, cache)
-                print(f"alpha={alpha:g}: clean {row['clean']:.1f}% [{ci_text(row['clean_ci'])}], PGD-10 {row['pgd10']:.1f}%, "
-                      f"PGD-20 {row['pgd20']:.1f}%, worst case {row['worst']:.1f}% [{ci_text(row['worst_ci'])}] "
+                print(f"alpha={alpha:g}: {_accuracies(row)} "
                       f"(subset {vector}, masking checks {row['sanity']}); importance ratio "
                       + ", ".join(f"{lab}: {r:.2f}" for lab, r in zip(labels, row["importance"])))
                 seen = sorted((r for (v, _), r in cache.items() if v == vector), key=lambda r: r["alpha"])
                 fig = plot_alpha_tradeoff([r["alpha"] for r in seen], [r["clean"] for r in seen],
-                                          [r["pgd10"] for r in seen], [r["pgd20"] for r in seen], n=row["n"],
+                                          *([r[a] for r in seen] for a in PGD_ATTACKS), n=row["n"],
                                           worst=[r["worst"] for r in seen])
                 fig.axes[0].axvline(alpha, color="black", ls="--", lw=1)
                 display(fig)
@@ -102,7 +109,6 @@ def subset_explorer(run: Run, alpha: float | None = None, n_examples: int | None
     import ipywidgets as w
     from IPython.display import display
 
-    from .plots import plot_clean_vs_robust, plot_importance_ratios
 
     alpha = main_alpha(run, alpha)
     budgets = run.budgets()
@@ -139,10 +145,9 @@ def subset_explorer(run: Run, alpha: float | None = None, n_examples: int | None
                 print(f"subset {v} has no merger yet: press 'Train and show' to train it (then it stays cached)")
                 return
             row = _setting(run, v, alpha, n_examples, cache)
-            print(f"subset={v} alpha={alpha:g}: clean {row['clean']:.1f}% [{ci_text(row['clean_ci'])}], PGD-10 "
-                  f"{row['pgd10']:.1f}%, PGD-20 {row['pgd20']:.1f}%, worst case {row['worst']:.1f}% "
-                  f"[{ci_text(row['worst_ci'])}], masking checks {row['sanity']}")
-            points = {**singles, **{f"AFS {s}": (r["clean"], r["pgd20"]) for (s, _), r in cache.items()}}
+            print(f"subset={v} alpha={alpha:g}: {_accuracies(row)}, "
+                  f"masking checks {row['sanity']}")
+            points = {**singles, **{f"AFS {s}": (r["clean"], r[HEADLINE_PGD]) for (s, _), r in cache.items()}}
             display(plot_clean_vs_robust(points, reference=None, title="AFS subsets vs single extractors (PGD-20)",
                                          n=row["n"]))
             display(plot_importance_ratios({f"{alpha:g}": row["importance"]}, stacked_labels(run, v),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from afs_kit.device import resolve_device
+from afs_kit.core.device import resolve_device
 
 from .cases import CASES, FULL, GPU_FULL, GPU_QUICK, QUICK, Context, default_data_path, run_cases
 

@@ -18,16 +18,17 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from afs_kit.analysis import trustworthiness_score, tsne_embedding
-from afs_kit.attacks import autoattack, pgd
+from afs_kit.attacks.methods import autoattack, pgd
 from afs_kit.config import DataConfig, ExtractorConfig, MergerConfig
-from afs_kit.data import Dataset, load_dataset, to_float
-from afs_kit.device import exact_fp32
-from afs_kit.models import build_model
-from afs_kit.stacking import AFSModel, FeatureStack, LinearMerger, train_merger_epoch
-from afs_kit.batches import channel_stats
-from afs_kit.models import model_from_checkpoint
-from afs_kit.training import train_epoch, train_extractor
+from afs_kit.core.device import exact_fp32
+from afs_kit.data.batches import channel_stats, to_float
+from afs_kit.data.dataset import Dataset
+from afs_kit.data.datasets import load_dataset
+from afs_kit.explain.analysis import trustworthiness_score, tsne_embedding
+from afs_kit.models.nets import build_model, model_from_checkpoint
+from afs_kit.models.stack import AFSModel, FeatureStack, LinearMerger
+from afs_kit.train.extractors import train_epoch, train_extractor
+from afs_kit.train.merger import train_merger_epoch
 
 from . import references as ref
 
@@ -228,7 +229,7 @@ def extractor_epoch(ctx: Context) -> dict:
     steps = -(-n // batch)
     common = dict(model=ctx.sizes.model, batch=batch, n_examples=n, steps=10, ctx=ctx, attack="PGD-10 step 2/255 eps 8/255",
                   augmentation="crop 4 + flip")
-    kit_set = _settings("afs_kit.training.train_epoch", dtype="bf16", memory_format="channels_last", **common)
+    kit_set = _settings("afs_kit.train.extractors.train_epoch", dtype="bf16", memory_format="channels_last", **common)
     ref_set = _settings("authors' loop: PIL transforms + DataLoader(num_workers="
                         f"{ctx.workers}) + PGD with loss.backward()", dtype="fp32", memory_format="contiguous",
                         **common)
@@ -312,7 +313,7 @@ def merger_epoch(ctx: Context) -> dict:
     common = dict(model=f"{k} x {ctx.sizes.model} + linear merger", batch=batch, n_examples=n, steps=10, ctx=ctx,
                   merger_mix="split, alpha 0.5 (first half clean, rest PGD-10 against the whole stack)",
                   augmentation="crop 4 + flip")
-    kit_set = _settings("afs_kit.stacking.train_merger_epoch", dtype="bf16", memory_format="channels_last", **common)
+    kit_set = _settings("afs_kit.train.merger.train_merger_epoch", dtype="bf16", memory_format="channels_last", **common)
     ref_set = _settings("authors' merger loop: PIL transforms + DataLoader, extractors eval with requires_grad",
                         dtype="fp32", memory_format="contiguous", **common)
     return _result("merger_epoch", kit_s, ref_s, kit_set, ref_set, TARGETS["merger_epoch"],
@@ -450,7 +451,7 @@ def tsne_case(ctx: Context) -> dict:
     common = dict(model=f"features of cnn-small x2 stack (eps 0 and 8/255), dim {feats.shape[1]}", batch=None,
                   n_examples=s.tsne_points, steps=None, ctx=ctx, perplexity=30, seed=0)
     return _result("tsne_vs_sklearn", kit_s, ref_s,
-                   _settings("afs_kit.analysis.tsne_embedding (openTSNE, PCA-50, 125+250 iterations)",
+                   _settings("afs_kit.explain.analysis.tsne_embedding (openTSNE, PCA-50, 125+250 iterations)",
                              dtype="float32", memory_format="numpy", **common),
                    _settings("sklearn.manifold.TSNE (defaults, raw features)", dtype="float32", memory_format="numpy",
                              **common),

@@ -1,5 +1,5 @@
 #!/bin/sh
-# `make test-gpu`: the device-dependent tests (tests/test_device.py, the kill-and-resume tests) on CUDA, with the Python this machine
+# `make test-gpu`: the device-dependent tests (tests/core/test_device.py, the kill-and-resume tests) on CUDA, with the Python this machine
 # already has and its own CUDA-enabled torch. Nothing comes from a package index: a missing package is taken
 # from ./gpu-wheels, which `make gpu-wheels` fills beforehand on a machine that has an index.
 set -u
@@ -25,5 +25,5 @@ if ! "$py" -c 'import pyautoattack, torchattacks, openTSNE, papermill, pytest, s
   # torchattacks pins requests~=2.25.1 (see the Makefile): installed without its pins
   "$py" -m pip install -q --no-index --find-links gpu-wheels --no-deps torchattacks==3.5.1 || exit 2
 fi
-AFS_TEST_DEVICE=cuda PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" exec "$py" -m pytest -q -p no:cacheprovider tests/test_device.py \
-  tests/test_reliability.py -k "test_device or killed"
+AFS_TEST_DEVICE=cuda PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" exec "$py" -m pytest -q -p no:cacheprovider tests/core/test_device.py \
+  tests/eval/test_reliability.py -k "test_device or killed"

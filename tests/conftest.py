@@ -1,15 +1,20 @@
-"""Fixtures shared by several test files."""
+"""Fixtures and helpers shared by several test files (tests/ is on the path: `from conftest import ...`)."""
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MINI_NPZ = SHARED_DATA / "cifar10-mini.npz"
+JPEG_ARCHIVE = SHARED_DATA / "cifar10-jpeg.tar.xz"
+
 
 @pytest.fixture(scope="session")
 def digits():
     """scikit-learn's 8x8 digits as the kit loads them (always offline)."""
-    from afs_kit.data import load_dataset
+    from afs_kit.data.datasets import load_dataset
 
     return load_dataset("digits")
 
@@ -42,7 +47,7 @@ def quick_cnn(data):
     in eval mode."""
     import torch.nn.functional as F
 
-    from afs_kit.models import build_model
+    from afs_kit.models.nets import build_model
 
     x, y = data.x_train.float() / 255, data.y_train
     torch.manual_seed(0)
@@ -57,3 +62,17 @@ def quick_cnn(data):
         loss.backward()
         opt.step()
     return net.eval()
+
+
+def snapshot(root: str | Path) -> dict[str, tuple]:
+    """Every path under `root`: files by content hash, size and mtime; folders by mtime (a file made and
+    removed again, like a lock, changes its folder's mtime)."""
+    root = Path(root)
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.stat()
+        if p.is_dir():
+            out[str(p.relative_to(root))] = ("dir", st.st_mtime_ns)
+        else:
+            out[str(p.relative_to(root))] = (hashlib.sha256(p.read_bytes()).hexdigest(), st.st_size, st.st_mtime_ns)
+    return out

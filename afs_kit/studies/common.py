@@ -11,14 +11,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checks import check_int
+from ..attacks.registry import HEADLINE_PGD, PGD_ATTACKS, autoattack_name  # noqa: F401  (studies re-exports them)
 from ..config import format_budget, get_preset, preset_from_dict
-from ..merger_choice import floor_label
-from ..pipeline import Run, default_run_dir
-from ..runs import load_checkpoint, model_name, read_json
+from ..core.checks import check_int
+from ..core.errors import BadInput
+from ..core.io import load_checkpoint, read_json
+from ..core.stats import compare
+from ..models.stack import subset_vector
+from ..plots import save_figure
+from ..run.pipeline import Run
+from ..run.rundir import default_run_dir, model_name
+from ..train.merger_choice import floor_label
 
 # the attacks of tables 1-3 (clean is always measured); AutoAttack only where the paper uses it
-PGD_ATTACKS = ("pgd10", "pgd20")
 # shown in every table that has them: the per-example worst case over every attack, the
 # gradient-masking checks, the training health of the model and, for a merger, its floor (never significantly
 # below one of its members on its own objective, on validation images)
@@ -45,7 +50,7 @@ def open_run(preset: str, run_dir: str | Path | None = None, device: str = "auto
     if info.is_file():
         stored = preset_from_dict(read_json(info)["preset"])
         if stored.name != chosen.name:
-            raise ValueError(f"run {run_dir} was made with preset={stored.name!r}, not preset={preset!r}")
+            raise BadInput(f"run {run_dir} was made with preset={stored.name!r}, not preset={preset!r}")
         chosen = stored
     check_int("seed", seed, 0)
     if seed:
@@ -68,7 +73,6 @@ def show(fig, path: str | Path) -> None:
     """Save `fig` as a PNG (the static figure of reports) and show it inline."""
     from IPython.display import display
 
-    from ..plots import save_figure
 
     save_figure(fig, path)
     display(fig)
@@ -117,7 +121,7 @@ def baseline_budget(run: Run) -> float:
     """The single network trained at (nearest) the evaluation budget: the paper's PGD-AT baseline."""
     budgets = run.budgets()
     if not budgets:
-        raise ValueError(f"run {run.dir.root} has no trained extractors yet")
+        raise BadInput(f"run {run.dir.root} has no trained extractors yet")
     eps = run.preset.evaluation.eps
     return min(budgets, key=lambda b: (abs(b - eps), b))
 
@@ -125,7 +129,6 @@ def baseline_budget(run: Run) -> float:
 def main_subset(run: Run, subset: str | None = None) -> str:
     """The binary vector of the main AFS model's extractors ('selected' resolved by the concavity rule)."""
     spec = run.preset.default_subset if subset is None else subset
-    from ..stacking import subset_vector
 
     return subset_vector(run.subset_indices(spec), len(run.budgets()))
 
@@ -163,14 +166,6 @@ def evaluate_afs(run: Run, subset: str, alpha: float, attacks: Sequence[str] = P
     metrics = run.evaluate(model_name("afs", name), model, attacks=tuple(attacks),
                            n_examples=n_examples, model_info=run.model_info("merger", name))
     return metrics, model
-
-
-def autoattack_name(attacks: Sequence[str]) -> str:
-    """'AutoAttack' when its standard version ran; else which of its attacks, so nobody mistakes a
-    cheaper subset for the full evaluation."""
-    if not attacks or list(attacks) == ["apgd-ce", "apgd-t", "fab-t", "square"]:
-        return "AutoAttack"
-    return f"AutoAttack ({', '.join(a.upper() for a in attacks)} only)"
 
 
 def accuracy_row(metrics: dict, attacks: Sequence[str]) -> dict:
@@ -221,11 +216,9 @@ def evaluation_flags(run: Run, name: str) -> dict[str, torch.Tensor]:
 def paired_sentence(run: Run, a: dict, b: dict, name_a: str, name_b: str, measure: str = "worst") -> str:
     """'A is better than B (...)' or 'no significant difference' for two table rows, by the exact
     McNemar test on their per-example flags (same examples, checked by the examples' hash)."""
-    from ..stats import compare
-
     fa, fb = evaluation_flags(run, a["eval"]), evaluation_flags(run, b["eval"])
     if a["examples_hash"] != b["examples_hash"]:
-        raise ValueError(f"rows {name_a!r} and {name_b!r} were evaluated on different examples; no paired test")
+        raise BadInput(f"rows {name_a!r} and {name_b!r} were evaluated on different examples; no paired test")
     return compare(fa[measure], fb[measure], name_a, name_b)["text"]
 
 
@@ -265,3 +258,26 @@ def seeds_summary(run: Run, per_seed: dict[str, dict[int, Sequence[dict]]]) -> N
     run.dir.update_summary("seeds", {**stored, "seeds": seeds,
                                      **{name: {str(s): rows for s, rows in table.items()}
                                         for name, table in per_seed.items()}})
+
+
+# table 1's rows, shared by its builder in `tables` and the widgets' single networks
+def extractor_table(run: Run, n_examples: int | None = None) -> list[dict]:
+    """Table 1: clean, PGD-10 and PGD-20 test accuracy (%) of every trained extractor, and the
+    validation numbers its early stopping saw."""
+    rows = []
+    for i, eps in enumerate(run.budgets()):
+        m = evaluate_extractor(run, eps, PGD_ATTACKS, n_examples)
+        best = run.extractor(eps)[1]["metrics"]
+        rows.append({"network": i, "eps": eps, "budget": format_budget(eps), **accuracy_row(m, PGD_ATTACKS),
+                     "val_clean": best.get("val_clean"), "val_pgd": best.get("val_pgd"), "n": m["n"]})
+    return rows
+
+
+def extractor_points(rows: Sequence[dict], robust: str = HEADLINE_PGD) -> dict[str, tuple[float, float]]:
+    """name -> (clean, robust) of table-1 rows, for `plot_clean_vs_robust`."""
+    return {label(r["eps"]): (r["clean"], r[robust]) for r in rows}
+
+
+def stacked_labels(run: Run, subset: str) -> list[str]:
+    budgets = run.budgets()
+    return [format_budget(budgets[i]) for i in run.subset_indices(subset)]

@@ -8,10 +8,12 @@ import numpy as np
 import torch
 
 from ..config import format_budget
-from ..pipeline import Run
-from ..runs import read_json
+from ..core.io import read_json
+from ..explain.analysis import trustworthiness_score, tsne_embedding, weight_stats
+from ..explain.paper import PAPER_SELECTED_EPS
+from ..explain.selection import check_eq10
+from ..run.pipeline import Run
 from .common import baseline_budget, label, main_alpha, main_subset
-
 
 # ============================================================================ fig. 3, the selection rule
 
@@ -28,9 +30,6 @@ def selection_summary(run: Run, dz: dict | None = None) -> dict:
     """The concavity rule's verdict as stored by the run (selection.json, made on validation images,
     with the per-budget std) and eq. 10 over the selected budgets. Delta-z is not recomputed: `dz`
     (from `delta_z_values`) is optional, and only checked against the stored curve when given."""
-    from ..paper import PAPER_SELECTED_EPS
-    from ..selection import check_eq10
-
     vector = run.selected_subset()
     stored = read_json(run.dir.selection_path)
     sel = stored["selection"]
@@ -91,7 +90,6 @@ def tsne_study(run: Run, subset: str | None = None, n_examples: int | None = Non
     paper's network-3 and network-8) and of their concatenation, on clean test images."""
     from sklearn.metrics import silhouette_score
 
-    from ..analysis import trustworthiness_score, tsne_embedding
 
     budgets = run.budgets()
     indices = run.subset_indices(main_subset(run, subset))
@@ -138,8 +136,6 @@ def tsne_text(study: dict) -> str:
 def weight_study(run: Run, subset: str | None = None, alpha: float | None = None) -> dict:
     """Fig. 6: the classifier weights of a small-budget network (the paper's network-1), of the
     baseline network (network-8) and the main AFS model's merger, with their sparsity statistics."""
-    from ..analysis import weight_stats
-
     budgets = run.budgets()
     base = baseline_budget(run)
     small = budgets[1] if len(budgets) > 1 and budgets[1] != base else budgets[0]

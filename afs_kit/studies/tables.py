@@ -8,33 +8,24 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..attacks.registry import HEADLINE_PGD
 from ..config import config_hash, format_budget
-from ..controls import same_budget_ensemble
-from ..pipeline import Run
-from ..runs import model_name, read_json, write_json
-from ..stats import points_apart, spearman
-from .common import (PGD_ATTACKS, accuracy_row, autoattack_name, afs_name, baseline_budget, ci_text, evaluate_afs,
-                     evaluate_extractor, evaluation_flags, label, main_alpha, main_subset, paired_sentence)
-
+from ..core.errors import BadInput
+from ..core.io import read_json, write_json
+from ..core.stats import compare, points_apart, spearman
+from ..eval.evaluation import robustness_curve
+from ..explain.analysis import importance_ratio, model_cost
+from ..explain.frontier import frontier_study, frontier_text
+from ..explain.paper import TABLE4_CIFAR10, TABLE5_CIFAR100
+from ..models.nets import model_from_checkpoint
+from ..run.controls import same_budget_ensemble
+from ..run.pipeline import Run
+from ..run.rundir import model_name
+from .common import (PGD_ATTACKS, accuracy_row, afs_name, autoattack_name, baseline_budget, ci_text, evaluate_afs,
+                     evaluate_extractor, evaluation_flags, extractor_points, extractor_table, label, main_alpha,
+                     main_subset, paired_sentence)
 
 # ============================================================================ table 1
-
-def extractor_table(run: Run, n_examples: int | None = None) -> list[dict]:
-    """Table 1: clean, PGD-10 and PGD-20 test accuracy (%) of every trained extractor, and the
-    validation numbers its early stopping saw."""
-    rows = []
-    for i, eps in enumerate(run.budgets()):
-        m = evaluate_extractor(run, eps, PGD_ATTACKS, n_examples)
-        best = run.extractor(eps)[1]["metrics"]
-        rows.append({"network": i, "eps": eps, "budget": format_budget(eps), **accuracy_row(m, PGD_ATTACKS),
-                     "val_clean": best.get("val_clean"), "val_pgd": best.get("val_pgd"), "n": m["n"]})
-    return rows
-
-
-def extractor_points(rows: Sequence[dict], robust: str = "pgd20") -> dict[str, tuple[float, float]]:
-    """name -> (clean, robust) of table-1 rows, for `plot_clean_vs_robust`."""
-    return {label(r["eps"]): (r["clean"], r[robust]) for r in rows}
-
 
 def extractor_text(rows: Sequence[dict]) -> str:
     """Does clean accuracy fall and robust accuracy (the worst case) rise with the training budget, as
@@ -72,7 +63,7 @@ def quoted(rows) -> list[dict]:
     return out
 
 
-def best_single(rows: Sequence[dict], robust: str = "pgd20") -> dict:
+def best_single(rows: Sequence[dict], robust: str = HEADLINE_PGD) -> dict:
     """The extractor row with the best trade-off, mean(clean, robust)."""
     return max(rows, key=lambda r: (r["clean"] + r[robust]) / 2)
 
@@ -83,8 +74,6 @@ def alpha_sweep(run: Run, alphas: Sequence[float], subset: str | None = None,
                 n_examples: int | None = None) -> list[dict]:
     """Table 2: one merger per alpha over the main subset (trained when missing), its clean, PGD-10
     and PGD-20 accuracy (%) and the importance ratio of each stacked extractor (fig. 5b)."""
-    from ..analysis import importance_ratio
-
     vector = main_subset(run, subset)
     rows = []
     for alpha in alphas:
@@ -95,17 +84,10 @@ def alpha_sweep(run: Run, alphas: Sequence[float], subset: str | None = None,
     return rows
 
 
-def stacked_labels(run: Run, subset: str) -> list[str]:
-    budgets = run.budgets()
-    return [format_budget(budgets[i]) for i in run.subset_indices(subset)]
-
-
 def robustness_curves(run: Run, subset: str | None = None, alpha: float | None = None,
                       n_examples: int | None = None, steps: int = 20) -> dict:
     """Fig. 5a: PGD-`steps` accuracy (%) against the attack budget of the main AFS model and of every
     single extractor; each curve is cached in RUN/analysis/curves/ by config."""
-    from ..evaluation import robustness_curve
-
     ev = run.preset.evaluation
     budgets = list(ev.budgets) or [float(v) for v in np.linspace(0, 2 * ev.eps, 9)]
     vector, alpha = main_subset(run, subset), main_alpha(run, alpha)
@@ -150,8 +132,6 @@ def alpha_text(run: Run, rows: Sequence[dict], extractors: Sequence[dict]) -> st
 def subset_table(run: Run, subsets: Sequence[str], alpha: float | None = None,
                  n_examples: int | None = None) -> list[dict]:
     """Table 3: the AFS model over each subset of extractors (merger trained when missing)."""
-    from ..analysis import importance_ratio
-
     alpha = main_alpha(run, alpha)
     rows = []
     for spec in subsets:
@@ -166,7 +146,7 @@ def subset_table(run: Run, subsets: Sequence[str], alpha: float | None = None,
 
 def subset_points(extractors: Sequence[dict], rows: Sequence[dict]) -> dict[str, tuple[float, float]]:
     """Single extractors and AFS subsets as name -> (clean, PGD-20), for `plot_clean_vs_robust`."""
-    return {**extractor_points(extractors), **{f"AFS {r['subset']}": (r["clean"], r["pgd20"]) for r in rows}}
+    return {**extractor_points(extractors), **{f"AFS {r['subset']}": (r["clean"], r[HEADLINE_PGD]) for r in rows}}
 
 
 def subset_text(run: Run, rows: Sequence[dict]) -> str:
@@ -206,7 +186,7 @@ def comparison_table(run: Run, subset: str | None = None, alpha: float | None = 
     rows = []
 
     def row(role, method, pgd, aa, n_models, subset=None):
-        r = {"role": role, "method": method, "subset": subset, **accuracy_row(pgd, ("pgd20",)), "aa": None,
+        r = {"role": role, "method": method, "subset": subset, **accuracy_row(pgd, (HEADLINE_PGD,)), "aa": None,
              "tradeoff": None, "n": pgd["n"], "n_aa": None, "extractors": n_models, "pgd_eval": pgd["name"],
              "aa_eval": None}
         if aa is not None:
@@ -245,8 +225,6 @@ def comparison_table(run: Run, subset: str | None = None, alpha: float | None = 
 def paired_comparisons(run: Run, rows: Sequence[dict]) -> list[dict]:
     """AFS (the first row) against every other row, per example on the same examples: clean and the
     worst case over every attack, each by an exact McNemar test (`afs_kit.stats.compare`)."""
-    from ..stats import compare
-
     afs = rows[0]
     out = []
     for other in rows[1:]:
@@ -288,13 +266,11 @@ def singles_frontier(run: Run, rows: Sequence[dict], n_examples: int | None = No
     test images: (robustness under every PGD attack, clean accuracy) points, the distance above the
     frontier and its bootstrap interval (`afs_kit.frontier.frontier_study`, examples resampled once for
     every model)."""
-    from ..frontier import frontier_study
-
     afs = rows[0]
     singles = extractor_table(run, n_examples)
     hashes = {afs["examples_hash"], *(r["examples_hash"] for r in singles)}
     if len(hashes) != 1:
-        raise ValueError("the AFS model and the single extractors were evaluated on different examples; the "
+        raise BadInput("the AFS model and the single extractors were evaluated on different examples; the "
                          "frontier needs the same ones")
 
     def points(name):
@@ -330,8 +306,6 @@ def frontier_markers(study: dict) -> dict[str, str]:
 
 def paper_reference(run: Run):
     """The paper's table of the same data set (quoted), or None."""
-    from ..paper import TABLE4_CIFAR10, TABLE5_CIFAR100
-
     name = run.data.name.lower()
     if "cifar100" in name or "cifar-100" in name:
         return TABLE5_CIFAR100
@@ -359,8 +333,6 @@ def comparison_text(rows: Sequence[dict], paired: Sequence[dict], frontier: dict
         text += (f" No single extractor's worst case lies inside AFS's 95% interval [{ci_text(afs['worst_ci'])}], "
                  f"so none is compared at matched robustness.")
     if frontier is not None:
-        from ..frontier import frontier_text
-
         text += " " + frontier_text(frontier, "robustness under every PGD attack")
     return text
 
@@ -370,9 +342,6 @@ def cost_table(run: Run, subset: str | None = None, alpha: float | None = None, 
     """Table 6: parameters, multiply-accumulates per image, clean and PGD-20 accuracy of the baseline,
     the random-budget network and the large model (when `ablation` and the preset names them) and the
     AFS model."""
-    from ..analysis import model_cost
-    from ..models import model_from_checkpoint
-
     vector, alpha = main_subset(run, subset), main_alpha(run, alpha)
     shape = run.data.image_shape
     base = baseline_budget(run)

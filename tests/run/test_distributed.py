@@ -1,0 +1,168 @@
+"""Several processes under torchrun (issue 14), on the CPU with the gloo backend, launched exactly as the
+README says: `torchrun --standalone --nproc_per_node=2 -m afs_kit -- <command> ...`. Each job is compared with
+one process running the same command (both with one thread per process, as torchrun sets it, so both compute alike).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from afs_kit.app.cli import main
+from afs_kit.core.io import load_checkpoint, read_json
+
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+SMOKE = ["--preset", "smoke", "--device", "cpu"]
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun(*args: str, procs: int = 2, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={procs}", *extra, "-m", "afs_kit", "--", *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def one_process(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "afs_kit", *args], env=_env(), capture_output=True, text=True,
+                          timeout=600)
+
+
+def extractors(run: Path) -> dict[str, dict]:
+    return {p.parent.name: load_checkpoint(p) for p in sorted(run.glob("extractors/*/extractor.pt"))}
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=0, atol=atol, msg=k)
+
+
+def smoke_extractors(run: Path, launch) -> Path:
+    """The smoke run's three extractors, 2 epochs each, trained by `launch` (one process or torchrun)."""
+    out = launch("train-extractors", *SMOKE, "--run", str(run), "--set", "extractor.epochs=2", "--quiet")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    return smoke_extractors(tmp_path_factory.mktemp("one") / "run", one_process)
+
+
+@pytest.fixture(scope="module")
+def by_budgets(tmp_path_factory) -> Path:
+    return smoke_extractors(tmp_path_factory.mktemp("two") / "run", torchrun)
+
+
+def test_parallel_budgets_trains_each_budget_once_as_one_process_would(reference, by_budgets):
+    one, two = extractors(reference), extractors(by_budgets)
+    assert list(one) == list(two) == ["eps-0-255", "eps-0.1000", "eps-0.2000"]
+    # budgets shared out in turn: 0 and 0.2 on rank 0, 0.1 on rank 1; each trained once, nothing else
+    assert [two[n]["trained_by"] for n in two] == [{"rank": r, "world_size": 2, "parallel": "budgets"}
+                                                   for r in (0, 1, 0)]
+    for name in one:
+        assert two[name]["key"] == one[name]["key"] and two[name]["history"] == one[name]["history"]
+        assert_same_weights(one[name], two[name])  # bitwise: the same computation on one thread
+    assert not list(by_budgets.rglob("last.pt"))
+
+
+def test_parallel_data_equals_one_process_with_the_same_global_batch(tmp_path):
+    """`mlp` (no BatchNorm) at budget 0 on digits without augmentation: nothing random in a step, so the mean of
+    the two ranks' gradients over their halves of each batch is the gradient of the whole batch; the runs
+    differ only in the order of floating-point sums (tolerance 1e-5)."""
+    args = [*SMOKE, "--eps", "0", "--set", "extractor.model=mlp", "--set", "extractor.epochs=3",
+            "--set", "extractor.precision=fp32", "--quiet"]
+    one = one_process("train-extractors", "--run", str(tmp_path / "one"), *args)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun("train-extractors", "--run", str(tmp_path / "two"), "--parallel", "data", *args)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = extractors(tmp_path / "one")["eps-0-255"], extractors(tmp_path / "two")["eps-0-255"]
+    assert b["trained_by"] == {"rank": 0, "world_size": 2, "parallel": "data"}
+    assert_same_weights(a, b, atol=1e-5)
+    for ha, hb in zip(a["history"], b["history"]):
+        assert abs(ha["train_loss"] - hb["train_loss"]) < 1e-5 and ha["val_clean"] == hb["val_clean"]
+
+
+def test_sharded_evaluation_gives_one_process_flags(by_budgets, tmp_path):
+    """A merger trained under torchrun; then an extractor evaluated by one process and by two ranks. With
+    batch size 1 both split the examples alike and PGD's starts are drawn per example: identical PGD flags.
+    AutoAttack reseeds its random starts per batch of the examples a rank holds, so its flags may differ where
+    a start decides; they agree on at least 90% of the examples."""
+    run = tmp_path / "run"
+    shutil.copytree(by_budgets, run)
+    merged = torchrun("train-merger", "--run", str(run), "--subset", "all", "--device", "cpu", "--quiet")
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    ckpt = load_checkpoint(next(run.glob("mergers/*/merger.pt")))
+    assert ckpt["health"]["passed"] or ckpt["history"][-1]["train_loss"] < 2.3
+    for copy in ("one", "two"):
+        shutil.copytree(run, tmp_path / copy)
+    # an extractor: no masking checks (they run on rank 0 alone, the same in both), AutoAttack's two APGD attacks
+    evaluate = ["evaluate", "--model", "extractor:0.1", "--attacks", "clean,pgd10,pgd20,aa", "--n", "60", "--device",
+                "cpu", "--set", "evaluation.batch_size=1", "--set", "evaluation.aa_attacks=apgd-ce,apgd-dlr", "--quiet"]
+    out = one_process(*evaluate[:1], "--run", str(tmp_path / "one"), *evaluate[1:])
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = torchrun(*evaluate[:1], "--run", str(tmp_path / "two"), *evaluate[1:])
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = {c: next((tmp_path / c).glob("eval/extractor-*")) for c in ("one", "two")}
+    assert records["one"].name == records["two"].name
+    flags = {c: load_checkpoint(r / "flags.pt")["flags"] for c, r in records.items()}
+    metrics = {c: read_json(r / "metrics.json") for c, r in records.items()}
+    assert (metrics["one"]["world_size"], metrics["two"]["world_size"]) == (1, 2)
+    for attack in ("clean", "pgd10", "pgd20"):
+        assert torch.equal(flags["one"][attack], flags["two"][attack]), attack
+    assert (flags["one"]["aa"] == flags["two"]["aa"]).float().mean() >= 0.9
+
+
+def test_a_killed_worker_restarts_and_the_job_ends_as_an_unbroken_one(reference, tmp_path):
+    """Rank 0 (the lock holder, whose pid the lock file names) is killed with SIGKILL inside its second epoch;
+    torchrun restarts both workers, which resume from their last finished epoch. `--max-restarts 6`, not 1: on
+    this machine gloo's reconnection after a restart now and then finds a peer not yet listening ("Connection
+    refused"), which costs one more restart, and a restarted worker can wait for a peer that never comes: with
+    AFS_KIT_DIST_TIMEOUT=60 it fails and is restarted instead of waiting torch's 30 minutes (it hung 2 of 4 runs)."""
+    run = tmp_path / "run"
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=6", "-m", "afs_kit", "--",
+           "train-extractors", *SMOKE, "--run", str(run), "--set", "extractor.epochs=2"]
+    # a restarted worker whose peer never connects (gloo, now and then here) fails after 60 s and is restarted
+    job = subprocess.Popen(cmd, env={**_env(), "AFS_KIT_DIST_TIMEOUT": "60"}, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        first = run / "extractors" / "eps-0-255" / "last.pt"
+        deadline = time.monotonic() + 300
+        while not first.is_file() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        holder = (run / ".lock").read_text().split()[1]
+        os.kill(int(holder), signal.SIGKILL)
+        output, _ = job.communicate(timeout=600)
+    finally:
+        job.kill()
+    assert job.returncode == 0, output[-3000:]
+    assert "resuming from" in output and "after epoch 1/2" in output, output[-3000:]
+    two, one = extractors(run), extractors(reference)
+    assert list(two) == list(one)
+    for name in one:
+        assert two[name]["history"] == one[name]["history"]
+        assert_same_weights(one[name], two[name])
+
+
+def test_bad_parallel_input_is_refused_before_anything_is_written(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train-extractors", *SMOKE, "--run", str(tmp_path / "a"), "--parallel", "nope"])
+    assert exit_.value.code == 2 and "argument --parallel: invalid choice: 'nope'" in capsys.readouterr().err
+    out = torchrun("train-extractors", *SMOKE, "--run", str(tmp_path / "b"), "--eps", "0,0.1", procs=3)
+    assert out.returncode != 0 and ("--parallel budgets with 3 processes for 2 budgets would leave 1 idle"
+                                    in out.stdout + out.stderr)
+    out = torchrun("train-extractors", *SMOKE, "--run", str(tmp_path / "c"), "--parallel", "data", procs=3)
+    assert out.returncode != 0 and ("extractor.batch_size=64, which the world size 3 does not divide"
+                                    in out.stdout + out.stderr)
+    assert not any((tmp_path / d).exists() for d in ("a", "b", "c"))
