@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass
 
 from .core.checks import check_choice, check_int, parse_value
-from .core.errors import BadInput
+from .errors import BadInput
 
 TRAINERS = ("pgd", "fgsm", "trades")
 LR_SCHEDULES = ("step", "cyclic")

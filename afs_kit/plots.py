@@ -19,9 +19,9 @@ import numpy as np
 
 from .attacks.registry import PGD_ATTACKS, attack_label
 from .core.checks import check_int
-from .core.errors import BadInput
 from .core.io import atomic_write
 from .core.stats import confidence_interval
+from .errors import BadInput
 from .explain.analysis import weight_array, weight_stats
 from .explain.paper import TABLE4_CIFAR10, ReferenceRow
 from .explain.selection import Selection

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from .attacks.registry import HEADLINE_PGD, PGD_ATTACKS, attack_label
 from .config import format_budget
-from .core.errors import BadInput
+from .errors import BadInput
 from .explain.analysis import importance_ratio
 from .plots import plot_alpha_tradeoff, plot_clean_vs_robust, plot_importance_ratios
 from .run.pipeline import Run

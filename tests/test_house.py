@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "afs_kit"
 # each layer may import itself and the layers before it (docs/ARCHITECTURE.md draws them)
 LAYERS = ["core", "config", "data", "models", "attacks", "train", "eval", "explain", "run", "studies", "app",
           "compat"]
-TOP_LEVEL = {"config": "config", "plots": "studies", "widgets": "studies", "__init__": "compat",
+TOP_LEVEL = {"errors": "core", "config": "config", "plots": "studies", "widgets": "studies", "__init__": "compat",
              "__main__": "compat"}
 # the old import paths (README, notebooks, docs) kept for one release: each only re-exports a new home
 SHIMS = {"analysis", "batches", "cli", "controls", "device", "evaluation", "pipeline", "stacking", "stats",

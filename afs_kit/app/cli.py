@@ -18,10 +18,10 @@ from ..core.device import resolve_device
 from ..core.distributed import check_parallel
 from ..core.distributed import init as init_world
 from ..core.distributed import job_lock, shutdown
-from ..core.errors import AfsKitError, BadInput
 from ..core.io import expect, load_checkpoint, read_json
 from ..core.version import VersionAction
 from ..data.batches import data_fingerprint
+from ..errors import AfsKitError, BadInput
 from ..eval.estimate import estimate_run
 from ..eval.evaluation import paired_comparisons
 from ..models.outside import prepare_outside

@@ -17,9 +17,9 @@ from typing import NamedTuple
 from ..config import get_preset
 from ..core.checks import parse_value
 from ..core.device import resolve_device
-from ..core.errors import BadInput
 from ..core.io import read_json, write_json
 from ..core.version import pinned_code_version
+from ..errors import BadInput
 from ..models.stack import parse_subset
 from ..run.rundir import PROJECT_ROOT, RunDir, default_run_dir
 

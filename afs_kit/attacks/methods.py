@@ -23,7 +23,7 @@ from pyautoattack import AutoAttack
 
 from ..core.checks import check_int, check_real
 from ..core.device import autocast, check_precision, eval_mode, kept_modes, model_device, resolve_device
-from ..core.errors import BadInput
+from ..errors import BadInput
 from .registry import AA_ATTACKS
 
 NORMS = ("Linf", "L2")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..core.errors import BadInput
+from ..errors import BadInput
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import typing
 from collections.abc import Iterable
 from numbers import Integral, Real
 
-from .errors import BadInput
+from ..errors import BadInput
 
 __all__ = ["is_int", "is_real", "check_int", "check_real", "check_choice", "parse_float", "parse_unit",
            "parse_eps_list", "parse_value"]

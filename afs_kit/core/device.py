@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .errors import BadInput
+from ..errors import BadInput
 
 PRECISIONS = ("fp32", "bf16")
 

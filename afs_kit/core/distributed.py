@@ -18,7 +18,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .errors import BadInput
+from ..errors import BadInput
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointMismatch
+from ..errors import CheckpointMismatch
 
 FORMAT = "afs-kit/1"
 

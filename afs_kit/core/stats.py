@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from scipy.stats import binomtest
 
+from ..errors import BadInput
 from .checks import check_int
-from .errors import BadInput
 
 CONFIDENCE = 0.95
 SIGNIFICANCE = 0.05  # "better" / "worse" only below this p-value

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..core.checks import check_int, check_real
-from ..core.errors import BadInput
+from ..errors import BadInput
 
 if TYPE_CHECKING:  # types only: data.py re-exports this module's functions
     from ..config import DataConfig

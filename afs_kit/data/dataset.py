@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import BadInput
+from ..errors import BadInput
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing tensors field by field has no single truth value

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 
-from ..core.errors import BadInput
+from ..errors import BadInput
 from .dataset import Dataset
 from .folders import load_folder, unpacked
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import BadInput
+from ..errors import BadInput
 from .dataset import Dataset
 
 ARCHIVES = (".tar", ".tar.gz", ".tgz", ".tar.xz")

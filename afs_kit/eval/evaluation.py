@@ -18,9 +18,9 @@ from ..config import ATTACKS, EvalConfig, step_size
 from ..core.checks import check_choice
 from ..core.device import exact_fp32, matmul_precision, model_device, resolve_device
 from ..core.distributed import World
-from ..core.errors import BadInput
 from ..core.io import load_checkpoint, save_checkpoint, write_json
 from ..core.stats import compare, examples_hash, interval_of
+from ..errors import BadInput
 from .flags import check_eval_inputs, correct_flags, pgd_flags, robust_where
 
 

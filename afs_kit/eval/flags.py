@@ -6,8 +6,8 @@ from tqdm.auto import tqdm
 
 from ..attacks.methods import pgd
 from ..core.device import autocast, eval_mode
-from ..core.errors import BadInput
 from ..data.batches import iterate_batches
+from ..errors import BadInput
 
 
 def check_eval_inputs(x: torch.Tensor, y: torch.Tensor) -> None:

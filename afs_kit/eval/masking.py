@@ -29,8 +29,8 @@ from ..attacks.methods import pgd, square_attack
 from ..attacks.registry import HEADLINE_PGD, PGD_STEPS
 from ..core.checks import check_int, check_real
 from ..core.device import exact_fp32, model_device, resolve_device
-from ..core.errors import BadInput
 from ..core.stats import SIGNIFICANCE, discordant, paired_test
+from ..errors import BadInput
 from ..models.stack import AFSModel, LogitAverage
 from .flags import check_eval_inputs, correct_flags, pgd_flags, robust_where
 

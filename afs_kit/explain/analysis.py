@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..core.checks import check_int, check_real, is_int
 from ..core.device import eval_mode as _eval_mode
-from ..core.errors import BadInput
+from ..errors import BadInput
 
 __all__ = [
     "delta_z", "delta_z_curve", "Selection", "select_extractors", "Eq10Check", "check_eq10",

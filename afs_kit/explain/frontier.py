@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..core.errors import BadInput
+from ..errors import BadInput
 
 # where AFS's robustness lies relative to the singles' robustness range
 INSIDE, LEFT, RIGHT = "inside", "left", "right"

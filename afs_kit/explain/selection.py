@@ -17,9 +17,9 @@ from ..attacks.methods import pgd
 from ..config import format_budget
 from ..core.checks import check_int, check_real
 from ..core.device import eval_mode as _eval_mode
-from ..core.errors import BadInput
 from ..core.io import read_json, write_json
 from ..data.batches import to_float, validation_split
+from ..errors import BadInput
 from ..models.stack import subset_vector
 
 __all__ = ["delta_z", "delta_z_curve", "Selection", "select_extractors", "Eq10Check", "check_eq10"]

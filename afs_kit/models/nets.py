@@ -23,7 +23,7 @@ from torch import nn
 
 from ..core.checks import check_int
 from ..core.device import eval_mode, kept_modes  # noqa: F401  (re-exported: afs_kit.models.eval_mode)
-from ..core.errors import BadInput
+from ..errors import BadInput
 
 __all__ = ["MODEL_NAMES", "FeatureNet", "build_model", "is_model_name", "parse_wrn_name"]
 

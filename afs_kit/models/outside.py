@@ -25,10 +25,10 @@ import torch
 import torch.nn as nn
 
 from ..config import config_hash
-from ..core.errors import BadInput
 from ..core.io import expect, load_checkpoint, save_checkpoint
 from ..data.batches import to_float
 from ..data.dataset import Dataset
+from ..errors import BadInput
 
 if TYPE_CHECKING:  # a type only: the run layer sits above this one
     from ..run.rundir import RunDir

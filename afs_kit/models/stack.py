@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from ..config import format_budget
 from ..core.checks import parse_eps_list
-from ..core.errors import BadInput
+from ..errors import BadInput
 
 
 class FeatureStack(nn.Module):

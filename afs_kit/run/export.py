@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import BadInput
 from ..core.io import load_checkpoint, read_json, save_checkpoint, write_json
 from ..core.version import code_version
+from ..errors import BadInput
 from ..models.nets import model_from_checkpoint
 from ..models.stack import AFSModel, FeatureStack, LinearMerger
 

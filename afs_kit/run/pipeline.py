@@ -20,12 +20,12 @@ from ..config import (ATTACKS, PARALLEL_MODES, Preset, budget_name, config_hash,
 from ..core.checks import check_choice, check_int, check_real, is_int
 from ..core.device import PRECISIONS, resolve_device
 from ..core.distributed import World, world
-from ..core.errors import BadInput
 from ..core.io import expect, load_checkpoint, read_json, write_json
 from ..core.version import code_version
 from ..data.batches import data_fingerprint, limited
 from ..data.dataset import Dataset
 from ..data.datasets import load_dataset
+from ..errors import BadInput
 from ..eval.evaluation import add_attack, evaluate, load_partial, more_pgd_steps, save_partial, write_evaluation
 from ..eval.masking import aa_checks, attacks_joining_worst, sanity_checks
 from ..explain.selection import run_delta_z, run_selection

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import budget_name
-from ..core.errors import BadInput, RunInUse
 from ..core.io import read_json, write_json
+from ..errors import BadInput, RunInUse
 
 
 class RunLock:

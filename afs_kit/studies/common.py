@@ -14,9 +14,9 @@ import torch
 from ..attacks.registry import HEADLINE_PGD, PGD_ATTACKS, autoattack_name  # noqa: F401  (studies re-exports them)
 from ..config import format_budget, get_preset, preset_from_dict
 from ..core.checks import check_int
-from ..core.errors import BadInput
 from ..core.io import load_checkpoint, read_json
 from ..core.stats import compare
+from ..errors import BadInput
 from ..models.stack import subset_vector
 from ..plots import save_figure
 from ..run.pipeline import Run

@@ -10,9 +10,9 @@ import numpy as np
 
 from ..attacks.registry import HEADLINE_PGD
 from ..config import config_hash, format_budget
-from ..core.errors import BadInput
 from ..core.io import read_json, write_json
 from ..core.stats import compare, points_apart, spearman
+from ..errors import BadInput
 from ..eval.evaluation import robustness_curve
 from ..explain.analysis import importance_ratio, model_cost
 from ..explain.frontier import frontier_study, frontier_text

@@ -21,11 +21,11 @@ from ..config import (ATTACK_BN, LR_SCHEDULES, TRAINERS, DataConfig, ExtractorCo
 from ..core.checks import check_choice, check_int, check_real
 from ..core.device import autocast, check_precision, memory_format, prepare_training, resolve_device
 from ..core.distributed import World
-from ..core.errors import BadInput
 from ..core.io import expect, load_checkpoint, save_checkpoint
 from ..data.batches import (augment, batches_on, channel_stats, data_fingerprint, iterate_batches, limited, to_float,
                             validation_split)
 from ..data.dataset import Dataset
+from ..errors import BadInput
 from ..models.nets import build_model, model_from_checkpoint
 from .progress import resume, save_progress, training_health, warn_if_unhealthy
 

@@ -18,10 +18,10 @@ from ..attacks.methods import pgd
 from ..config import DataConfig, MergerConfig, step_size
 from ..core.device import autocast, memory_format, prepare_training, resolve_device
 from ..core.distributed import World
-from ..core.errors import BadInput
 from ..core.io import expect, load_checkpoint, save_checkpoint
 from ..data.batches import augment, batches_on, data_fingerprint, iterate_batches, to_float, validation_split
 from ..data.dataset import Dataset
+from ..errors import BadInput
 from ..models.stack import AFSModel, FeatureStack, LinearMerger
 from .merger_choice import ValidationSet, brief, converged, floor_verdict, initial_weights, objective_check
 from .progress import resume, save_progress, training_health, warn_if_unhealthy

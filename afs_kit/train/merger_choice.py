@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from ..attacks.methods import pgd, random_starts
 from ..config import MERGER_INITS, DataConfig, MergerConfig, step_size
 from ..core.device import eval_mode, exact_fp32
-from ..core.errors import BadInput
 from ..core.stats import SIGNIFICANCE, points_apart, sign_test
 from ..data.batches import iterate_batches, to_float, validation_split
 from ..data.dataset import Dataset
+from ..errors import BadInput
 
 CONVERGED_POINTS = 0.5   # "converged": the score moved less than this over the last CONVERGED_CHECKS checks
 CONVERGED_CHECKS = 3

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from ..core.checks import check_int
-from ..core.errors import BadInput
 from ..core.io import expect, load_checkpoint, save_checkpoint
+from ..errors import BadInput
 
 RISE_TOLERANCE = 0.05  # a last epoch whose mean training loss is more than 5% above the epoch before is "rising"
 
