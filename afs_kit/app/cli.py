@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -15,9 +16,7 @@ from ..attacks.registry import HEADLINE_PGD, PGD_ATTACKS, REGISTRY
 from ..config import ATTACKS, PARALLEL_MODES, PRESETS, format_budget, get_preset, override, preset_from_dict
 from ..core.checks import parse_eps_list, parse_unit
 from ..core.device import resolve_device
-from ..core.distributed import check_parallel
-from ..core.distributed import init as init_world
-from ..core.distributed import job_lock, shutdown
+from ..core.distributed import World, check_parallel, init as init_world, job_lock, shutdown
 from ..core.io import expect, load_checkpoint, read_json
 from ..core.version import VersionAction
 from ..data.batches import data_fingerprint
@@ -301,99 +300,120 @@ def _add_extractors(run, args) -> int:
     return 0
 
 
+def _presets(args) -> int:
+    for name, p in PRESETS.items():
+        what = (f"model={p.extractor.model} budgets={','.join(format_budget(b) for b in p.budgets)}" if p.budgets
+                else f"RobustBench zoo={','.join(p.zoo)}")
+        print(f"{name:15s} data={p.data.spec} {what} eval eps={format_budget(p.evaluation.eps)}")
+    return 0
+
+
+def _report(args) -> int:
+    if args.readme:
+        print(f"wrote {write(Path(args.out) if args.out else Path('reports'))}")
+        return 0
+    if args.preset is None:
+        raise BadInput("report needs --preset (or --readme)")
+    _check_run_path(args.run)
+    params = [*args.params, f"SEEDS={_seed_count(args)}"] if args.seeds is not None else args.params
+    return run_report(args.preset, out=args.out, run_dir=args.run, params=params, device=args.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What a command on a run knows besides its arguments: this process's place in the job, the seeds."""
+    world: World
+    seeds: int
+    parallel: str | None
+
+
+def _train_extractors(run: Run, args, job: Job) -> int:
+    # `is not None`: an empty --eps '' is refused, not read as "the preset's budgets"
+    budgets = parse_eps_list(args.eps) if args.eps is not None else run.preset.budgets
+    run.data  # a missing data set fails here, before anything is written
+    with job_lock(run.dir):
+        for seed in run.seeds(job.seeds):
+            if job.seeds > 1:
+                run.say(f"seed {seed} ({run.seed_run(seed).dir.root}):")
+            seeded = run.seed_run(seed)
+            seeded.train_extractors(budgets, parallel=job.parallel)
+            if args.ablation and job.world.main:  # table 6's two networks: on rank 0
+                seeded.train_ablation()
+                seeded.train_large_model()
+    return 0
+
+
+def _train_merger(run: Run, args, job: Job) -> int:
+    alpha = parse_unit(args.alpha, "alpha") if args.alpha is not None else None
+    subset = args.subset if args.subset is not None else run.preset.default_subset
+    seeded = [run.seed_run(s) for s in run.seeds(job.seeds)]
+    for r in seeded:
+        if not r.members():
+            raise BadInput(f"run {r.dir.root} has no trained extractors; run train-extractors"
+                           f"{f' --seeds {job.seeds}' if job.seeds > 1 else ''} first")
+        if subset != "selected":
+            r.subset_indices(subset)  # validates the subset against the run's extractors
+    with job_lock(run.dir):
+        for r in seeded:
+            r.afs_model(subset, alpha=alpha, mix=args.mix)
+    return 0
+
+
+def _evaluate(run: Run, args, job: Job) -> int:
+    attacks = None
+    if args.attacks is not None:
+        attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
+        if not attacks:
+            raise BadInput(f"attacks must name at least one of {','.join(ATTACKS)}, got attacks={args.attacks!r}")
+        override(run.preset, [f"evaluation.attacks={','.join(attacks)}"])  # validates the names
+    if args.n is not None and args.n < 1:
+        raise BadInput(f"--n must be >= 1, got n={args.n}")
+    if args.sanity_full:
+        run.preset = override(run.preset, ["evaluation.sanity_strength=full"])
+    # every model is built (and its checkpoints checked) before the lock is taken
+    targets = [(name, what, _build(run, what)) for name, what in _models_to_evaluate(run, args.model)]
+    if args.estimate:  # before anything runs; nothing is written and no lock is taken
+        print("\n".join(estimate_run(run, [(n, m) for n, _, m in targets], attacks, args.n, args.sanity)))
+        return 0
+    # one process: each evaluation takes the run's lock only if it has something to write, so a complete run
+    # answers from a read-only place; under torchrun rank 0 holds it for the job, as every rank must know
+    with job_lock(run.dir) if job.world.distributed else contextlib.nullcontext():
+        done = [(what, run.evaluate(name, model, attacks=attacks, n_examples=args.n,
+                                    # None: the pipeline runs the sanity checks for every stacked model
+                                    sanity=True if args.sanity else None, model_info=run.model_info(*what)))
+                for name, what, model in targets]
+    for line in paired_comparisons(run.dir, done) if job.world.main else ():
+        run.say(line)
+    return 0
+
+
+def _export(run: Run, args, job: Job) -> int:
+    if not args.model.startswith("afs:"):
+        raise BadInput(f"--model must be afs:<merger folder>, got model={args.model!r}")
+    run.say(f"exported to {export_model(run, args.model.removeprefix('afs:'), args.out)}")
+    return 0
+
+
+COMMANDS_WITHOUT_RUN = {"presets": _presets, "report": _report}
+COMMANDS_ON_A_RUN = {"train-extractors": _train_extractors, "train-merger": _train_merger, "evaluate": _evaluate,
+                     "add-extractor": lambda run, args, job: _add_extractors(run, args), "export": _export}
+
+
 def run_command(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.same_code:  # read by Run.evaluate, here and in the report's notebook kernels
-
         os.environ[SAME_CODE_ENV] = "1"
-    if args.command == "presets":
-        for name, p in PRESETS.items():
-            what = (f"model={p.extractor.model} budgets={','.join(format_budget(b) for b in p.budgets)}" if p.budgets
-                    else f"RobustBench zoo={','.join(p.zoo)}")
-            print(f"{name:15s} data={p.data.spec} {what} eval eps={format_budget(p.evaluation.eps)}")
-        return 0
-    if args.command == "report" and args.readme:
-        print(f"wrote {write(Path(args.out) if args.out else Path('reports'))}")
-        return 0
-    if args.command == "report":
-        if args.preset is None:
-            raise BadInput("report needs --preset (or --readme)")
-        _check_run_path(args.run)
-        params = [*args.params, f"SEEDS={_seed_count(args)}"] if args.seeds is not None else args.params
-        return run_report(args.preset, out=args.out, run_dir=args.run, params=params, device=args.device)
-
+    if args.command in COMMANDS_WITHOUT_RUN:
+        return COMMANDS_WITHOUT_RUN[args.command](args)
     seeds = _seed_count(args)
     preset, run_dir = _preset_for(args)
-
     w, device = init_world(resolve_device(args.device))  # one process, or this rank of a torchrun job
     parallel = getattr(args, "parallel", None) or ("budgets" if w.distributed else None)
     if w.distributed and args.command == "train-extractors":
         check_parallel(parallel, w.size, parse_eps_list(args.eps) if args.eps is not None else preset.budgets,
                        preset.extractor.batch_size)
     run = Run(run_dir, preset, device=device, progress=not args.quiet and w.main)
-    if args.command == "train-extractors":
-        # `is not None`: an empty --eps '' is refused, not read as "the preset's budgets"
-        budgets = parse_eps_list(args.eps) if args.eps is not None else preset.budgets
-        run.data  # a missing data set fails here, before anything is written
-        with job_lock(run.dir):
-            for seed in run.seeds(seeds):
-                if seeds > 1:
-                    run.say(f"seed {seed} ({run.seed_run(seed).dir.root}):")
-                seeded = run.seed_run(seed)
-                seeded.train_extractors(budgets, parallel=parallel)
-                if args.ablation and w.main:  # table 6's two networks: on rank 0
-                    seeded.train_ablation()
-                    seeded.train_large_model()
-        return 0
-    if args.command == "train-merger":
-        alpha = parse_unit(args.alpha, "alpha") if args.alpha is not None else None
-        subset = args.subset if args.subset is not None else preset.default_subset
-        seeded = [run.seed_run(s) for s in run.seeds(seeds)]
-        for r in seeded:
-            if not r.members():
-                raise BadInput(f"run {r.dir.root} has no trained extractors; run train-extractors"
-                                 f"{f' --seeds {seeds}' if seeds > 1 else ''} first")
-            if subset != "selected":
-                r.subset_indices(subset)  # validates the subset against the run's extractors
-        with job_lock(run.dir):
-            for r in seeded:
-                r.afs_model(subset, alpha=alpha, mix=args.mix)
-        return 0
-    if args.command == "evaluate":
-        attacks = None
-        if args.attacks is not None:
-            attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
-            if not attacks:
-                raise BadInput(f"attacks must name at least one of {','.join(ATTACKS)}, "
-                                 f"got attacks={args.attacks!r}")
-            override(preset, [f"evaluation.attacks={','.join(attacks)}"])  # validates the names
-        if args.n is not None and args.n < 1:
-            raise BadInput(f"--n must be >= 1, got n={args.n}")
-        if args.sanity_full:
-            run.preset = override(run.preset, ["evaluation.sanity_strength=full"])
-        # every model is built (and its checkpoints checked) before the lock is taken
-        targets = [(name, what, _build(run, what)) for name, what in _models_to_evaluate(run, args.model)]
-        if args.estimate:  # before anything runs; nothing is written and no lock is taken
-            print("\n".join(estimate_run(run, [(n, m) for n, _, m in targets], attacks, args.n, args.sanity)))
-            return 0
-        # one process: each evaluation takes the run's lock only if it has something to write, so a complete run
-        # answers from a read-only place; under torchrun rank 0 holds it for the job, as every rank must know
-        with job_lock(run.dir) if w.distributed else contextlib.nullcontext():
-            done = [(what, run.evaluate(name, model, attacks=attacks, n_examples=args.n,
-                                        # None: the pipeline runs the sanity checks for every stacked model
-                                        sanity=True if args.sanity else None, model_info=run.model_info(*what)))
-                    for name, what, model in targets]
-        for line in paired_comparisons(run.dir, done) if w.main else ():
-            run.say(line)
-        return 0
-    if args.command == "add-extractor":
-        return _add_extractors(run, args)
-    if args.command == "export":
-        if not args.model.startswith("afs:"):
-            raise BadInput(f"--model must be afs:<merger folder>, got model={args.model!r}")
-        run.say(f"exported to {export_model(run, args.model.removeprefix('afs:'), args.out)}")
-        return 0
-    raise BadInput(f"unknown command {args.command!r}")
+    return COMMANDS_ON_A_RUN[args.command](run, args, Job(w, seeds, parallel))
 
 
 def _run_and_leave(argv: list[str]) -> int:

@@ -9,8 +9,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
-from conftest import JPEG_ARCHIVE, MINI_NPZ, SHARED_DATA
 import torch
+from conftest import JPEG_ARCHIVE, MINI_NPZ, SHARED_DATA
 
 from afs_kit.data import datasets as afs_data
 from afs_kit.data.batches import augment, iterate_batches, to_float, validation_split
