@@ -84,8 +84,9 @@ class MemberLogits(nn.Module):
         start = [sum(dims[:i]) for i in range(len(dims))]
         cols = torch.cat([torch.arange(start[i], start[i] + dims[i]) for i in members])
         self.extractors = nn.ModuleList([model.stack.extractors[i] for i in members])
-        self.register_buffer("weight", model.merger.linear.weight.detach()[:, cols].clone())
-        self.register_buffer("bias", model.merger.linear.bias.detach().clone())
+        weight, bias = model.merger.share(cols)
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(torch.cat([m.features(x) for m in self.extractors], dim=1), self.weight, self.bias)

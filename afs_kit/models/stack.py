@@ -50,9 +50,30 @@ class LinearMerger(nn.Module):
         self.shift: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
 
+    # the merger interface: what training, the masking checks and the analysis ask of any merger
     @property
     def weight(self) -> torch.Tensor:
+        """The map from the raw stacked features to the logits, [classes, features] (importance ratios, fig. 6)."""
         return self.linear.weight
+
+    @property
+    def num_classes(self) -> int:
+        return self.linear.out_features
+
+    @property
+    def trained(self) -> nn.Module:
+        """The module whose parameters SGD moves and whose state a checkpoint and a resume hold."""
+        return self.linear
+
+    def set_start(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Start training from these weights (the merger's init choices, train/merger_choice.py)."""
+        with torch.no_grad():
+            self.linear.weight.copy_(weight)
+            self.linear.bias.copy_(bias)
+
+    def share(self, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the logits computed from the feature columns `columns` alone (stack attacks)."""
+        return self.linear.weight.detach()[:, columns].clone(), self.linear.bias.detach().clone()
 
     def standardize(self, shift: torch.Tensor, scale: torch.Tensor) -> None:
         """Reparametrize in place: the same logits, the layer now over (f - shift) / scale."""
@@ -75,6 +96,15 @@ class LinearMerger(nn.Module):
         if self.scale is not None:
             feats = (feats - self.shift) / self.scale
         return self.linear(feats)
+
+
+MERGERS = {"linear": LinearMerger}  # a new merger: its class (with the interface above) and one entry here
+
+
+def build_merger(in_features: int, num_classes: int, kind: str = "linear") -> nn.Module:
+    if kind not in MERGERS:
+        raise BadInput(f"unknown merger kind={kind!r}; known: {', '.join(MERGERS)}")
+    return MERGERS[kind](in_features, num_classes)
 
 
 class AFSModel(nn.Module):

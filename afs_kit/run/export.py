@@ -13,7 +13,7 @@ from ..core.io import load_checkpoint, read_json, save_checkpoint, write_json
 from ..core.version import code_version
 from ..errors import BadInput
 from ..models.nets import model_from_checkpoint
-from ..models.stack import AFSModel, FeatureStack, LinearMerger
+from ..models.stack import AFSModel, FeatureStack, build_merger
 
 CARD, WEIGHTS = "card.json", "model.pt"
 PAPER = "Liu & Zhao, Towards Both Accurate and Robust Neural Networks without Extra Data"
@@ -106,6 +106,6 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> AFSMod
     if list(stack.feature_dims) != list(bundle["merger"]["feature_dims"]):
         raise BadInput(f"{path}: the members give features of sizes {list(stack.feature_dims)}, the merger "
                          f"expects {list(bundle['merger']['feature_dims'])}")
-    merger = LinearMerger(stack.feature_dim, bundle["num_classes"])
+    merger = build_merger(stack.feature_dim, bundle["num_classes"])
     merger.load_state_dict(bundle["merger"]["state_dict"], strict=True)
     return AFSModel(stack, merger).to(device).eval()

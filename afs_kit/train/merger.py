@@ -22,7 +22,7 @@ from ..core.io import expect, load_checkpoint, save_checkpoint
 from ..data.batches import augment, batches_on, data_fingerprint, iterate_batches, to_float, validation_split
 from ..data.dataset import Dataset
 from ..errors import BadInput
-from ..models.stack import AFSModel, FeatureStack, LinearMerger
+from ..models.stack import AFSModel, FeatureStack, build_merger
 from .merger_choice import ValidationSet, brief, converged, floor_verdict, initial_weights, objective_check
 from .progress import resume, save_progress, training_health, warn_if_unhealthy
 
@@ -146,13 +146,11 @@ def merger_step_lr(cfg: MergerConfig, epoch: int, feat_sq: float | None, drop_ep
 def _start_merger(model: AFSModel, cfg: MergerConfig, val: ValidationSet, member_names: list[str]) -> tuple[dict, dict]:
     """Each member checked on the merger's objective, then the merger's initial weights set (`cfg.init`)."""
     members = {name: objective_check(m, val, cfg) for name, m in zip(member_names, model.stack.extractors)}
-    weight, bias, info = initial_weights(list(model.stack.extractors), model.merger.linear.out_features,
+    weight, bias, info = initial_weights(list(model.stack.extractors), model.merger.num_classes,
                                          cfg.init, [c["loss"] for c in members.values()], cfg.seed)
     if "member" in info:
         info["member"] = member_names[info["member"]]
-    with torch.no_grad():
-        model.merger.linear.weight.copy_(weight)
-        model.merger.linear.bias.copy_(bias)
+    model.merger.set_start(weight, bias)
     return members, info
 
 
@@ -179,7 +177,7 @@ def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg
     fmt = memory_format(cfg.precision)
     stack = stack.to(dev, memory_format=fmt)
     names = member_names or [f"member {i + 1}" for i in range(len(stack.extractors))]
-    merger = LinearMerger(stack.feature_dim, data.num_classes).to(dev)
+    merger = build_merger(stack.feature_dim, data.num_classes).to(dev)
     model = AFSModel(stack, merger)
     optimizer = torch.optim.SGD(merger.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     order_gen = torch.Generator().manual_seed(cfg.seed)
@@ -197,7 +195,7 @@ def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg
         merger.standardize(*(t.to(dev) for t in standard_scaling(mean, second)))
     # the rate's unit: E||f||^2 of the coordinates SGD moves in (the feature count, once standardized)
     feat_sq = float(stack.feature_dim) if cfg.standardize else float(second.sum())
-    ckpt = resume(last_path, key, merger.linear, optimizer, order_gen, noise_gen, dev)
+    ckpt = resume(last_path, key, merger.trained, optimizer, order_gen, noise_gen, dev)
     if ckpt is not None:  # the start's check is in the checkpoint: not measured again
         start, history, best, checks = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"], ckpt["checks"]
         if progress:
@@ -206,7 +204,7 @@ def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg
         first = brief(objective_check(model, val, cfg))
         start, history, checks = 0, [], [{"epoch": 0, **first}]
         best = {"epoch": 0, "score": first["score"],
-                "state": {k: v.clone() for k, v in merger.linear.state_dict().items()}}
+                "state": {k: v.clone() for k, v in merger.trained.state_dict().items()}}
 
     for epoch in range(start, epochs):
         if world.distributed:  # each rank its own stream, from (seed, rank, epoch): a resume draws the same
@@ -223,11 +221,11 @@ def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg
         # strictly: among equals the earlier (the init first) is kept; keep="last" takes every epoch's
         if check["score"] > best["score"] or cfg.keep == "last":
             best = {"epoch": epoch + 1, "score": check["score"],
-                    "state": {k: v.clone() for k, v in merger.linear.state_dict().items()}}
+                    "state": {k: v.clone() for k, v in merger.trained.state_dict().items()}}
         if last_path is not None and world.main:
-            save_progress(last_path, key, epoch, merger.linear, optimizer, order_gen, noise_gen, history,
+            save_progress(last_path, key, epoch, merger.trained, optimizer, order_gen, noise_gen, history,
                           best=best, checks=checks)
-    merger.linear.load_state_dict(best["state"])
+    merger.trained.load_state_dict(best["state"])
     merger.fold()
     model.eval()
     kept = objective_check(model, val, cfg)
@@ -247,7 +245,7 @@ def merger_checkpoint(model: AFSModel, cfg: MergerConfig, key: str, extractor_na
                       extractor_keys: list[str], data_info: dict, history: list[dict], choice: dict) -> dict:
     """The merger's checkpoint: "health" is `training_health` of its per-epoch training losses (None without
     an epoch), "choice" how it started and which weights were kept, "floor" its verdict against its members."""
-    health = training_health(history, model.merger.linear.out_features) if history else None
+    health = training_health(history, model.merger.num_classes) if history else None
     return {"key": key, "kind": "merger", "extractors": extractor_names, "extractor_keys": extractor_keys,
             "feature_dims": model.stack.feature_dims, "config": dataclasses.asdict(cfg), **data_info,
             "state_dict": {k: v.cpu() for k, v in model.merger.state_dict().items()}, "history": history,
@@ -264,7 +262,7 @@ def load_merger(path: str | Path, stack: FeatureStack, n_classes: int, **wanted)
     if dims is not None and list(dims) != list(stack.feature_dims):
         raise BadInput(f"checkpoint {path} was trained on features of sizes {list(dims)}, but this stack has "
                          f"{list(stack.feature_dims)}; refusing to use it: retrain the merger")
-    merger = LinearMerger(stack.feature_dim, n_classes)
+    merger = build_merger(stack.feature_dim, n_classes)
     merger.load_state_dict(ckpt["state_dict"], strict=True)
     return AFSModel(stack, merger).eval(), ckpt
 
