@@ -49,7 +49,6 @@ def alpha_explorer(run: Run, alphas: Sequence[float] | None = None, subset: str 
     import ipywidgets as w
     from IPython.display import display
 
-
     if not 0 < step <= 1:
         raise BadInput(f"step must be in (0, 1], got step={step!r}")
     vector = main_subset(run, subset)
@@ -108,7 +107,6 @@ def subset_explorer(run: Run, alpha: float | None = None, n_examples: int | None
     """
     import ipywidgets as w
     from IPython.display import display
-
 
     alpha = main_alpha(run, alpha)
     budgets = run.budgets()

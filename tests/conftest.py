@@ -1,5 +1,9 @@
 """Fixtures and helpers shared by several test files (tests/ is on the path: `from conftest import ...`)."""
 import hashlib
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +80,25 @@ def snapshot(root: str | Path) -> dict[str, tuple]:
         else:
             out[str(p.relative_to(root))] = (hashlib.sha256(p.read_bytes()).hexdigest(), st.st_size, st.st_mtime_ns)
     return out
+
+
+def unwritable_prefix(folder: Path) -> tuple[str, ...]:
+    """How to run a command that cannot write `folder` (made read-only): nothing for a plain user; as
+    root (where chmod stops no write), setpriv dropping the capability that overrides permissions."""
+    if os.geteuid() != 0:
+        return ()
+    prefix = ("setpriv", "--inh-caps=-dac_override,-dac_read_search",
+              "--bounding-set=-dac_override,-dac_read_search")
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: a read-only folder cannot be simulated")
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import os, sys; sys.exit(os.access(sys.argv[1], os.W_OK))",
+                            str(folder)], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"running as root and setpriv cannot drop CAP_DAC_OVERRIDE: {probe.stderr!r}")
+    return prefix
+
+
+def chmod_tree(root: Path, writable: bool) -> None:
+    for p in [root, *root.rglob("*")]:
+        mode = p.stat().st_mode
+        p.chmod(mode | 0o200 if writable else mode & ~0o222)

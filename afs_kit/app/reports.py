@@ -7,10 +7,13 @@ RUN/summary.json, plus the wall time of each stage). What the notebooks compute 
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,7 +24,7 @@ from ..core.io import read_json, write_json
 from ..core.version import pinned_code_version
 from ..errors import BadInput
 from ..models.stack import parse_subset
-from ..run.rundir import PROJECT_ROOT, RunDir, default_run_dir
+from ..run.rundir import PROJECT_ROOT, SUMMARY_OVERLAY_ENV, RunDir, default_run_dir
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 NOTEBOOKS = ("01_extractors", "02_delta_z", "03_tsne", "04_merger_alpha", "05_subsets", "06_weights",
@@ -154,7 +157,7 @@ def _write_html(notebook: Path, html: Path) -> None:
 
 
 def _write_summary(out: Path, run_dir: Path, extra: dict) -> None:
-    summary_path = run_dir / "summary.json"
+    summary_path = RunDir(run_dir).summary_path
     summary = read_json(summary_path) if summary_path.is_file() else {}
     write_json(out / "summary.json", {**summary, **extra})
 
@@ -212,15 +215,16 @@ def run_report(preset: str, out: str | Path | None = None, run_dir: str | Path |
     base = {"PRESET": preset, "DEVICE": device, "FIGURES_DIR": _relative(out / "figures", here),
             "INTERACTIVE": False, **values}
     base["RUN_DIR"] = _relative(run_dir, here)
-
-
     info = {"preset": preset, "run": _relative(run_dir), "parameters": values}
     stage_seconds: dict[str, float] = {}
+    read_only = run_dir.is_dir() and not RunDir(run_dir).writable()
     # one writer per run directory: the notebooks' kernels write into it while the report holds the lock
-    # (taken first: a run in use elsewhere is refused before the report folder is touched)
-
+    # (taken first: a run in use elsewhere is refused before the report folder is touched); a run this
+    # process cannot write is only read, without the lock, and its report is made aside (`_reading_only`)
     # one code version for the whole report, whatever is committed while it runs (the kernels inherit it)
-    with RunDir(run_dir).lock(children=True), pinned_code_version() as version:
+    with (_reading_only(run_dir, out) if read_only else RunDir(run_dir).lock(children=True)) as staged, \
+            pinned_code_version() as version:
+        final, out = out, staged or out
         info["code_version"] = version
         _clear_report(out, paths)
         _write_summary(out, run_dir, {"partial": True, "stage_seconds": stage_seconds, **info})
@@ -237,6 +241,10 @@ def run_report(preset: str, out: str | Path | None = None, run_dir: str | Path |
                                     # the kernel's own log (e.g. its transport warning) stays out of the report
                                     extra_arguments=["--IPKernelApp.log_level=ERROR"])
             except pm.PapermillExecutionError as err:
+                if read_only and err.ename == "PermissionError":  # a stage had to write: nothing is kept
+                    raise PermissionError(f"run directory {run_dir} is not writable, and the report needs to write "
+                                          f"to it ({stem}, cell {err.cell_index}); make it writable or report "
+                                          f"a copy") from None
                 stage_seconds[stem] = round(time.perf_counter() - start, 2)
                 failure = {"notebook": stem, "cell": err.cell_index, "execution_count": err.exec_count,
                            "error": f"{err.ename}: {err.evalue}"}
@@ -244,8 +252,9 @@ def run_report(preset: str, out: str | Path | None = None, run_dir: str | Path |
                 _write_summary(out, run_dir, {"partial": True, "failed": failure, "stage_seconds": stage_seconds,
                                               **info})
                 print(f"afs-kit: report {preset} failed in notebook {stem}, cell {err.cell_index} "
-                      f"(execution count {err.exec_count}): {err.ename}: {err.evalue}; partial report in {out}",
+                      f"(execution count {err.exec_count}): {err.ename}: {err.evalue}; partial report in {final}",
                       file=sys.stderr)
+                _publish(staged, final, paths)
                 return 1
             except BaseException as err:
                 # a dead kernel, a timeout, an interrupt: the report says where it stopped, then the error goes on
@@ -259,8 +268,35 @@ def run_report(preset: str, out: str | Path | None = None, run_dir: str | Path |
             _write_summary(out, run_dir, {"partial": True, "stage_seconds": stage_seconds, **info})
             log(f"report {preset}: {stem} done in {stage_seconds[stem]:.1f} s")
         _write_summary(out, run_dir, {"partial": False, "stage_seconds": stage_seconds, **info})
-    log(f"report {preset}: {len(paths)} notebooks in {sum(stage_seconds.values()):.1f} s -> {out}")
+        _publish(staged, final, paths)
+    log(f"report {preset}: {len(paths)} notebooks in {sum(stage_seconds.values()):.1f} s -> {final}")
     return 0
+
+
+def _publish(staged: Path | None, out: Path, paths: Sequence[Path]) -> None:
+    """A read-only run's report, made aside, into `out` (nothing to do for a report made in place)."""
+    if staged is not None:
+        _clear_report(out, paths)
+        shutil.copytree(staged, out, dirs_exist_ok=True)
+
+
+@contextlib.contextmanager
+def _reading_only(run_dir: Path, out: Path) -> Iterator[Path]:
+    """A report of a run this process cannot write: the notebooks' summary.json goes to a copy of the report's
+    own (`SUMMARY_OVERLAY_ENV`), and the report is made in a temporary folder that becomes `out` only when
+    every notebook ran, so a run that still needs writing is refused with nothing written."""
+    staging = Path(tempfile.mkdtemp(prefix="afs-kit-report-"))
+    overlay = staging / "run-summary"
+    overlay.mkdir()
+    if (run_dir / "summary.json").is_file():
+        shutil.copy2(run_dir / "summary.json", overlay / "summary.json")
+    old = os.environ.get(SUMMARY_OVERLAY_ENV)
+    os.environ[SUMMARY_OVERLAY_ENV] = f"{run_dir}::{overlay}"
+    try:
+        yield staging / out.name
+    finally:
+        os.environ.pop(SUMMARY_OVERLAY_ENV) if old is None else os.environ.__setitem__(SUMMARY_OVERLAY_ENV, old)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _clear_report(out: Path, paths: Sequence[Path]) -> None:

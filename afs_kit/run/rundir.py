@@ -125,6 +125,20 @@ def writer(run_dir: str | Path, children: bool = False):
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# "RUN::FOLDER": a report of a run it cannot write keeps the notebooks' summary.json (their sentences, the
+# seeds' rows) under FOLDER instead of RUN; set by `app.reports` and inherited by the notebooks' kernels
+SUMMARY_OVERLAY_ENV = "AFS_KIT_SUMMARY_OVERLAY"
+
+
+def _summary_overlay(root: Path) -> Path | None:
+    value = os.environ.get(SUMMARY_OVERLAY_ENV)
+    if not value:
+        return None
+    run, folder = value.split("::", 1)
+    try:
+        return Path(folder) / Path(root).resolve().relative_to(Path(run).resolve())
+    except ValueError:  # another run than the report's
+        return None
 
 
 def default_run_dir(preset: str, seed: int = 0) -> Path:
@@ -212,7 +226,13 @@ class RunDir:
 
     @property
     def summary_path(self) -> Path:
-        return self.root / "summary.json"
+        overlay = _summary_overlay(self.root)
+        return (overlay or self.root) / "summary.json"
+
+    def writable(self) -> bool:
+        """Whether this process may write the (existing) run directory: a colleague's run on a read-only
+        mount or in another user's folder is read without the lock."""
+        return os.access(self.root, os.W_OK)
 
     def lock(self, children: bool = False):
         """The run directory's lock for a stage that writes (`writer`)."""
@@ -226,8 +246,8 @@ class RunDir:
         return sorted(p.name for p in base.iterdir() if (p / "extractor.pt").is_file())
 
     def update_summary(self, key: str, value: Any) -> None:
-        """Each notebook or stage writes its part of summary.json."""
-        with self.lock():
+        """Each notebook or stage writes its part of summary.json (a read-only run's report: its own copy)."""
+        with self.lock() if _summary_overlay(self.root) is None else contextlib.nullcontext():
             summary = read_json(self.summary_path) if self.summary_path.is_file() else {}
             summary[key] = value
             write_json(self.summary_path, summary)

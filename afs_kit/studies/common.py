@@ -73,7 +73,6 @@ def show(fig, path: str | Path) -> None:
     """Save `fig` as a PNG (the static figure of reports) and show it inline."""
     from IPython.display import display
 
-
     save_figure(fig, path)
     display(fig)
 

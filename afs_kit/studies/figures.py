@@ -90,7 +90,6 @@ def tsne_study(run: Run, subset: str | None = None, n_examples: int | None = Non
     paper's network-3 and network-8) and of their concatenation, on clean test images."""
     from sklearn.metrics import silhouette_score
 
-
     budgets = run.budgets()
     indices = run.subset_indices(main_subset(run, subset))
     if len(indices) < 2:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import snapshot
+from conftest import chmod_tree, snapshot, unwritable_prefix
 
 from afs_kit.app.cli import main
 
@@ -356,43 +356,21 @@ def test_a_run_that_is_a_file_exits_2_naming_it(command, under, box):
     assert snapshot(box["root"]) == before and not Path(box["out"]).exists()
 
 
-def _unwritable_prefix(folder: Path) -> tuple[str, ...]:
-    """How to run a command that cannot write `folder` (made read-only): nothing for a plain user; as
-    root (where chmod stops no write), setpriv dropping the capability that overrides permissions."""
-    if os.geteuid() != 0:
-        return ()
-    prefix = ("setpriv", "--inh-caps=-dac_override,-dac_read_search",
-              "--bounding-set=-dac_override,-dac_read_search")
-    if shutil.which("setpriv") is None:
-        pytest.skip("running as root without setpriv: a read-only folder cannot be simulated")
-    probe = subprocess.run([*prefix, sys.executable, "-c", "import os, sys; sys.exit(os.access(sys.argv[1], os.W_OK))",
-                            str(folder)], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"running as root and setpriv cannot drop CAP_DAC_OVERRIDE: {probe.stderr!r}")
-    return prefix
-
-
-def _chmod_tree(root: Path, writable: bool) -> None:
-    for p in [root, *root.rglob("*")]:
-        mode = p.stat().st_mode
-        p.chmod(mode | 0o200 if writable else mode & ~0o222)
-
-
 @pytest.mark.slow  # a real `python -m afs_kit` process per case: make test-fast skips them
 @pytest.mark.parametrize("command", COMMANDS)
 def test_a_read_only_run_directory_exits_2_naming_it(command, box):
     """Was a PermissionError traceback on RUN/.lock."""
     run = Path(box["run"])
-    _chmod_tree(run, writable=False)
+    chmod_tree(run, writable=False)
     try:
-        prefix = _unwritable_prefix(run)
+        prefix = unwritable_prefix(run)
         before = snapshot(box["root"])
         line = one_error_line(afs_kit(*fill(COMMANDS[command], box, Path()), "--run", str(run), cwd=box["root"],
                                       prefix=prefix))
         assert f"run directory {run} is not writable" in line
         assert snapshot(box["root"]) == before and not Path(box["out"]).exists()
     finally:
-        _chmod_tree(run, writable=True)
+        chmod_tree(run, writable=True)
 
 
 @pytest.mark.slow  # a real `python -m afs_kit` process: make test-fast skips it
@@ -401,16 +379,16 @@ def test_a_read_only_run_answers_a_cached_evaluate_without_the_lock(box):
     argv = ["evaluate", "--model", "extractor:0.1", "--attacks", "pgd10", "--n", "20", "--device", "cpu"]
     assert main([argv[0], "--run", box["run"], *argv[1:], "--quiet"]) == 0
     run = Path(box["run"])
-    _chmod_tree(run, writable=False)
+    chmod_tree(run, writable=False)
     try:
-        prefix = _unwritable_prefix(run)
+        prefix = unwritable_prefix(run)
         before = snapshot(box["root"])
         out = afs_kit(argv[0], "--run", str(run), *argv[1:], cwd=box["root"], prefix=prefix)
         assert out.returncode == 0, out.stderr
         assert "found clean, pgd10" in out.stdout + out.stderr
         assert snapshot(box["root"]) == before
     finally:
-        _chmod_tree(run, writable=True)
+        chmod_tree(run, writable=True)
 
 
 @pytest.mark.slow  # a real `python -m afs_kit` process per case: make test-fast skips them

@@ -5,9 +5,13 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import nbformat
 import pytest
+from conftest import chmod_tree, snapshot, unwritable_prefix
 
 from afs_kit.app.cli import main
 from afs_kit.app.reports import (NOTEBOOKS, NOTEBOOKS_DIR, PARAMETERS, notebook_parameters, parse_parameter,
@@ -303,6 +307,32 @@ def test_subset_explorer_answers_from_cache_and_trains_on_demand(smoke_report, c
     assert "subset=001 alpha=0.5: clean" in capsys.readouterr().out and merger_exists(run, "001", 0.5)
     boxes[2].value = False
     assert "tick at least one extractor" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_read_only_complete_run_answers_a_cached_report_without_the_lock(smoke_report, tmp_path):
+    """Reading never needs write access: a colleague's finished run on a read-only mount gives its report, made
+    without writing a byte into the run (the notebooks' sentences kept in the report's own summary.json)."""
+    assert smoke_report["code"] == 0
+    run, out = tmp_path / "colleague-run", tmp_path / "my-report"
+    shutil.copytree(smoke_report["run"], run, copy_function=shutil.copy2)
+    chmod_tree(run, writable=False)
+    try:
+        prefix = unwritable_prefix(run)
+        before = snapshot(run)
+        argv = ["report", "--preset", "smoke", "--run", str(run), "--out", str(out), "--device", "cpu"]
+        for p in SMOKE_PARAMS:
+            argv += ["-p", p]
+        proc = subprocess.run([*prefix, sys.executable, "-m", "afs_kit", *argv], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert snapshot(run) == before
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["partial"] is False and summary["texts"] == smoke_report["summary"]["texts"]
+        assert summary["comparison"] == smoke_report["summary"]["comparison"]
+        assert all((out / f"{name}.html").is_file() for name in NOTEBOOKS)
+    finally:
+        chmod_tree(run, writable=True)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pytest
 import torch
-from conftest import JPEG_ARCHIVE, MINI_NPZ, SHARED_DATA
+from conftest import JPEG_ARCHIVE, MINI_NPZ
 
 from afs_kit.data import datasets as afs_data
 from afs_kit.data.batches import augment, iterate_batches, to_float, validation_split
