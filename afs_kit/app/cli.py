@@ -282,6 +282,9 @@ def _add_extractors(run, args) -> int:
     except json.JSONDecodeError as err:
         raise BadInput(f"--kwargs must be a JSON object, got kwargs={args.kwargs!r} ({err})") from None
     if args.builder is not None:
+        if args.name is None:  # a builder's network has no name of its own (a zoo model's name is its entry)
+            raise BadInput(f"--name is required with --builder (the extractor's name in the run), got "
+                           f"builder={args.builder!r} without --name")
         how = [dict(builder=args.builder, kwargs=kwargs, weights=args.weights, name=args.name)]
     else:
         names = args.robustbench.split(",") if args.robustbench is not None else list(run.preset.zoo)

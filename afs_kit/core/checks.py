@@ -127,7 +127,11 @@ def parse_eps_list(text: str, name: str = "eps") -> tuple[float, ...]:
     parts = [p for p in str(text).split(",") if p.strip()]
     if not parts:
         raise BadInput(f"{name} must list at least one budget, got {name}={text!r}")
-    return tuple(parse_unit(p, name) for p in parts)
+    values = tuple(parse_unit(p, name) for p in parts)
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:  # one extractor per budget: a repeat would train (or stack) the same network twice
+        raise BadInput(f"{name} lists a budget twice ({', '.join(f'{v:g}' for v in repeated)}), got {name}={text!r}")
+    return values
 
 
 def parse_value(text: str, tp, name: str = "value"):
@@ -164,3 +168,14 @@ def parse_value(text: str, tp, name: str = "value"):
     if args[0] is str and not all(isinstance(v, str) for v in items):
         raise BadInput(f"{name} must list strings, got {name}={text!r}")
     return origin(parse_value(v if isinstance(v, str) else json.dumps(v), args[0], name) for v in items)
+
+
+def duration(seconds: float) -> str:
+    """A time left or taken as people say it: "under 1 s", "40 s", "3.5 min", "2.1 h" (never "about 0 min")."""
+    if seconds < 1:
+        return "under 1 s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -14,6 +14,7 @@ import torch
 
 from ..attacks.registry import PGD_STEPS
 from ..config import EvalConfig
+from ..core.checks import duration
 from ..core.device import autocast, model_device
 from ..models.stack import AFSModel, LogitAverage
 from .masking import STRENGTHS, STRONGER_RESTARTS, STRONGER_STEPS
@@ -97,14 +98,6 @@ def pass_times(model, x: torch.Tensor, precision: str = "fp32", repeats: int = 3
     return out[0], out[1]
 
 
-def human(seconds: float) -> str:
-    """'under 1 s', '45 s', '12.5 min' or '3.2 h'."""
-    if seconds < 1:
-        return "under 1 s"
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else \
-        f"{seconds / 3600:.1f} h"
-
-
 def estimate(model, x: torch.Tensor, cfg: EvalConfig, n: int, sanity: bool, num_classes: int,
              sample: int = 32) -> dict:
     """The estimate for evaluating `model` on `n` examples under `cfg` (with the masking checks when
@@ -118,7 +111,7 @@ def estimate(model, x: torch.Tensor, cfg: EvalConfig, n: int, sanity: bool, num_
         seconds = n * (p["forward"] * t_fwd + p["backward"] * t_bwd)
         total += seconds
         lines.append(f"{attack}: {p['forward']} forward + {p['backward']} backward passes per example "
-                     f"({p['what']}) x {n} examples: at most {human(seconds)}")
+                     f"({p['what']}) x {n} examples: at most {duration(seconds)}")
     fallback = 0.0
     if sanity:
         m = masking_passes(cfg)
@@ -127,13 +120,13 @@ def estimate(model, x: torch.Tensor, cfg: EvalConfig, n: int, sanity: bool, num_
         total += seconds
         fallback = n * m["fallback"] * (t_fwd + t_bwd)
         lines.append(f"masking checks ({cfg.sanity_strength}): about {m['forward']} forward + {m['backward']} "
-                     f"backward passes per example x {checked} examples: about {human(seconds)}; if `converged` "
+                     f"backward passes per example x {checked} examples: about {duration(seconds)}; if `converged` "
                      f"fails, {m['fallback']} more forward and backward passes on each of at most {n} examples: "
-                     f"{human(fallback)}")
+                     f"{duration(fallback)}")
     lines.append(f"measured on {min(sample, len(x))} test images ({model_device(model, x.device)}, {cfg.precision}): "
                  f"forward {1e3 * t_fwd:.2f} ms, forward + backward {1e3 * t_fb:.2f} ms per image")
-    tail = f" ({human(total + fallback)} if the converged check fails)" if sanity else ""
-    lines.append(f"estimated wall time: {human(total)}{tail}")
+    tail = f" ({duration(total + fallback)} if the converged check fails)" if sanity else ""
+    lines.append(f"estimated wall time: {duration(total)}{tail}")
     return {"lines": lines, "seconds": total, "seconds_if_fallback": total + fallback,
             "per_image": {"forward": t_fwd, "forward_backward": t_fb}}
 

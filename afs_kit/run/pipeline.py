@@ -17,7 +17,7 @@ import torch
 from ..attacks.registry import check_aa_attacks
 from ..config import (ATTACKS, PARALLEL_MODES, Preset, budget_name, config_hash, format_budget, get_preset,
                       preset_from_dict, step_size, validate_preset)
-from ..core.checks import check_choice, check_int, check_real, is_int
+from ..core.checks import duration, check_choice, check_int, check_real, is_int
 from ..core.device import PRECISIONS, resolve_device
 from ..core.distributed import World, world
 from ..core.io import expect, load_checkpoint, read_json, write_json
@@ -176,7 +176,7 @@ class Run:
             started = time.monotonic()
             for k, eps in enumerate(mine):
                 done = time.monotonic() - started
-                eta = "" if k == 0 else f", about {done / k * (len(mine) - k) / 60:.0f} min left for all"
+                eta = "" if k == 0 else f", {duration(done / k * (len(mine) - k))} left for all"
                 self.say(f"extractor {k + 1} of {len(mine)} to train (eps {format_budget(eps)}){eta}")
                 out[eps] = train_extractor(self.extractor_config(eps), self.data, self.preset.data,
                                            self.dir.extractor_dir(budget_name(eps)), self.device, self.progress,

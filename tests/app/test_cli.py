@@ -79,6 +79,7 @@ ROWS = [
     pytest.param(new_run("--eps=-0.1"), r"eps must be in \[0, 1\], got eps='-0.1'", id="eps-negative"),
     pytest.param(new_run("--eps", "0.1,abc"), r"eps must be a number .*, got eps='abc'", id="eps-text"),
     pytest.param(new_run("--eps", ""), r"eps must list at least one budget, got eps=''", id="eps-empty"),
+    pytest.param(new_run("--eps", "0.1,0.1"), r"eps lists a budget twice \(0.1\), got eps='0.1,0.1'", id="eps-twice"),
     pytest.param(new_run("--set", "evaluation.eps=2"), r"evaluation.eps must be in \[0, 1\], got evaluation.eps=2.0",
                  id="eps-set-evaluation"),
     pytest.param(new_run("--set", "budgets=0,1.5"), r"eps must be in \[0, 1\], got eps=1.5", id="eps-set-budgets"),

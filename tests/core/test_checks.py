@@ -5,7 +5,8 @@ import re
 import numpy as np
 import pytest
 
-from afs_kit.core.checks import check_choice, check_int, check_real, is_int, is_real
+from afs_kit.core.checks import check_choice, check_int, check_real, is_int, is_real, parse_eps_list
+from afs_kit.errors import BadInput
 
 # ------------------------------------------------------------------------------------------ check_int
 
@@ -112,3 +113,10 @@ def test_bool_is_never_a_number_but_numpy_numbers_are():
         assert is_real(yes) and not is_int(yes)
     for no in (True, False, np.bool_(True), "1", None, 1j, [1]):
         assert not is_int(no) and not is_real(no)
+
+
+def test_a_budget_listed_twice_is_refused_naming_it():
+    with pytest.raises(BadInput, match=r"eps lists a budget twice \(0.1\), got eps='0.1,0.1'"):
+        parse_eps_list("0.1,0.1")
+    with pytest.raises(BadInput, match="twice"):
+        parse_eps_list("8/255,16/510,0")  # the same budget spelled two ways

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from afs_kit.config import EvalConfig
-from afs_kit.eval.estimate import aa_passes, attack_passes, estimate, human, masking_passes
+from afs_kit.core.checks import duration
+from afs_kit.eval.estimate import aa_passes, attack_passes, estimate, masking_passes
 from afs_kit.models.nets import build_model
 
 
@@ -35,6 +36,7 @@ def test_the_estimate_grows_with_the_examples_and_ends_with_one_line():
     assert checked["seconds_if_fallback"] > checked["seconds"] > small["seconds"] * 0.5
 
 
-@pytest.mark.parametrize("seconds, text", [(0.2, "under 1 s"), (45, "45 s"), (750, "12.5 min"), (11520, "3.2 h")])
+@pytest.mark.parametrize("seconds, text", [(0.2, "under 1 s"), (20, "20 s"), (45, "45 s"), (750, "12.5 min"),
+                                           (11520, "3.2 h")])
 def test_times_read_as_people_say_them(seconds, text):
-    assert human(seconds) == text
+    assert duration(seconds) == text

@@ -214,6 +214,9 @@ def test_cli_add_extractor(tmp_path, preset, model_dir, capsys, monkeypatch):
     assert len(err.splitlines()) == 1 and "Standard.pt is missing: put RobustBench's Standard.pt there" in err
     assert not (tmp_path / "run").exists()
     assert main(["add-extractor", "--preset", "smoke", "--run", "run", "--builder", "torchvision.models:resnet18",
+                 *common]) == 2
+    assert "--name is required with --builder" in capsys.readouterr().err
+    assert main(["add-extractor", "--preset", "smoke", "--run", "run", "--builder", "torchvision.models:resnet18",
                  "--kwargs", "{not json", "--name", "r", *common]) == 2
     assert "--kwargs must be a JSON object, got kwargs='{not json'" in capsys.readouterr().err
     # a zoo-only run: add, merge, evaluate with paired tests against the zoo model
@@ -228,7 +231,10 @@ def test_cli_add_extractor(tmp_path, preset, model_dir, capsys, monkeypatch):
 def test_zoo_preset_and_import_order():
     p = PRESETS["zoo-cifar10"]
     assert p.budgets == () and p.merger.epochs == 5 and len(p.zoo) == 5 and p.data.spec == "cifar10"
-    # robustbench imports `autoattack` and `pkg_resources`; after `import afs_kit` both resolve
-    out = subprocess.run([sys.executable, "-c", "import afs_kit, robustbench; print(robustbench.load_model.__name__)"],
-                         capture_output=True, text=True, check=True)
+    # robustbench imports `autoattack` and `pkg_resources`: `import afs_kit` alone leaves sys.modules as it was,
+    # and the kit's first use of RobustBench (or `alias_autoattack()`) makes `import robustbench` resolve
+    code = ("import sys, afs_kit; assert 'autoattack' not in sys.modules; "
+            "from afs_kit.models.outside import zoo_entries; zoo_entries('cifar10', 'Linf'); "
+            "import robustbench; print(robustbench.load_model.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "load_model"
