@@ -9,6 +9,8 @@ state.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Sequence
 
 from .attacks.registry import HEADLINE_PGD, PGD_ATTACKS, attack_label
@@ -32,7 +34,10 @@ def _setting(run: Run, vector: str, alpha: float, n_examples: int | None, cache:
     """Metrics and importance ratio of one (subset, alpha), computed once per explorer."""
     key = (vector, round(alpha, 6))
     if key not in cache:
-        metrics, model = evaluate_afs(run, vector, alpha, PGD_ATTACKS, n_examples)
+        # the run's log lines (found, trained, evaluated) belong to the command line; the explorer shows its own
+        # line, and the progress bars (stderr) still show while a merger trains
+        with contextlib.redirect_stdout(io.StringIO()):
+            metrics, model = evaluate_afs(run, vector, alpha, PGD_ATTACKS, n_examples)
         cache[key] = {"alpha": alpha, "subset": vector, "n": metrics["n"], **accuracy_row(metrics, PGD_ATTACKS),
                       "importance": importance_ratio(model.merger, model.stack.feature_dims).tolist()}
     return cache[key]

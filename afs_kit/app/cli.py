@@ -386,14 +386,14 @@ def _evaluate(run: Run, args, job: Job) -> int:
                                     sanity=True if args.sanity else None, model_info=run.model_info(*what)))
                 for name, what, model in targets]
     for line in paired_comparisons(run.dir, done) if job.world.main else ():
-        run.say(line)
+        run.result(line)
     return 0
 
 
 def _export(run: Run, args, job: Job) -> int:
     if not args.model.startswith("afs:"):
         raise BadInput(f"--model must be afs:<merger folder>, got model={args.model!r}")
-    run.say(f"exported to {export_model(run, args.model.removeprefix('afs:'), args.out)}")
+    run.result(f"exported to {export_model(run, args.model.removeprefix('afs:'), args.out)}")
     return 0
 
 

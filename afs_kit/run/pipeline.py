@@ -109,7 +109,13 @@ class Run:
                                             "code_version": code_version()})
 
     def say(self, text: str) -> None:
+        """A progress message (silenced with progress=False, `--quiet`)."""
         if self.progress:
+            print(text)
+
+    def result(self, text: str) -> None:
+        """A result (an evaluation's numbers, a paired test): printed by rank 0 even when progress is off."""
+        if self.world.main:
             print(text)
 
     # ------------------------------------------------------------ seeds
@@ -446,7 +452,7 @@ class Run:
             metrics = write_evaluation(out_dir, result, model_info or {})
             shown = dict.fromkeys(a for a in ("clean", *metrics["attacks"], "worst") if a in metrics)
             checks = metrics.get("sanity")
-            self.say(f"evaluation {name}: " + ", ".join(
+            self.result(f"evaluation {name}: " + ", ".join(
                 f"{a} {metrics[a]:.1f}% [{metrics['ci95'][a][0]:.1f}-{metrics['ci95'][a][1]:.1f}]" for a in shown)
                 + ("" if checks is None else "; masking checks " + (
                     "passed" if checks["passed"] else "FAILED: " + ", ".join(checks["failed"]))))

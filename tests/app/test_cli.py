@@ -228,12 +228,15 @@ def test_the_installed_command_exits_2_with_one_line(argv, message, box, bad_dat
     assert not Path(box["new"]).exists() and not Path(box["out"]).exists()
 
 
-def test_a_good_command_still_runs_after_the_refusals(box):
-    """The checks refuse bad input only: the same run evaluates when asked properly."""
+def test_a_good_command_still_runs_after_the_refusals(box, capsys):
+    """The checks refuse bad input only: the same run evaluates when asked properly; `--quiet` silences the
+    progress, never the results."""
     argv = ["evaluate", "--run", box["run"], "--device", "cpu", "--model", "extractor:0.1", "--attacks", "clean",
             "--n", "20", "--quiet"]
     assert main(argv) == 0
     assert len(list((Path(box["run"]) / "eval").glob("*/metrics.json"))) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("evaluation extractor-") and "clean " in out[0], out
 
 
 def test_evaluate_writes_worst_intervals_and_the_examples_hash(box):

@@ -293,7 +293,7 @@ def test_subset_explorer_answers_from_cache_and_trains_on_demand(smoke_report, c
     from afs_kit import widgets
     from afs_kit.studies import merger_exists, open_run
 
-    run = open_run("smoke", smoke_report["run"], device="cpu", progress=False)
+    run = open_run("smoke", smoke_report["run"], device="cpu", progress=True)  # the log lines stay out anyway
     explorer = widgets.subset_explorer(run)
     boxes, button = explorer.children[0].children, explorer.children[1]
     assert [b.description for b in boxes] == ["0", "0.1", "0.2"] and all(b.value for b in boxes)
@@ -304,7 +304,9 @@ def test_subset_explorer_answers_from_cache_and_trains_on_demand(smoke_report, c
     boxes[0].value = False  # 001: never trained
     assert "subset 001 has no merger yet" in capsys.readouterr().out
     button.click()
-    assert "subset=001 alpha=0.5: clean" in capsys.readouterr().out and merger_exists(run, "001", 0.5)
+    out = capsys.readouterr().out
+    assert "subset=001 alpha=0.5: clean" in out and merger_exists(run, "001", 0.5)
+    assert not [line for line in out.splitlines() if line.startswith(("evaluation ", "merger "))], out
     boxes[2].value = False
     assert "tick at least one extractor" in capsys.readouterr().out
 
