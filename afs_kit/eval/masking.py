@@ -19,7 +19,6 @@ difference of about 4 points is significant.
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 import torch.nn as nn
@@ -30,7 +29,7 @@ from ..attacks.registry import HEADLINE_PGD, PGD_STEPS
 from ..core.checks import check_int, check_real
 from ..core.device import exact_fp32, model_device, resolve_device
 from ..core.stats import SIGNIFICANCE, discordant, paired_test
-from ..errors import BadInput
+from ..errors import BadInput, warn
 from ..models.stack import AFSModel, LogitAverage
 from .flags import check_eval_inputs, correct_flags, pgd_flags, robust_where
 
@@ -345,9 +344,8 @@ def _verdict(checks: dict, n: int, strength: str) -> dict:
     failed = [k for k, v in checks.items() if not v["passed"]]
     if failed:
         details = "; ".join(f"{k}: {_brief(checks[k])}" for k in failed)
-        warnings.warn(f"SANITY CHECKS FAILED: {', '.join(failed)} -- the robust accuracy may be inflated by "
-                      f"gradient masking or a broken attack; do not trust it before finding out why ({details})",
-                      RuntimeWarning, stacklevel=4)  # 4: past the exact_fp32 decorator's frame
+        warn(f"SANITY CHECKS FAILED: {', '.join(failed)} -- the robust accuracy may be inflated by gradient "
+             f"masking or a broken attack; do not trust it before finding out why ({details})")
     return {"passed": not failed, "failed": failed, "checks": checks, "n": n, "strength": strength}
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from ..core.distributed import World
 from ..core.io import expect, load_checkpoint, save_checkpoint
 from ..data.batches import augment, batches_on, data_fingerprint, iterate_batches, to_float, validation_split
 from ..data.dataset import Dataset
-from ..errors import BadInput
+from ..errors import BadInput, warn
 from ..models.stack import AFSModel, FeatureStack, build_merger
 from .merger_choice import ValidationSet, brief, converged, floor_verdict, initial_weights, objective_check
 from .progress import resume, save_progress, training_health, warn_if_unhealthy
@@ -237,7 +236,7 @@ def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg
     if history:
         warn_if_unhealthy(training_health(history, data.num_classes), f"merger alpha={cfg.alpha:g}")
     if not choice["floor"]["met"]:
-        warnings.warn(f"merger alpha={cfg.alpha:g}: {choice['floor']['text']}", RuntimeWarning, stacklevel=2)
+        warn(f"merger alpha={cfg.alpha:g}: {choice['floor']['text']}")
     return model, history, choice
 
 

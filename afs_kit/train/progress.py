@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import torch
 
 from ..core.checks import check_int
 from ..core.io import expect, load_checkpoint, save_checkpoint
-from ..errors import BadInput
+from ..errors import BadInput, warn
 
 RISE_TOLERANCE = 0.05  # a last epoch whose mean training loss is more than 5% above the epoch before is "rising"
 
@@ -56,7 +55,7 @@ def warn_if_unhealthy(health: dict, label: str) -> None:
         why.append(f"final training loss {health['final_loss']:.3f} is above chance ln K = {health['chance']:.3f}")
     if health["rising"]:
         why.append(f"training loss rose over the last epochs ({', '.join(f'{v:.3f}' for v in health['last_losses'])})")
-    warnings.warn(f"{label} looks unhealthy: {'; '.join(why)}", RuntimeWarning, stacklevel=3)
+    warn(f"{label} looks unhealthy: {'; '.join(why)}")
 
 
 def save_progress(path: Path, key: str, epoch: int, module: torch.nn.Module, optimizer, order_gen: torch.Generator,

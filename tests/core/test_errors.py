@@ -2,6 +2,7 @@
 nothing outside it (no `autoattack` alias until RobustBench is used)."""
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,13 @@ def test_a_held_lock_raises_run_in_use_naming_the_holder(tmp_path):
 def test_a_bad_argument_is_bad_input_naming_it():
     with pytest.raises(errors.BadInput, match="eps.*nine"):
         parse_unit("nine", "eps")
+
+
+def test_a_kit_warning_is_one_line_without_a_source_path():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        errors.warn("SANITY CHECKS FAILED: converged -- do not trust it ({'reported': 50.0})")
+    (w,) = caught
+    assert issubclass(w.category, RuntimeWarning)  # `pytest.warns(RuntimeWarning)` and users' filters still match
+    text = warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line)
+    assert text == "afs-kit:0: AfsKitWarning: SANITY CHECKS FAILED: converged -- do not trust it ({'reported': 50.0})\n"
