@@ -18,12 +18,8 @@ from ..core.checks import check_int, check_real, is_int
 from ..core.device import eval_mode as _eval_mode
 from ..errors import BadInput
 
-__all__ = [
-    "delta_z", "delta_z_curve", "Selection", "select_extractors", "Eq10Check", "check_eq10",
-    "tsne_embedding", "trustworthiness_score", "importance_ratio", "weight_stats", "model_cost",
-    "ReferenceRow", "ExtractorRow", "CostRow",
-    "TABLE1_EXTRACTORS", "TABLE4_CIFAR10", "TABLE5_CIFAR100", "TABLE6_ABLATION", "PAPER_SELECTED_EPS",
-]
+__all__ = ["tsne_embedding", "trustworthiness_score", "importance_ratio", "weight_array", "weight_stats",
+           "model_cost"]
 
 
 # ------------------------------------------------------------------------------------ helpers
