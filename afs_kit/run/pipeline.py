@@ -203,9 +203,12 @@ class Run:
         return None if wide is None else self._train_extra("large-model", model=wide, eps=self.preset.evaluation.eps)
 
     def _train_extra(self, which: str, **changes) -> dict:
+        cfg, out_dir = dataclasses.replace(self.preset.extractor, **changes), self.dir.ablation_dir(which)
+        found = existing_extractor(cfg, self.data, self.preset.data, out_dir)  # a finished one is read, no lock
+        if found is not None:
+            return found
         with self.writing():
-            return train_extractor(dataclasses.replace(self.preset.extractor, **changes), self.data, self.preset.data,
-                                   self.dir.ablation_dir(which), self.device, self.progress)
+            return train_extractor(cfg, self.data, self.preset.data, out_dir, self.device, self.progress)
 
     def extractor_checkpoints(self) -> list[tuple[float, Path]]:
         """(budget, path) of every finished extractor, sorted by budget."""
