@@ -287,10 +287,27 @@ def load_weights(net: nn.Module, weights: str | Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
-        net.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=True)
+        state = {k.removeprefix("module."): v for k, v in state.items()}
     except Exception as err:  # whatever went wrong, said in one line
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise BadInput(f"weights={str(weights)!r} do not fit the network ({type(err).__name__}: {first})") from None
+        raise BadInput(f"weights={str(weights)!r} cannot be read as a state dict ({type(err).__name__}: {first})") \
+            from None
+    mismatch = first_mismatch(net.state_dict(), state)
+    if mismatch:
+        raise BadInput(f"weights={str(weights)!r} do not fit the network: {mismatch}")
+    net.load_state_dict(state, strict=True)
+
+
+def first_mismatch(wanted: dict, given: dict) -> str | None:
+    """The first difference between a network's state dict and a file's, in one phrase (torch's own message puts
+    it on a later line, after a header that says nothing): a missing or unexpected entry, or a shape."""
+    for key, value in wanted.items():
+        if key not in given:
+            return f"{key} is missing from the file ({len(given)} entries)"
+        if tuple(given[key].shape) != tuple(value.shape):
+            return f"{key} has shape {tuple(given[key].shape)} in the file, {tuple(value.shape)} in the network"
+    extra = [k for k in given if k not in wanted]
+    return f"the file has entries the network lacks, first {extra[0]}" if extra else None
 
 
 def prepare_outside(data: Dataset, model: nn.Module | None = None, name: str | None = None, *,

@@ -20,6 +20,7 @@ from conftest import snapshot
 from afs_kit import PRESETS, Run
 from afs_kit.app.cli import main
 from afs_kit.config import override
+from afs_kit.errors import BadInput
 from afs_kit.models.outside import FX, HOOK
 from afs_kit.models.stack import parse_subset
 
@@ -238,3 +239,16 @@ def test_zoo_preset_and_import_order():
             "import robustbench; print(robustbench.load_model.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "load_model"
+
+
+def test_weights_of_another_shape_name_the_first_mismatch(tmp_path, preset):
+    """Was torch's header line only ("Error(s) in loading state_dict for Wide:"), the mismatch hidden below it."""
+    torch.save(Wide(12).state_dict(), tmp_path / "w.pt")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    before = snapshot(tmp_path)
+    with pytest.raises(BadInput, match=r"weights='.*w.pt' do not fit the network: fc.weight has shape \(12, 3072\) "
+                                       r"in the file, \(10, 3072\) in the network"):
+        Run(run_dir, preset, device="cpu", progress=False).add_extractor(
+            name="wide", builder="test_outside:Wide", kwargs={"classes": 10}, weights=tmp_path / "w.pt")
+    assert snapshot(tmp_path) == before
