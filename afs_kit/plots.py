@@ -329,9 +329,13 @@ def plot_weight_histograms(weights: Mapping[str, object], bins: int = 60, title:
     bins = check_int("bins", bins, 1)
     mats = {name: weight_array(w, f"weights[{name!r}]") for name, w in weights.items()}
     fig, axes = _new_figure(1, len(mats), figsize=(4.2 * len(mats), 3.8))
+    # one x-axis and the same bins for every panel, so the shapes compare at a glance
+    lo, hi = min(float(w.min()) for w in mats.values()), max(float(w.max()) for w in mats.values())
+    edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
     for ax, (name, w) in zip(axes[0], mats.items()):
         st = weight_stats(w)
-        ax.hist(w.ravel(), bins=bins, density=True, color="tab:blue", alpha=0.8)
+        ax.hist(w.ravel(), bins=edges, density=True, color="tab:blue", alpha=0.8)
+        ax.set_xlim(edges[0], edges[-1])
         ax.set_xlabel("weight value")
         ax.set_ylabel("density")
         ax.set_title(f"{name}\ntop-10% |W| mass {st['top10_mass']:.2f}, Gini {st['gini']:.2f}, "

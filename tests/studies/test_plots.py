@@ -116,6 +116,7 @@ def test_robustness_importance_alpha_and_histogram_figures():
     fig = plots.plot_weight_histograms({"network-1": torch.nn.Linear(16, 10), "AFS merger": torch.randn(10, 96)})
     _check(fig, 2)
     assert all("top-10%" in ax.get_title() and "Gini" in ax.get_title() for ax in fig.axes)
+    assert fig.axes[0].get_xlim() == fig.axes[1].get_xlim()  # one x-axis: the panels' shapes compare
     with pytest.raises(ValueError, match=r"bins=0"):
         plots.plot_weight_histograms({"a": w}, bins=0)
 
