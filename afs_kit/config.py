@@ -345,7 +345,7 @@ def validate_preset(p: Preset) -> None:
         raise BadInput(f"unknown mix={m.mix!r}; known: {', '.join(MIXES)}")
     if v.sanity_strength not in SANITY_STRENGTHS:
         raise BadInput(f"unknown evaluation.sanity_strength={v.sanity_strength!r}; "
-                         f"known: {', '.join(SANITY_STRENGTHS)}")
+                       f"known: {', '.join(SANITY_STRENGTHS)}")
     for a in v.attacks:
         check_choice("attack", a, ATTACKS)
     if v.sanity_examples is not None:

@@ -237,7 +237,7 @@ def plot_tsne(embeddings: Sequence, labels, class_names: Sequence[str] | None = 
     names = list(class_names) if class_names is not None else [str(c) for c in range(n_classes)]
     if len(names) < n_classes:
         raise BadInput(f"class_names must name every class (labels go up to {n_classes - 1}), "
-                         f"got {len(names)} names")
+                       f"got {len(names)} names")
     if titles is not None and len(titles) != len(embs):
         raise BadInput(f"titles must have one title per embedding ({len(embs)}), got titles={list(titles)!r}")
     colors = _distinct_colours(max(n_classes, 1))

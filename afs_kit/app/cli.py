@@ -200,7 +200,7 @@ def _preset_for(args):
     else:  # train-merger and evaluate take no --preset: a run starts with train-extractors
         there = "no run there yet" if run_dir.is_dir() else "no such directory"
         raise BadInput(f"run={str(run_dir)!r} holds no run.json ({there}); start the run with "
-                         f"`afs-kit train-extractors --preset <name> --run {run_dir}` first")
+                       f"`afs-kit train-extractors --preset <name> --run {run_dir}` first")
     preset = override(preset, args.overrides)
 
     run_dir = run_dir or default_run_dir(preset.name)
@@ -236,12 +236,12 @@ def _models_to_evaluate(run, specs: list[str]):
         elif kind == "avg":
             if sep and not arg.strip():  # "avg:" names an empty subset; bare "avg" means all
                 raise BadInput(f"model={spec!r} names an empty subset; use avg:all, avg:<binary vector> "
-                                 f"or avg:<budgets>")
+                               f"or avg:<budgets>")
             indices = run.subset_indices(arg or "all")
             out.append((model_name("avg", subset_vector(indices, len(run.members()))), ("avg", arg or "all")))
         else:
             raise BadInput(f"unknown model={spec!r}; use afs, afs:<folder>, extractors, extractor:<budget>, "
-                             f"outside, outside:<name>, avg:<subset>")
+                           f"outside, outside:<name>, avg:<subset>")
     return out
 
 
@@ -264,11 +264,11 @@ def _build(run, what):
     for name, key in zip(names, keys):
         if name not in found:
             raise BadInput(f"checkpoint {path} stacks extractor {name!r}, which {run.dir.root} "
-                             f"does not hold; refusing to use it")
+                           f"does not hold; refusing to use it")
         have = run.member(found[name])[1]["key"]
         if have != key:
             raise BadInput(f"checkpoint {path} was trained on another extractor {name!r} (key {key}, this run's "
-                             f"is {have}); refusing to use it: retrain the merger")
+                           f"is {have}); refusing to use it: retrain the merger")
     stack = FeatureStack([run.member(found[n])[0] for n in names])
     return load_merger(path, stack, run.data.num_classes, **data_fingerprint(run.data))[0]
 
@@ -290,7 +290,7 @@ def _add_extractors(run, args) -> int:
         names = args.robustbench.split(",") if args.robustbench is not None else list(run.preset.zoo)
         if not names or not all(n.strip() for n in names):
             raise BadInput(f"give --robustbench NAME[,NAME...] or --builder (preset {run.preset.name!r} lists no "
-                             f"zoo models), got robustbench={args.robustbench!r}")
+                           f"zoo models), got robustbench={args.robustbench!r}")
         if args.name is not None and len(names) > 1:
             raise BadInput(f"--name names one extractor, got name={args.name!r} for {len(names)} zoo models")
         how = [dict(robustbench=n.strip(), model_dir=args.model_dir, threat_model=args.threat_model,

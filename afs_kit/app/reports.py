@@ -122,7 +122,7 @@ def notebook_parameters(path: str | Path) -> dict:
     for node in ast.parse(cells[0].source).body:
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
             raise BadInput(f"the parameters cell of {path} must hold only NAME = literal lines, got "
-                             f"{ast.unparse(node)!r}")
+                           f"{ast.unparse(node)!r}")
         values[node.targets[0].id] = ast.literal_eval(node.value)
     return values
 

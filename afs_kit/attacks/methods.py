@@ -74,7 +74,7 @@ def _check_label_range(y_top: int, num_classes: int) -> None:
     # an out-of-range label is an index error on the CPU and a device-side assert (a dead CUDA context) on a GPU
     if y_top > num_classes:
         raise BadInput(f"y must hold labels in [0, {num_classes - 1}] for a model with {num_classes} classes, "
-                         f"got a label {y_top - 1}")
+                       f"got a label {y_top - 1}")
 
 
 def _cuda_devices(device: torch.device) -> list[int]:
@@ -212,11 +212,11 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
     home, dev = x.device, model_device(model, x.device)
     if start is not None and (not isinstance(start, torch.Tensor) or start.shape != x.shape or restarts != 1):
         raise BadInput(f"start must be a tensor of x's shape {tuple(x.shape)} with restarts=1, got "
-                         f"{tuple(start.shape) if isinstance(start, torch.Tensor) else type(start).__name__}, "
-                         f"restarts={restarts}")
+                       f"{tuple(start.shape) if isinstance(start, torch.Tensor) else type(start).__name__}, "
+                       f"restarts={restarts}")
     if generator is not None and generator.device.type != dev.type:
         raise BadInput(f"generator must live on the model's device ({dev}), where the attack runs, got "
-                         f"generator.device={generator.device}")
+                       f"generator.device={generator.device}")
     if eps == 0 or x.shape[0] == 0:
         return x.detach().clone()
     if dev != home:
@@ -307,8 +307,8 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
                 num_classes = model(x[:1].to(dev)).shape[1]
             if num_classes < AA_MIN_CLASSES[version]:
                 raise BadInput(f"AutoAttack version={version!r} needs at least {AA_MIN_CLASSES[version]} classes "
-                                 f"(its targeted attacks use the runner-up classes as targets), got a model with "
-                                 f"{num_classes} classes; use pgd(..., loss='cw') or version='rand' instead")
+                               f"(its targeted attacks use the runner-up classes as targets), got a model with "
+                               f"{num_classes} classes; use pgd(..., loss='cw') or version='rand' instead")
             _check_label_range(int(y.max()) + 1, num_classes)
             with torch.no_grad():
                 pred = torch.cat([model(x[i:i + batch_size].to(dev)).argmax(1).to(y.device)

@@ -111,11 +111,11 @@ def check_parallel(mode: str, size: int, budgets, batch_size: int) -> None:
     """What a torchrun job of `size` processes can do, refused before anything is written."""
     if mode == "budgets" and size > len(budgets):
         raise BadInput(f"--parallel budgets with {size} processes for {len(budgets)} budgets would leave "
-                         f"{size - len(budgets)} idle; start at most {len(budgets)} (--nproc_per_node) or use "
-                         f"--parallel data")
+                       f"{size - len(budgets)} idle; start at most {len(budgets)} (--nproc_per_node) or use "
+                       f"--parallel data")
     if mode == "data" and batch_size % size:
         raise BadInput(f"--parallel data keeps the global batch, extractor.batch_size={batch_size}, which the world "
-                         f"size {size} does not divide; use a world size that divides it or --set extractor.batch_size")
+                       f"size {size} does not divide; use a world size that divides it or --set extractor.batch_size")
 
 
 def shutdown() -> None:

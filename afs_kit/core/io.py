@@ -86,13 +86,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if not zipfile.is_zipfile(path):
         raise CheckpointMismatch(f"checkpoint {path} is not a torch zip archive (truncated or foreign file); "
-                         f"expected an afs-kit checkpoint written by afs_kit.runs.save_checkpoint; {_REMAKE}")
+                                 f"expected an afs-kit checkpoint written by afs_kit.runs.save_checkpoint; {_REMAKE}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError depending on damage
         raise CheckpointMismatch(f"checkpoint {path} could not be read safely as an afs-kit checkpoint "
-                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                         f"refusing to load it; {_REMAKE}") from err
+                                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                                 f"refusing to load it; {_REMAKE}") from err
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointMismatch(f"checkpoint {path} has format {found!r}, expected {FORMAT!r}")

@@ -62,7 +62,7 @@ def discordant(flags_a, flags_b) -> tuple[int, int]:
     a, b = as_flags(flags_a, "flags_a"), as_flags(flags_b, "flags_b")
     if len(a) != len(b):
         raise BadInput(f"flags_a and flags_b must cover the same examples, got len(flags_a)={len(a)} "
-                         f"and len(flags_b)={len(b)}")
+                       f"and len(flags_b)={len(b)}")
     return int((a & ~b).sum()), int((~a & b).sum())
 
 

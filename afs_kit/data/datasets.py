@@ -301,6 +301,6 @@ def _load_train_test(spec: str, root) -> Dataset:
     train, test = load_dataset(train_spec, root), load_dataset(test_spec, root)
     if train.classes != test.classes or train.image_shape != test.image_shape:
         raise BadInput(f"spec={spec!r}: the two data sets differ in classes or image size ({train.classes}, "
-                         f"{train.image_shape} vs {test.classes}, {test.image_shape})")
+                       f"{train.image_shape} vs {test.classes}, {test.image_shape})")
     return Dataset(name=spec, x_train=train.x_train, y_train=train.y_train, x_test=test.x_test, y_test=test.y_test,
                    classes=train.classes)

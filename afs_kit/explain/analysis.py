@@ -71,7 +71,7 @@ def tsne_embedding(features, n_components: int = 2, perplexity: float = 30.0, se
     check_real("perplexity", perplexity, 0, low_open=True, finite=False)
     if n < 3 * perplexity + 1:
         raise BadInput(f"perplexity must be below (N - 1) / 3 = {(n - 1) / 3:.4g} for N={n} points, "
-                         f"got perplexity={perplexity}")
+                       f"got perplexity={perplexity}")
     if pca_dim is not None:
         pca_dim = check_int("pca_dim", pca_dim, n_components)
     seed = check_int("seed", seed, 0)
@@ -161,7 +161,7 @@ def importance_ratio(merger, feature_dims: Sequence[int]) -> np.ndarray:
         raise BadInput(f"feature_dims must be positive integers, got feature_dims={dims!r}")
     if sum(dims) != w.shape[1]:
         raise BadInput(f"feature_dims must sum to the merger's input width {w.shape[1]}, "
-                         f"got feature_dims={dims} (sum {sum(dims)})")
+                       f"got feature_dims={dims} (sum {sum(dims)})")
     mass = np.abs(w).sum(axis=0)
     bounds = np.cumsum([0, *dims])
     blocks = np.array([mass[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
@@ -187,7 +187,7 @@ def weight_stats(weight) -> dict[str, float]:
     total = a.sum()
     if n < 2 or total == 0:
         raise BadInput(f"weight must have at least 2 entries and not be all zeros, "
-                         f"got shape {w.shape}, sum |W|={total}")
+                       f"got shape {w.shape}, sum |W|={total}")
     k = max(1, int(math.ceil(0.1 * n)))
     top10 = a[-k:].sum() / total
     # Gini of sorted magnitudes: 1 - 2 * (area under the Lorenz curve)

@@ -98,7 +98,7 @@ def frontier_study(afs: Mapping[str, np.ndarray], singles: Mapping[str, Mapping[
         for what in ("clean", "robust"):
             if len(f[what]) != n:
                 raise BadInput(f"{name}'s {what} flags cover {len(f[what])} examples, AFS's {n}: the frontier "
-                                 f"needs every model on the same examples")
+                               f"needs every model on the same examples")
     flags = {w: np.stack([np.asarray(m[w], dtype=float) for m in models.values()]) for w in ("clean", "robust")}
     point = {w: 100 * flags[w].mean(axis=1) for w in flags}  # [models]
     singles_pts = list(zip(point["robust"][1:], point["clean"][1:]))

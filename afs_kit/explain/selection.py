@@ -47,7 +47,7 @@ def _check_curve(eps, values, values_name: str) -> tuple[np.ndarray, np.ndarray]
     v = _as_1d_float(values, values_name)
     if len(e) != len(v):
         raise BadInput(f"{values_name} must hold one value per budget (len(eps)={len(e)}), "
-                         f"got len({values_name})={len(v)}")
+                       f"got len({values_name})={len(v)}")
     if len(e) < 3:
         raise BadInput(f"eps must hold at least 3 budgets (a second difference needs three), got eps={e.tolist()}")
     if not np.all(np.diff(e) > 0):
@@ -213,13 +213,13 @@ def _check_selection_input(eps, delta_z) -> tuple[np.ndarray, np.ndarray]:
         v = np.asarray(delta_z, dtype=np.float64)
     except (TypeError, ValueError) as err:
         raise BadInput(f"delta_z must be numbers, [n_budgets] means or [n_budgets, N] per example, "
-                         f"got delta_z={delta_z!r}") from err
+                       f"got delta_z={delta_z!r}") from err
     if v.ndim not in (1, 2):
         raise BadInput(f"delta_z must be 1-D (the mean per budget) or 2-D [n_budgets, N] (per example), "
-                         f"got delta_z with shape {v.shape}")
+                       f"got delta_z with shape {v.shape}")
     if len(v) != len(e):
         raise BadInput(f"delta_z must hold one value (or row) per budget (len(eps)={len(e)}), "
-                         f"got len(delta_z)={len(v)}")
+                       f"got len(delta_z)={len(v)}")
     if v.ndim == 2 and v.shape[1] == 0:
         raise BadInput(f"delta_z must hold at least one example per budget, got delta_z with shape {v.shape}")
     if not np.all(np.isfinite(v)):
@@ -372,7 +372,7 @@ def check_eq10(eps: Sequence[float], delta_z: Sequence[float], lambdas: Sequence
         lam = _as_1d_float(lambdas, "lambdas")
         if len(lam) != len(e):
             raise BadInput(f"lambdas must hold one weight per budget (len(eps)={len(e)}), "
-                             f"got len(lambdas)={len(lam)}")
+                           f"got len(lambdas)={len(lam)}")
         if not np.all(lam > 0) or abs(lam.sum() - 1) > 1e-6:
             raise BadInput(f"lambdas must be positive and sum to 1, got lambdas={lam.tolist()}")
     mean_eps = float(lam @ e)
@@ -409,7 +409,7 @@ def run_selection(run) -> str:
     path = run.dir.selection_path
     if not run.budgets():
         raise BadInput(f"subset 'selected' needs extractors trained by the kit (the concavity rule needs their "
-                         f"budgets); {run.dir.root} has only outside ones: give a subset (all, a vector, names)")
+                       f"budgets); {run.dir.root} has only outside ones: give a subset (all, a vector, names)")
     keys = [run.member(p)[1]["key"] for _, p in run.extractor_checkpoints()]
     settings = {"split": "validation", "delta_z_examples": run.preset.delta_z_examples,
                 "Delta": run.preset.evaluation.eps}

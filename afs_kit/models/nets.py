@@ -300,7 +300,7 @@ def check_model_name(name: str, what: str = "model") -> None:
     """Refuse an unknown architecture before anything is written (build_model would, but later)."""
     if not is_model_name(name):
         raise BadInput(f"unknown {what}={name!r}; known: {', '.join(MODEL_NAMES)} (or any 'wrn-D-K' with "
-                         f"(D - 4) % 6 == 0, or 'cnn-tiny-xK' etc. for a K times wider small net)")
+                       f"(D - 4) % 6 == 0, or 'cnn-tiny-xK' etc. for a K times wider small net)")
 
 
 def _channel_values(values, label: str, in_channels: int, default: float) -> list[float]:
@@ -314,10 +314,10 @@ def _channel_values(values, label: str, in_channels: int, default: float) -> lis
         out = [float(v) for v in values]
     except (TypeError, ValueError) as err:
         raise BadInput(f"{label} must be a sequence of {in_channels} numbers (one per channel), "
-                         f"got {label}={values!r}") from err
+                       f"got {label}={values!r}") from err
     if len(out) != in_channels:
         raise BadInput(f"{label} must have one value per input channel (in_channels={in_channels}), "
-                         f"got {label}={out} of length {len(out)}")
+                       f"got {label}={out} of length {len(out)}")
     if not all(math.isfinite(v) for v in out):
         raise BadInput(f"{label} must be finite, got {label}={out}")
     return out
@@ -357,7 +357,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
         layers, feature_dim = _SMALL_NETS[small[0]](in_channels, small[1])
         return SmallCNN(layers, feature_dim, kwargs, mean_list, std_list)
     raise BadInput(f"unknown model name={name!r}; known names: {', '.join(MODEL_NAMES)} "
-                     f"(or any 'wrn-D-K' with (D - 4) % 6 == 0, or 'cnn-tiny-xK' etc. for a K times wider small net)")
+                   f"(or any 'wrn-D-K' with (D - 4) % 6 == 0, or 'cnn-tiny-xK' etc. for a K times wider small net)")
 
 
 def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> torch.nn.Module:

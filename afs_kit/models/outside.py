@@ -122,8 +122,8 @@ def final_linear(net: nn.Module, x: torch.Tensor, name: str) -> str:
         if isinstance(out, torch.Tensor) and out.shape == logits.shape and torch.equal(out, logits):
             return layer
     raise BadInput(f"model {name!r} has no nn.Linear whose output is its output (linear layers: "
-                     f"{', '.join(linears) or 'none'}); its features cannot be taken automatically: name the layer "
-                     f"(layer=..., --layer) or give a network that ends in a linear layer")
+                   f"{', '.join(linears) or 'none'}); its features cannot be taken automatically: name the layer "
+                   f"(layer=..., --layer) or give a network that ends in a linear layer")
 
 
 def build_network(source: dict) -> nn.Module:
@@ -165,7 +165,7 @@ def zoo_entries(dataset: str, threat_model: str) -> dict:
             from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
     except ImportError as err:
         raise BadInput(f"robustbench is not installed ({err}); install the zoo extra: pip install 'afs-kit[zoo]'"
-                         ) from None
+                       ) from None
     try:
         return model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat_model)]
     except (ValueError, KeyError):
@@ -180,7 +180,7 @@ def load_zoo_model(name: str, model_dir: str | Path, dataset: str, threat_model:
     if name not in entries:
         close = difflib.get_close_matches(name, entries, n=3)
         raise BadInput(f"robustbench={name!r} is not in RobustBench's {dataset} {threat_model} zoo"
-                         + (f"; did you mean {', '.join(close)}?" if close else f" ({len(entries)} models)"))
+                       + (f"; did you mean {', '.join(close)}?" if close else f" ({len(entries)} models)"))
     import timm
     from robustbench import load_model
 
@@ -190,7 +190,7 @@ def load_zoo_model(name: str, model_dir: str | Path, dataset: str, threat_model:
         where = "its weights come from the Hugging Face hub (through timm)" if hosted else \
             f"its weight file {path} is missing: put RobustBench's {name}.pt there (or give --model-dir)"
         raise BadInput(f"robustbench={name!r}: {where}, or add --download (download=True) to let RobustBench "
-                         f"fetch it")
+                       f"fetch it")
     net = load_model(name, model_dir=str(model_dir), dataset=dataset, threat_model=threat_model)
     return net, {"kind": "robustbench", "name": name, "dataset": dataset, "threat_model": threat_model}
 
@@ -206,7 +206,7 @@ def weights_digest(net: nn.Module) -> str:
 def check_name(name) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or name.startswith("eps-"):
         raise BadInput(f"name must start with a letter and hold only letters, digits and _.+- (at most 80, not "
-                         f"starting with 'eps-'), got name={name!r}")
+                       f"starting with 'eps-'), got name={name!r}")
     return name
 
 
@@ -214,7 +214,7 @@ def check_network(net, name: str, data: Dataset, layer: str | None) -> tuple[Out
     """The wrapped network after every check against the run's data; raises a ValueError naming what is wrong."""
     if not isinstance(net, nn.Module):
         raise BadInput(f"model must be a torch.nn.Module mapping images in [0, 1] to logits, got "
-                         f"{type(net).__name__} for name={name!r}")
+                       f"{type(net).__name__} for name={name!r}")
     net = net.cpu().eval()
     x = to_float(data.x_train[:_CHECK_IMAGES])
     shape, classes = tuple(x.shape[1:]), data.num_classes
@@ -224,24 +224,24 @@ def check_network(net, name: str, data: Dataset, layer: str | None) -> tuple[Out
     except Exception as err:  # any failure on the run's images is the user's to see
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise BadInput(f"model {name!r} cannot take this run's images (shape [N, {', '.join(map(str, shape))}], "
-                         f"values in [0, 1]): {type(err).__name__}: {first}") from None
+                       f"values in [0, 1]): {type(err).__name__}: {first}") from None
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (len(x), classes):
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise BadInput(f"model {name!r} returns {got} for {len(x)} images; this run needs logits of shape "
-                         f"[N, {classes}] ({classes} classes of {data.name})")
+                       f"[N, {classes}] ({classes} classes of {data.name})")
     if layer is None:
         layer = final_linear(net, x, name)
     elif not isinstance(dict(net.named_modules()).get(layer), nn.Linear):
         found = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
         raise BadInput(f"layer={layer!r} is not an nn.Linear of model {name!r} (its linear layers: "
-                         f"{', '.join(found) or 'none'})")
+                       f"{', '.join(found) or 'none'})")
     wrapped = OutsideExtractor(net, layer)
     with torch.no_grad():
         feats = wrapped.features(x)
         again = wrapped.head(feats)
     if feats.dim() != 2 or not torch.allclose(again, logits, rtol=1e-4, atol=1e-4):
         raise BadInput(f"layer={layer!r} of model {name!r} does not give its logits from its input (features of "
-                         f"shape {tuple(feats.shape)}); name the network's final linear layer")
+                       f"shape {tuple(feats.shape)}); name the network's final linear layer")
     return wrapped, logits
 
 
@@ -258,7 +258,7 @@ def network_and_source(data: Dataset, model: nn.Module | None = None, name: str 
         dataset = ZOO_DATASETS.get(data.num_classes)
         if dataset is None:
             raise BadInput(f"robustbench={robustbench!r}: RobustBench's zoos have 10, 100 or 1000 classes; this "
-                             f"run's data {data.name} has {data.num_classes}")
+                           f"run's data {data.name} has {data.num_classes}")
         check_name(name or robustbench)
         net, source = load_zoo_model(robustbench, model_dir, dataset, threat_model, download)
         return net, source, name or robustbench
@@ -273,7 +273,7 @@ def network_and_source(data: Dataset, model: nn.Module | None = None, name: str 
         net = build_network(source)
     except Exception as err:  # the user's builder: say what it raised
         raise BadInput(f"builder={builder!r} with kwargs={kwargs or {}} failed: {type(err).__name__}: "
-                         f"{err}") from None
+                       f"{err}") from None
     if weights is not None:
         load_weights(net, weights)
     return net, source, name
@@ -327,10 +327,10 @@ def prepare_outside(data: Dataset, model: nn.Module | None = None, name: str | N
             same = torch.allclose(rebuilt(to_float(data.x_train[:_CHECK_IMAGES])), logits, rtol=1e-4, atol=1e-4)
     except Exception as err:  # whatever went wrong, said in one line
         raise BadInput(f"model {name!r} cannot be rebuilt from {describe_source(source)} ({type(err).__name__}: "
-                         f"{err}); give the builder ('package.module:function') and kwargs that make it") from None
+                       f"{err}); give the builder ('package.module:function') and kwargs that make it") from None
     if not same:
         raise BadInput(f"model {name!r} rebuilt from {describe_source(source)} gives other logits; give the "
-                         f"builder and kwargs that make this network")
+                       f"builder and kwargs that make this network")
     return ckpt
 
 
@@ -343,7 +343,7 @@ def save_outside(run_dir: RunDir, ckpt: dict, before_write=None) -> bool:
         if old.get("key") == ckpt["key"]:
             return False
         raise BadInput(f"name={ckpt['name']!r} is taken in {run_dir.root} by another network "
-                         f"({describe_source(old.get('source', {}))}); choose another name")
+                       f"({describe_source(old.get('source', {}))}); choose another name")
     if before_write is not None:
         before_write()
     save_checkpoint(path, ckpt)

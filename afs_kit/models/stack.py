@@ -168,7 +168,7 @@ def parse_subset(spec: str, budgets: list[float] | tuple[float, ...],
     if spec and set(spec) <= {"0", "1"}:  # a binary vector; budget 0 alone is written 0/255 or 0.0
         if len(spec) > len(members):
             raise BadInput(f"subset={spec!r} has {len(spec)} digits but the run has only "
-                             f"{len(members)} extractors ({', '.join(members)})")
+                           f"{len(members)} extractors ({', '.join(members)})")
         chosen = [i for i, c in enumerate(spec) if c == "1"]
         if not chosen:
             raise BadInput(f"subset={spec!r} selects no extractor (an empty subset)")
@@ -180,12 +180,12 @@ def parse_subset(spec: str, budgets: list[float] | tuple[float, ...],
     rest = ",".join(item for item in items if item not in names)
     if any(c not in "0123456789./, eE-+" for c in rest):
         raise BadInput(f"subset={spec!r} is neither 'all', a binary vector of 0 and 1, nor a list of budgets"
-                         + (f" and extractor names ({', '.join(names)})" if names else ""))
+                       + (f" and extractor names ({', '.join(names)})" if names else ""))
     for eps in parse_eps_list(rest, "subset") if rest else ():
         hits = [i for i, b in enumerate(budgets) if abs(b - eps) < 1e-6]
         if not hits:
             raise BadInput(f"subset={spec!r} names budget {format_budget(eps)}, which has no extractor in this "
-                             f"run (extractors: {', '.join(members)})")
+                           f"run (extractors: {', '.join(members)})")
         chosen.append(hits[0])
     return sorted(set(chosen))
 

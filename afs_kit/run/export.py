@@ -26,7 +26,7 @@ def _members(run, merger: dict) -> list[dict]:
         path = run.dir.extractor_dir(name) / "extractor.pt"
         if not path.is_file():
             raise BadInput(f"model stacks {name!r}, which is not one of the kit's extractors in {run.dir.root} "
-                             f"(added from outside the kit?); export rebuilds only the kit's own architectures")
+                           f"(added from outside the kit?); export rebuilds only the kit's own architectures")
         out.append(load_checkpoint(path))
     return out
 
@@ -79,7 +79,7 @@ def export_model(run, merger_name: str, out: str | Path) -> Path:
     path = run.dir.merger_dir(merger_name) / "merger.pt"
     if not path.is_file():
         raise BadInput(f"model=afs:{merger_name} names no trained merger in {run.dir.root} (trained: "
-                         f"{', '.join(run.merger_names()) or 'none'})")
+                       f"{', '.join(run.merger_names()) or 'none'})")
     merger = load_checkpoint(path)
     members = _members(run, merger)
     bundle = {"kind": "afs-model", "num_classes": run.data.num_classes, "code_version": code_version(),
@@ -105,7 +105,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> AFSMod
     stack = FeatureStack([model_from_checkpoint(m) for m in bundle["members"]])
     if list(stack.feature_dims) != list(bundle["merger"]["feature_dims"]):
         raise BadInput(f"{path}: the members give features of sizes {list(stack.feature_dims)}, the merger "
-                         f"expects {list(bundle['merger']['feature_dims'])}")
+                       f"expects {list(bundle['merger']['feature_dims'])}")
     merger = build_merger(stack.feature_dim, bundle["num_classes"])
     merger.load_state_dict(bundle["merger"]["state_dict"], strict=True)
     return AFSModel(stack, merger).to(device).eval()

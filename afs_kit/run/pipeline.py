@@ -65,7 +65,7 @@ class Run:
             cfg = getattr(preset, what)
             if cfg.precision not in PRECISIONS:
                 raise BadInput(f"{what}.precision must be one of {', '.join(PRECISIONS)}, "
-                                 f"got {what}.precision={cfg.precision!r}")
+                               f"got {what}.precision={cfg.precision!r}")
         self.dir = RunDir(run_dir)
         self.preset = preset
         self.device = resolve_device(device)
@@ -245,7 +245,7 @@ class Run:
     def outside(self, name: str) -> tuple[torch.nn.Module, dict]:
         if name not in (added := self.dir.outside_names()):
             raise BadInput(f"name={name!r} names no extractor added to {self.dir.root} (added: "
-                             f"{', '.join(added) or 'none'}); add it with add-extractor first")
+                           f"{', '.join(added) or 'none'}); add it with add-extractor first")
         return self.member(self.dir.outside_dir(name) / "extractor.pt")
 
     def add_extractor(self, model: torch.nn.Module | None = None, name: str | None = None, **how) -> dict:
@@ -271,7 +271,7 @@ class Run:
                 model, ckpt = self._extractors[path]
                 return model.to(self.device).eval(), ckpt
         raise BadInput(f"eps={format_budget(eps)} has no trained extractor in {self.dir.root} "
-                         f"(budgets: {', '.join(format_budget(b) for b in self.budgets())})")
+                       f"(budgets: {', '.join(format_budget(b) for b in self.budgets())})")
 
     # ------------------------------------------------------------ subsets and mergers
     def delta_z_values(self):
@@ -373,7 +373,7 @@ class Run:
         if made_by != now:
             if os.environ.get(SAME_CODE_ENV) == "1":
                 raise BadInput(f"evaluation {out_dir} was made by code {made_by}, not {now}, and {SAME_CODE_ENV}=1 "
-                                 f"(--same-code) refuses it; delete that folder to evaluate again")
+                               f"(--same-code) refuses it; delete that folder to evaluate again")
             self.say(f"evaluation {out_dir.name}: made by code {made_by}, reused by {now}")
         partial, held = load_partial(out_dir, key), (out_dir / "flags.pt").is_file()
         if not (held or partial):

@@ -271,7 +271,7 @@ def singles_frontier(run: Run, rows: Sequence[dict], n_examples: int | None = No
     hashes = {afs["examples_hash"], *(r["examples_hash"] for r in singles)}
     if len(hashes) != 1:
         raise BadInput("the AFS model and the single extractors were evaluated on different examples; the "
-                         "frontier needs the same ones")
+                       "frontier needs the same ones")
 
     def points(name):
         f = evaluation_flags(run, name)

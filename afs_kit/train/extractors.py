@@ -207,7 +207,7 @@ def existing_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig
             expect(ckpt.get("config", {}), path, model=cfg.model)
         if ckpt.get("key") != key:
             raise BadInput(f"{path} was trained with another config (key {ckpt.get('key')} != {key}); "
-                             f"use another run directory or delete it")
+                           f"use another run directory or delete it")
         if path == final_path:
             return ckpt
     return None
@@ -250,7 +250,7 @@ def train_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig, o
     if world.distributed:
         if cfg.batch_size % world.size:
             raise BadInput(f"extractor.batch_size={cfg.batch_size} must be divisible by the world size {world.size} "
-                             f"(--parallel data keeps the global batch)")
+                           f"(--parallel data keeps the global batch)")
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     train_idx, val_idx = validation_split(data, data_cfg.val_fraction, seed=0)

@@ -260,7 +260,7 @@ def load_merger(path: str | Path, stack: FeatureStack, n_classes: int, **wanted)
     dims = ckpt.get("feature_dims")
     if dims is not None and list(dims) != list(stack.feature_dims):
         raise BadInput(f"checkpoint {path} was trained on features of sizes {list(dims)}, but this stack has "
-                         f"{list(stack.feature_dims)}; refusing to use it: retrain the merger")
+                       f"{list(stack.feature_dims)}; refusing to use it: retrain the merger")
     merger = build_merger(stack.feature_dim, n_classes)
     merger.load_state_dict(ckpt["state_dict"], strict=True)
     return AFSModel(stack, merger).eval(), ckpt

@@ -106,7 +106,7 @@ def initial_weights(members: list[nn.Module], num_classes: int, init: str, losse
     elif init == "best-member":
         if losses is None or len(losses) != len(heads):
             raise BadInput(f"merger.init='best-member' needs one validation loss per member ({len(heads)}), "
-                             f"got losses={losses}")
+                           f"got losses={losses}")
         best = min(range(len(heads)), key=lambda i: losses[i])  # the first of equals
         start = sum(dims[:best])
         weight[:, start:start + dims[best]] = heads[best].weight.detach().float().cpu()
