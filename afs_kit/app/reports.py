@@ -212,8 +212,7 @@ def run_report(preset: str, out: str | Path | None = None, run_dir: str | Path |
     # the kernels run in the notebooks' folder: the paths they get are relative to it, so the executed
     # notebooks (their injected parameters cell) name no absolute folder of this machine
     here = paths[0].parent
-    base = {"PRESET": preset, "DEVICE": device, "FIGURES_DIR": _relative(out / "figures", here),
-            "INTERACTIVE": False, **values}
+    base = {"PRESET": preset, "DEVICE": device, "INTERACTIVE": False, **values}
     base["RUN_DIR"] = _relative(run_dir, here)
     info = {"preset": preset, "run": _relative(run_dir), "parameters": values}
     stage_seconds: dict[str, float] = {}
@@ -225,6 +224,8 @@ def run_report(preset: str, out: str | Path | None = None, run_dir: str | Path |
     with (_reading_only(run_dir, out) if read_only else RunDir(run_dir).lock(children=True)) as staged, \
             pinned_code_version() as version:
         final, out = out, staged or out
+        if values.get("FIGURES_DIR") is None:  # the report's own figures folder (made aside for a read-only run)
+            base["FIGURES_DIR"] = _relative(out / "figures", here)
         info["code_version"] = version
         _clear_report(out, paths)
         _write_summary(out, run_dir, {"partial": True, "stage_seconds": stage_seconds, **info})

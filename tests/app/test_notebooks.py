@@ -333,6 +333,8 @@ def test_a_read_only_complete_run_answers_a_cached_report_without_the_lock(smoke
         assert summary["partial"] is False and summary["texts"] == smoke_report["summary"]["texts"]
         assert summary["comparison"] == smoke_report["summary"]["comparison"]
         assert all((out / f"{name}.html").is_file() for name in NOTEBOOKS)
+        made = sorted(p.name for p in (smoke_report["out"] / "figures").glob("*.png"))
+        assert made and sorted(p.name for p in (out / "figures").glob("*.png")) == made
     finally:
         chmod_tree(run, writable=True)
 
