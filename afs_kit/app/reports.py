@@ -238,7 +238,8 @@ def run_report(preset: str, out: str | Path | None = None, run_dir: str | Path |
             try:
                 pm.execute_notebook(str(path), str(executed), parameters=given, cwd=str(path.parent),
                                     # a bar over each notebook's cells, unless the caller silenced the log
-                                    progress_bar=log is print, kernel_name="python3",
+                                    # (none for a read-only run, which may yet be refused in one line)
+                                    progress_bar=log is print and not read_only, kernel_name="python3",
                                     # the kernel's own log (e.g. its transport warning) stays out of the report
                                     extra_arguments=["--IPKernelApp.log_level=ERROR"])
             except pm.PapermillExecutionError as err:
