@@ -252,11 +252,11 @@ def over_seeds(per_seed: dict[int, Sequence[dict]], by: str, columns: Sequence[s
 def seeds_summary(run: Run, per_seed: dict[str, dict[int, Sequence[dict]]]) -> None:
     """summary.json["seeds"]: the seeds used and, per table, each seed's rows."""
     summary = read_json(run.dir.summary_path) if run.dir.summary_path.is_file() else {}
-    stored = summary.get("seeds") or {}
-    seeds = sorted({int(s) for table in per_seed.values() for s in table} | set(stored.get("seeds", [])))
-    run.dir.update_summary("seeds", {**stored, "seeds": seeds,
-                                     **{name: {str(s): rows for s, rows in table.items()}
-                                        for name, table in per_seed.items()}})
+    stored = {k: v for k, v in (summary.get("seeds") or {}).items() if k != "seeds"}
+    tables = {**stored, **{name: {str(s): rows for s, rows in table.items()} for name, table in per_seed.items()}}
+    # the seeds the tables hold now: a table made again with fewer seeds takes its old seeds with it
+    seeds = sorted({int(s) for table in tables.values() for s in table})
+    run.dir.update_summary("seeds", {"seeds": seeds, **tables})
 
 
 # table 1's rows, shared by its builder in `tables` and the widgets' single networks
