@@ -201,11 +201,15 @@ PRESETS: dict[str, Preset] = {
     ),
     # real CIFAR-10 (lossless 4,000 train / 1,000 test), five budgets 0..8/255, evaluated at 8/255. On 500 test
     # images and 2 seeds the whole report took 96 min of wall time on 2 shared CPU cores. On all 1,000 test
-    # images it is longer than 2 hours: evaluations of one extractor took 1 (0/255) to 14 minutes (6/255) each on
-    # 2 cores shared with another report, most of it the stronger PGD that a failed `converged` check runs
-    # (PGD-100, 2 restarts, CE and CW, now only on the examples PGD-10/20 left standing); `evaluate --estimate`
-    # says 8.4 min for that extractor, 36 if the check fails. Evaluations are saved chunk by chunk, so the
-    # report resumes across invocations. What was cut to fit, and why (each measured on 1 core):
+    # images ONE seed took about 2 h 40 min over four invocations on 2 cores shared with the test suite (the last
+    # session's ~40 min for extractors, selection and the alpha sweep; then 01 18.5 min with the second seed's
+    # extractors, 04 29 min, 05 13 min, 07 about 41 + 17 min: AutoAttack on 500 for three models, the same-budget
+    # ensemble's two extra networks and merger, table 6's two networks): over the 2 hours the issue allows, and
+    # the committed report has one seed (SEEDS=2 on the same run reuses all of it). Most of an evaluation is the
+    # stronger PGD that a failed `converged` check runs (PGD-100, 2 restarts, CE and CW, only on the examples
+    # PGD-10/20 left standing); `evaluate --estimate` says 8.4 min for the 6/255 extractor, 36 if the check fails.
+    # Evaluations are saved chunk by chunk, so the report resumes across invocations. What was cut to fit, and
+    # why (each measured on 1 core):
     # - extractors: FGSM with a random start and a cyclic rate (Wong et al. 2020), 15 epochs: 1.7 min at 8/255
     #   (val clean 43.5%, PGD-10 26.5%) where 10 epochs of PGD-5 took 3.5 min for 37.0% / 22.5%;
     #   20 epochs gained 2 points for 50% more time. cnn-cifar pools after its first conv (half the MACs).
