@@ -23,8 +23,6 @@ REGISTRY: dict[str, EvalAttack] = {a.name: a for a in (
     EvalAttack("pgd20", "PGD-20", "pgd", 20),
     EvalAttack("aa", "AutoAttack", "autoattack"),
 )}
-CLEAN = "clean"
-AUTOATTACK = "aa"
 PGD_STEPS = {a.name: a.steps for a in REGISTRY.values() if a.kind == "pgd"}  # PGD name -> steps
 PGD_ATTACKS = tuple(PGD_STEPS)  # the PGDs every table runs, weakest first
 HEADLINE_PGD = max(PGD_STEPS, key=PGD_STEPS.get)  # the PGD tables and figures quote: the one with the most steps
