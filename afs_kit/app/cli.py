@@ -273,7 +273,7 @@ def _build(run, what):
     return load_merger(path, stack, run.data.num_classes, **data_fingerprint(run.data))[0]
 
 
-def _add_extractors(run, args) -> int:
+def _add_extractors(run: Run, args, job: Job) -> int:
     """Every network is loaded and checked before the run directory is locked or anything is written."""
     import json
 
@@ -399,7 +399,7 @@ def _export(run: Run, args, job: Job) -> int:
 
 COMMANDS_WITHOUT_RUN = {"presets": _presets, "report": _report}
 COMMANDS_ON_A_RUN = {"train-extractors": _train_extractors, "train-merger": _train_merger, "evaluate": _evaluate,
-                     "add-extractor": lambda run, args, job: _add_extractors(run, args), "export": _export}
+                     "add-extractor": _add_extractors, "export": _export}
 
 
 def run_command(argv: list[str]) -> int:

@@ -109,19 +109,28 @@ def stack_attack_flags(model, x, y, eps: float, step: float, steps: int, sources
     not attack (a source without gradients is a finding, not a crash)."""
     robust, per = standing.clone(), {}
     for name, source in sources.items():
-        def crafted(xs, ys, source=source):
-            x_adv = torch.cat([pgd(source, xs[i:i + batch_size], ys[i:i + batch_size], eps, step, steps,
-                                   generator=generator) for i in range(0, len(ys), batch_size)])
-            return correct_flags(model, x_adv, ys)
-
-        try:
-            hit = robust_where(robust, x, y, crafted)
-        except RuntimeError as err:
-            per[name] = f"no gradient: {str(err).splitlines()[0]}"
+        hit = _through(source, model, x, y, robust, eps, step, steps, generator, batch_size)
+        if isinstance(hit, str):
+            per[name] = hit
             continue
         per[name] = int((robust & ~hit).sum())  # broken by this attack and by none before it
         robust = hit
     return robust, per
+
+
+def _through(source: nn.Module, model, x, y, standing: torch.Tensor, eps: float, step: float, steps: int,
+             generator, batch_size: int = 200) -> torch.Tensor | str:
+    """`model`'s robust flags where PGD is crafted on `source` (a surrogate, a member's share) and only the
+    examples `standing` are attacked; a source without gradients gives "no gradient: ..." (a finding, not a crash)."""
+    def crafted(xs, ys):
+        x_adv = torch.cat([pgd(source, xs[i:i + batch_size], ys[i:i + batch_size], eps, step, steps,
+                               generator=generator) for i in range(0, len(ys), batch_size)])
+        return correct_flags(model, x_adv, ys)
+
+    try:
+        return robust_where(standing, x, y, crafted)
+    except RuntimeError as err:
+        return f"no gradient: {str(err).splitlines()[0]}"
 
 
 def attacks_joining_worst(model, x, y, eps: float, step: float, checks: dict, standing: torch.Tensor, generator,
@@ -246,17 +255,9 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
         say(f"  masking check 3 of 4: transfer from {len(sources)} surrogates ...")
         transfer, per_source = clean.clone(), {}
         for name, source in sources.items():
-            source = source.to(dev).eval()
-
-            def transferred(xs, ys, source=source):
-                x_adv = torch.cat([pgd(source, xs[i:i + 200], ys[i:i + 200], eps, alpha, reported_steps,
-                                       generator=gen) for i in range(0, len(ys), 200)])
-                return correct_flags(model, x_adv, ys)
-
-            try:
-                hit = robust_where(clean, x, y, transferred)
-            except RuntimeError as err:  # a member (a path of the model) without gradients: a finding, not a crash
-                per_source[name] = f"no gradient: {str(err).splitlines()[0]}"
+            hit = _through(source.to(dev).eval(), model, x, y, clean, eps, alpha, reported_steps, gen)
+            if isinstance(hit, str):  # a member (a path of the model) without gradients
+                per_source[name] = hit
                 continue
             per_source[name] = _acc(hit)
             transfer &= hit
