@@ -43,12 +43,13 @@ test-fast: setup
 test-gpu:
 	@sh gpu/test-gpu.sh
 
-# on a machine with an index: cp312 manylinux wheels of what test-gpu needs besides torch, into ./gpu-wheels
+# on a machine with an index: cp312 manylinux wheels of what a CUDA image with PyTorch lacks (gpu/requirements.txt,
+# no dependencies: a few MB), into ./gpu-wheels
 GPU_WHEELS := --only-binary=:all: --implementation cp --python-version 3.12 --platform manylinux_2_28_x86_64 \
-	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d gpu-wheels
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --no-deps -d gpu-wheels
 gpu-wheels:
 	$(PY) -m pip download -q $(GPU_WHEELS) -r gpu/requirements.txt
-	$(PY) -m pip download -q $(GPU_WHEELS) --no-deps torchattacks==3.5.1
+	$(PY) gpu/trim_wheels.py gpu-wheels
 
 demo: setup
 	$(BIN)/afs-kit report --preset demo

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .attacks.registry import PGD_ATTACKS, attack_label
+from .config import budget_label
 from .core.checks import check_int
 from .core.io import atomic_write
 from .core.stats import confidence_interval
@@ -28,7 +29,7 @@ from .explain.selection import Selection
 
 __all__ = [
     "plot_clean_vs_robust", "plot_delta_z", "plot_tsne", "plot_robustness_vs_budget",
-    "plot_importance_ratios", "plot_weight_histograms", "plot_alpha_tradeoff", "save_figure",
+    "plot_importance_ratios", "plot_weight_histograms", "plot_alpha_tradeoff", "save_figure", "extractor_colours",
 ]
 
 MIN_SPAN = 10.0  # percentage points: an accuracy axis spans at least this, so a 0.3-point gap looks small
@@ -89,28 +90,73 @@ def _same_length(name: str, values: np.ndarray, ref_name: str, n: int) -> None:
         raise BadInput(f"{name} must have one value per entry of {ref_name} ({n}), got len({name})={len(values)}")
 
 
+# ----------------------------------------------------------------------------- colours and markers
+
+STACKED_MARKER = "D"  # a stacked model other than the headline (controls, other subsets); no single network's
+HEADLINE_MARKER = "*"  # the AFS models
+
+
+def extractor_colours(budgets: Sequence[float]) -> dict[str, tuple]:
+    """One colour per training budget, keyed by the extractor's name in every table and figure
+    (`config.budget_label`, "eps=8/255"): viridis in budget order, so a run's figures agree and the eye
+    reads small to large budget. Pass the result as `colours` to every figure of one run."""
+    import matplotlib as mpl
+
+    ordered = sorted({float(b) for b in budgets})
+    cmap = mpl.colormaps["viridis"]
+    return {budget_label(b): tuple(cmap(0.9 * i / max(1, len(ordered) - 1))) for i, b in enumerate(ordered)}
+
+
+def _styles(names: Sequence[str], colours: Mapping[str, tuple] | None,
+            markers: Mapping[str, str] | None = None) -> dict[str, tuple[object, str]]:
+    """name -> (colour, marker). A single extractor (its name ends in a key of `colours`, e.g. "(a) network
+    eps=0.1") keeps its run-wide colour and a circle; any other name is a stacked model: a star for AFS, a
+    diamond for the rest, coloured from a palette no extractor uses (Dark2, in order of appearance)."""
+    import matplotlib as mpl
+
+    colours = dict(colours or {})
+    singles = [n for n in names if any(n.endswith(k) for k in colours)]
+    unknown = [n for n in names if n not in singles and n.startswith("eps=")]
+    # names of extractors the caller gave no colour: a run-independent order of their own
+    fallback = dict(zip(unknown, _distinct_colours(len(unknown))))
+    stacked = iter(mpl.colormaps["Dark2"](i % 8) for i in range(len(names)))
+    out = {}
+    for name in names:
+        key = next((k for k in sorted(colours, key=len, reverse=True) if name.endswith(k)), None)
+        if key is not None or name in fallback:
+            out[name] = (colours[key] if key is not None else fallback[name], (markers or {}).get(name, "o"))
+        else:
+            default = HEADLINE_MARKER if name.startswith("AFS") else STACKED_MARKER
+            out[name] = (next(stacked), (markers or {}).get(name, default))
+    return out
+
+
 # ----------------------------------------------------------------------------- fig. 1
+
+PAPER_SCALE_NOTE = ("Right: quoted from the paper (WRN-34-10 / WRN-28-10 on the full data set), another scale; "
+                    "compare the shape of the trade-off, not the positions.")
+
 
 def plot_clean_vs_robust(results: Mapping[str, tuple[float, float]] | None = None,
                          reference: Sequence[ReferenceRow] | None = TABLE4_CIFAR10, robust: str = "pgd",
                          title: str | None = None, n: int | None = None, robust_label: str = "PGD-20",
                          frontier: Sequence[tuple[float, float]] | None = None,
-                         markers: Mapping[str, str] | None = None):
-    """Fig. 1: clean accuracy (x) against robust accuracy (y) of several methods, each annotated.
+                         markers: Mapping[str, str] | None = None, colours: Mapping[str, tuple] | None = None):
+    """Fig. 1: clean accuracy (x) against robust accuracy (y) of several methods.
 
-    results: the kit's own methods, name -> (clean, robust), in % (filled circles).
+    results: the kit's own methods, name -> (clean, robust), in %.
     n: test examples behind each of the kit's accuracies: 95% Wilson error bars in both directions.
-    reference: published rows (default: table 4, CIFAR-10), drawn as open squares labelled
-        "(paper)"; rows without the two values are skipped. None: no reference.
+    reference: published rows (default: table 4, CIFAR-10), in a panel of their own beside the kit's (another
+        scale: a caption says so), one legend entry each; rows without the two values are skipped. None: none.
     robust: which reference column is the y value, "pgd" or "aa".
     robust_label: the attack behind the kit's own y values when `robust` is "pgd" (the y axis says it).
     frontier: the single networks' frontier, its corners as (robust, clean) (`afs_kit.frontier.envelope`),
         drawn as a dashed line: flat left of the most accurate network, ending at the most robust one.
-    markers: name -> matplotlib marker for some of `results` (e.g. "*" for AFS, "D" for other stacked
-        models); the others are circles.
-    Each of the kit's models gets its own colour and legend entry (no labels on the points, so none
-    overlap); the paper's points are labelled beside them, nudged apart; both axes span at least
-    `MIN_SPAN` points, so that a small gap is drawn small.
+    colours: extractor name -> colour (`extractor_colours`), the same in every figure of a run.
+    markers: name -> matplotlib marker, overriding the defaults: circles for single extractors, a star for
+        names starting "AFS", diamonds for other stacked models.
+    Each of the kit's models has its own legend entry (no labels on the points, so none overlap); both axes
+    span at least `MIN_SPAN` points, so that a small gap is drawn small.
     """
     if robust not in ("pgd", "aa"):
         raise BadInput(f"robust must be 'pgd' or 'aa', got robust={robust!r}")
@@ -118,17 +164,37 @@ def plot_clean_vs_robust(results: Mapping[str, tuple[float, float]] | None = Non
     for name, point in results.items():
         if len(tuple(point)) != 2:
             raise BadInput(f"results[{name!r}] must be (clean, robust), got {point!r}")
-    fig, axes = _new_figure(figsize=(6, 4.5))
+    quoted = [(r.method, r.clean, getattr(r, robust)) for r in reference or ()
+              if r.clean is not None and getattr(r, robust) is not None]
+    panels = int(bool(results) or not quoted) + int(bool(quoted))
+    fig, axes = _new_figure(1, panels, figsize=(6 * panels, 4.5))
     ax = axes[0, 0]
-    if reference:
-        pts = [(r.method, r.clean, getattr(r, robust)) for r in reference
-               if r.clean is not None and getattr(r, robust) is not None]
-        if pts:
-            ax.scatter([p[1] for p in pts], [p[2] for p in pts], marker="s", facecolors="none",
-                       edgecolors="tab:gray", s=50, label="quoted from the paper")
-            for (name, cx, ry), dy in zip(pts, _label_offsets([(p[1], p[2]) for p in pts])):
-                ax.annotate(f"{name} (paper)", (cx, ry), textcoords="offset points", xytext=(4, 4 + dy),
-                            fontsize=8, color="tab:gray")
+    if results or not quoted:
+        _own_points(ax, results, n, frontier, _styles(list(results), colours, markers))
+        ax.set_ylabel(f"robust accuracy, {robust_label if robust == 'pgd' else 'AutoAttack'} (%)")
+        ax.set_title(title or "Accuracy-robustness trade-off")
+    if quoted:
+        paper = axes[0, -1]
+        for (name, cx, ry), marker in zip(quoted, "s^v<>phX8P"):
+            paper.scatter([cx], [ry], marker=marker, facecolors="none", edgecolors="0.3", s=60, label=name)
+        paper.set_ylabel(f"robust accuracy, {'PGD-20' if robust == 'pgd' else 'AutoAttack'} (%)")
+        paper.set_title("quoted from the paper" if results else (title or "The paper's trade-off (quoted)"))
+        if results:
+            fig.text(0.5, -0.01, PAPER_SCALE_NOTE, ha="center", va="top", fontsize=8, wrap=True)
+    for i, panel in enumerate(axes[0]):
+        panel.margins(x=0.15, y=0.1)
+        _at_least(panel, "x")
+        _at_least(panel, "y")
+        own = i == 0 and bool(results)
+        panel.set_xlabel("clean accuracy (%)" + (f", 95% CI over n={n}" if n and own else ""))
+        panel.grid(alpha=0.3)
+        if panel.get_legend_handles_labels()[0]:
+            panel.legend(loc="best", fontsize=7)
+    return fig
+
+
+def _own_points(ax, results: Mapping[str, tuple[float, float]], n: int | None,
+                frontier: Sequence[tuple[float, float]] | None, styles: Mapping[str, tuple]) -> None:
     if frontier is not None and len(frontier):
         corners = np.asarray(frontier, dtype=float).reshape(-1, 2)
         # x is clean, y robust here: the frontier runs from the most accurate network (flat towards less
@@ -136,35 +202,12 @@ def plot_clean_vs_robust(results: Mapping[str, tuple[float, float]] | None = Non
         xs = np.concatenate([[corners[0, 1]], corners[:, 1]])
         ys = np.concatenate([[0.0], corners[:, 0]])
         ax.plot(xs, ys, "--", color="0.35", lw=1.2, label="single networks' frontier", zorder=1)
-    colours = _distinct_colours(len(results))
-    for (name, (cx, ry)), colour in zip(results.items(), colours):
-        # one colour and one legend entry per model, with its interval
-        marker = (markers or {}).get(name, "o")
+    for name, (cx, ry) in results.items():
+        # one legend entry per model, with its interval; stacked models drawn above single ones
+        colour, marker = styles[name]
         ax.errorbar([cx], [ry], xerr=_wilson_yerr([cx], n), yerr=_wilson_yerr([ry], n), fmt=marker, color=colour,
-                    ms=11 if marker == "*" else 7, capsize=3, label=name, zorder=3 if marker != "o" else 2)
-    ax.margins(x=0.15, y=0.1)
-    _at_least(ax, "x")
-    _at_least(ax, "y")
-    ax.set_xlabel("clean accuracy (%)" + (f", 95% CI over n={n}" if n and results else ""))
-    ax.set_ylabel(f"robust accuracy, {robust_label if robust == 'pgd' else 'AutoAttack'} (%)")
-    ax.set_title(title or "Accuracy-robustness trade-off")
-    ax.grid(alpha=0.3)
-    if results or reference:
-        ax.legend(loc="best", fontsize=7)
-    return fig
-
-
-def _label_offsets(points: Sequence[tuple[float, float]], close: float = 2.0, step: float = 9.0) -> list[float]:
-    """Vertical offsets (in points of type) that keep labels of nearby markers from overlapping: a label
-    whose marker lies within `close` percentage points of an earlier one on both axes moves `step` up."""
-    offsets: list[float] = []
-    for i, (x, y) in enumerate(points):
-        taken = {offsets[j] for j, (x2, y2) in enumerate(points[:i]) if abs(x - x2) < 4 * close and abs(y - y2) < close}
-        dy = 0.0
-        while dy in taken:
-            dy += step
-        offsets.append(dy)
-    return offsets
+                    ms=12 if marker == HEADLINE_MARKER else 7, capsize=3, label=name,
+                    zorder=3 if marker != "o" else 2, mec="black" if marker != "o" else None, mew=0.6)
 
 
 # ----------------------------------------------------------------------------- fig. 3
@@ -260,20 +303,23 @@ def plot_tsne(embeddings: Sequence, labels, class_names: Sequence[str] | None = 
 # ----------------------------------------------------------------------------- fig. 5a
 
 def plot_robustness_vs_budget(budgets: Sequence[float], accuracies: Mapping[str, Sequence[float]],
-                              title: str | None = None, n: int | None = None):
+                              title: str | None = None, n: int | None = None,
+                              colours: Mapping[str, tuple] | None = None):
     """Fig. 5a: robust accuracy (%) against the attack budget, one line per model (AFS, single extractors);
-    with `n` (test examples) 95% Wilson error bars."""
+    with `n` (test examples) 95% Wilson error bars; `colours` as in `plot_clean_vs_robust`."""
     b = _array(budgets, "budgets")
     if not accuracies:
         raise BadInput("accuracies must map at least one model name to its accuracies, got an empty mapping")
     fig, axes = _new_figure(figsize=(6, 4))
     ax = axes[0, 0]
     scale, unit = _budget_unit(b)
+    styles = _styles(list(accuracies), colours)
     for name, acc in accuracies.items():
         a = _array(acc, f"accuracies[{name!r}]")
         _same_length(f"accuracies[{name!r}]", a, "budgets", len(b))
-        ax.errorbar(b * scale, a, yerr=_wilson_yerr(a, n), fmt="o-", capsize=2, label=name,
-                    lw=2.2 if "afs" in name.lower() else 1.2)
+        colour, marker = styles[name]
+        ax.errorbar(b * scale, a, yerr=_wilson_yerr(a, n), fmt=f"{marker}-", color=colour, capsize=2, label=name,
+                    lw=1.2 if marker == "o" else 2.2, ms=10 if marker == HEADLINE_MARKER else 5)
     ax.set_xlabel(f"attack budget{unit}")
     ax.set_ylabel("robust accuracy (%)")
     ax.set_title(title or "Robustness under different budgets")
@@ -317,8 +363,10 @@ def plot_importance_ratios(ratios: Mapping[float | str, Sequence[float]],
 
 # ----------------------------------------------------------------------------- fig. 6
 
-def plot_weight_histograms(weights: Mapping[str, object], bins: int = 60, title: str | None = None):
-    """Fig. 6: histogram of each weight matrix (merger, single extractors' classifiers), side by side.
+def plot_weight_histograms(weights: Mapping[str, object], bins: int = 60, title: str | None = None,
+                           colours: Mapping[str, tuple] | None = None):
+    """Fig. 6: histogram of each weight matrix (merger, single extractors' classifiers), side by side, each
+    single network in its colour of `colours` (as in `plot_clean_vs_robust`).
 
     weights: name -> an nn.Linear, anything with `.weight`, or the matrix itself. Densities, so
     matrices of different sizes compare; each panel's title carries `weight_stats` (share of |W| in
@@ -332,9 +380,10 @@ def plot_weight_histograms(weights: Mapping[str, object], bins: int = 60, title:
     # one x-axis and the same bins for every panel, so the shapes compare at a glance
     lo, hi = min(float(w.min()) for w in mats.values()), max(float(w.max()) for w in mats.values())
     edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
+    styles = _styles(list(mats), colours)
     for ax, (name, w) in zip(axes[0], mats.items()):
         st = weight_stats(w)
-        ax.hist(w.ravel(), bins=edges, density=True, color="tab:blue", alpha=0.8)
+        ax.hist(w.ravel(), bins=edges, density=True, color=styles[name][0], alpha=0.8)
         ax.set_xlim(edges[0], edges[-1])
         ax.set_xlabel("weight value")
         ax.set_ylabel("density")

@@ -19,8 +19,12 @@ from .errors import BadInput
 from .explain.analysis import importance_ratio
 from .plots import plot_alpha_tradeoff, plot_clean_vs_robust, plot_importance_ratios
 from .run.pipeline import Run
-from .studies.common import (accuracy_row, ci_text, evaluate_afs, extractor_points, extractor_table, main_alpha,
-                             main_subset, merger_exists, stacked_labels)
+from .studies.common import (accuracy_row, ci_text, colours, evaluate_afs, extractor_points, extractor_table,
+                             main_alpha, main_subset, merger_exists, stacked_labels)
+
+# an explorer's output drawn for a setting other than the one its controls show
+STALE_CLASS = "afs-kit-stale"
+STALE_STYLE = f"<style>.{STALE_CLASS} {{ opacity: 0.3; filter: grayscale(1); }}</style>"
 
 
 def _accuracies(row: dict) -> str:
@@ -67,6 +71,7 @@ def alpha_explorer(run: Run, alphas: Sequence[float] | None = None, subset: str 
     status = w.HTML()
     out = w.Output()
     labels = stacked_labels(run, vector)
+    shown: list[float] = []  # the alpha the output draws, while the slider stands elsewhere
 
     def redraw(train: bool) -> None:
         # the kernel is the one source of truth: read the slider now, not the value a message carried,
@@ -74,8 +79,11 @@ def alpha_explorer(run: Run, alphas: Sequence[float] | None = None, subset: str 
         alpha = round(slider.value, 6)
         trained = (vector, alpha) in cache or merger_exists(run, vector, alpha)
         if not train and not trained:
-            # a slider passing through values (keys, drags) must not train a merger for each of them
-            status.value = f"alpha={alpha:g} has no merger yet: press 'Train and show' to train it (then cached)"
+            # a slider passing through values (keys, drags) must not train a merger for each of them; what is
+            # drawn belongs to another alpha: greyed out and said, so it is not read as this one's
+            out.add_class(STALE_CLASS)
+            status.value = (f"alpha={alpha:g} has no merger yet: press 'Train and show' to train it (then cached)"
+                            + (f"; greyed out below: alpha={shown[-1]:g}" if shown else ""))
             return
         slider.disabled = button.disabled = True
         status.value = "" if trained else f"alpha={alpha:g}: training its merger (then cached) ..."
@@ -94,6 +102,8 @@ def alpha_explorer(run: Run, alphas: Sequence[float] | None = None, subset: str 
                 display(fig)
                 display(plot_importance_ratios({f"{alpha:g}": row["importance"]}, labels,
                                                title=f"Importance of each extractor, alpha={alpha:g}"))
+            shown[:] = [alpha]
+            out.remove_class(STALE_CLASS)
             status.value = ""
         finally:
             slider.disabled = button.disabled = False
@@ -101,7 +111,7 @@ def alpha_explorer(run: Run, alphas: Sequence[float] | None = None, subset: str 
     slider.observe(lambda _change: redraw(False), names="value")
     button.on_click(lambda _button: redraw(True))
     redraw(True)
-    return w.VBox([w.HBox([slider, button, status]), out])
+    return w.VBox([w.HTML(STALE_STYLE), w.HBox([slider, button, status]), out])
 
 
 def subset_explorer(run: Run, alpha: float | None = None, n_examples: int | None = None,
@@ -152,7 +162,7 @@ def subset_explorer(run: Run, alpha: float | None = None, n_examples: int | None
                   f"masking checks {row['sanity']}")
             points = {**singles, **{f"AFS {s}": (r["clean"], r[HEADLINE_PGD]) for (s, _), r in cache.items()}}
             display(plot_clean_vs_robust(points, reference=None, title="AFS subsets vs single extractors (PGD-20)",
-                                         n=row["n"]))
+                                         n=row["n"], colours=colours(run)))
             display(plot_importance_ratios({f"{alpha:g}": row["importance"]}, stacked_labels(run, v),
                                            title=f"Importance of each extractor, subset {v}"))
 

@@ -16,14 +16,13 @@ if [ -z "$py" ]; then
   exit 0
 fi
 echo "make test-gpu: $("$py" -c 'import sys, torch; print(sys.executable, "torch", torch.__version__, torch.cuda.get_device_name(0))')"
-if ! "$py" -c 'import pyautoattack, torchattacks, openTSNE, papermill, pytest, sklearn, seaborn' >/dev/null 2>&1; then
+if ! "$py" -c 'import pyautoattack, torchattacks, openTSNE, pytest, sklearn, seaborn' >/dev/null 2>&1; then
   if [ ! -d gpu-wheels ]; then
     echo "make test-gpu: packages are missing and there is no ./gpu-wheels: run 'make gpu-wheels' where an index is reachable and copy the folder here"
     exit 2
   fi
-  "$py" -m pip install -q --no-index --find-links gpu-wheels -r gpu/requirements.txt || exit 2
-  # torchattacks pins requests~=2.25.1 (see the Makefile): installed without its pins
-  "$py" -m pip install -q --no-index --find-links gpu-wheels --no-deps torchattacks==3.5.1 || exit 2
+  # only what a CUDA image with PyTorch lacks (gpu/requirements.txt), without dependencies: the image's stay
+  "$py" -m pip install -q --no-index --find-links gpu-wheels --no-deps -r gpu/requirements.txt || exit 2
 fi
 AFS_TEST_DEVICE=cuda PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" exec "$py" -m pytest -q -p no:cacheprovider tests/core/test_device.py \
   tests/eval/test_reliability.py -k "test_device or killed"

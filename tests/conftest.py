@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# the files beside the project (../shared/data); a GPU machine, which does not see them, gets copies in the
+# checkout (gpu/check.sh sets AFS_KIT_SHARED_DATA)
+SHARED_DATA = Path(os.environ.get("AFS_KIT_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 MINI_NPZ = SHARED_DATA / "cifar10-mini.npz"
 JPEG_ARCHIVE = SHARED_DATA / "cifar10-jpeg.tar.xz"
 

@@ -51,8 +51,28 @@ EXAMPLES = {
 }
 
 
+def _first_rank() -> bool:
+    """Whether this process speaks for the job: always, but under torchrun only rank 0 (every rank refuses the
+    same bad input; one line is enough)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _say(message: str) -> None:
+    if _first_rank():
+        print(message, file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors only rank 0 prints under torchrun (subcommands inherit the class)."""
+
+    def error(self, message: str):
+        if _first_rank():
+            self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n" if _first_rank() else None)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="afs-kit", description="Adversarial Feature Stacking (Liu & Zhao): train "
+    p = _Parser(prog="afs-kit", description="Adversarial Feature Stacking (Liu & Zhao): train "
                                 "extractors at several budgets, stack them, train the merger, attack the whole model.")
     p.add_argument("--version", action=VersionAction)
     p.add_argument("--same-code", action="store_true", help="refuse cached evaluations made by another commit "
@@ -435,23 +455,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run_and_leave(argv)
     except AfsKitError as err:  # the kit's own errors carry their exit code (errors.py)
-        print(f"afs-kit: error: {err}", file=sys.stderr)
+        _say(f"afs-kit: error: {err}")
         return err.exit_code
     except FileNotFoundError as err:
-        print(f"afs-kit: error: {err}", file=sys.stderr)
+        _say(f"afs-kit: error: {err}")
         return 2
     except KeyboardInterrupt:  # Ctrl-C: every stage writes atomically, so what finished is kept
         # a Ctrl-C that landed inside an exec(<string>) (dataclasses, torch's lazy imports) leaves CPython's
         # "unhandled KeyboardInterrupt" flag set, so `python -m` would die by SIGINT (status -2) even though
         # it was handled here; evaluating any string resets that flag
         exec("None")  # pylint: disable=exec-used
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted; one line is enough
-            print(INTERRUPTED, file=sys.stderr)
+        _say(INTERRUPTED)  # under torchrun every rank is interrupted; one line is enough
         return 130
     except (PermissionError, FileExistsError, NotADirectoryError) as err:
         # RunLock names an unwritable run directory in its message; elsewhere, one line naming the path
-        print(f"afs-kit: error: {err.strerror.lower()}: {err.filename}" if err.filename and err.strerror else
-              f"afs-kit: error: {err}", file=sys.stderr)
+        _say(f"afs-kit: error: {err.strerror.lower()}: {err.filename}" if err.filename and err.strerror else
+             f"afs-kit: error: {err}")
         return 2
 
 

@@ -26,15 +26,22 @@ CONFIDENCE = 0.95
 SIGNIFICANCE = 0.05  # "better" / "worse" only below this p-value
 
 
+def percent(flags) -> float:
+    """The accuracy (percent) of per-example Boolean flags, from the exact count: 461 of 1,000 is 46.1, not
+    float32's 46.0999995... (0.0 for no examples)."""
+    f = as_flags(flags, "flags")
+    return round(100 * int(f.sum()) / len(f), 10) if len(f) else 0.0
+
+
 def confidence_interval(correct: int, n: int) -> tuple[float, float]:
-    """95% Wilson score interval (percent) of `correct` successes out of `n` examples."""
+    """95% Wilson score interval (percent, 4 decimals) of `correct` successes out of `n` examples."""
     correct, n = check_int("correct", correct, 0), check_int("n", n, 0)
     if n == 0:
         raise BadInput(f"n must be >= 1 for an interval, got n={n}")
     if correct > n:
         raise BadInput(f"correct must be <= n ({n}), got correct={correct}")
     ci = binomtest(correct, n).proportion_ci(confidence_level=CONFIDENCE, method="wilson")
-    return 100 * float(ci.low), 100 * float(ci.high)
+    return round(100 * float(ci.low), 4), round(100 * float(ci.high), 4)
 
 
 def interval_of(flags) -> tuple[float, float]:

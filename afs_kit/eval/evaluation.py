@@ -19,7 +19,7 @@ from ..core.checks import check_choice
 from ..core.device import exact_fp32, matmul_precision, model_device, resolve_device
 from ..core.distributed import World
 from ..core.io import load_checkpoint, save_checkpoint, write_json
-from ..core.stats import compare, examples_hash, interval_of
+from ..core.stats import compare, examples_hash, interval_of, percent
 from ..errors import BadInput
 from .flags import check_eval_inputs, correct_flags, pgd_flags, robust_where
 
@@ -165,7 +165,7 @@ def summarize(flags: dict[str, torch.Tensor]) -> dict:
     for a, f in flags.items():
         worst &= f
     flags["worst"] = worst
-    out = {a: 100 * f.float().mean().item() for a, f in flags.items()}
+    out = {a: percent(f) for a, f in flags.items()}
     out["ci95"] = {a: list(interval_of(f)) for a, f in flags.items()}
     if "aa" in flags:
         # clean and AutoAttack on the same examples (tables 4-5)
@@ -207,7 +207,7 @@ def robustness_curve(model, x, y, budgets, steps: int = 20, batch_size: int = 20
             robust = robust_where(robust, x, y, lambda xs, ys, eps=eps: pgd_flags(
                 model, xs, ys, eps, eps / 4, steps, batch_size, precision=precision, generator=gen,
                 progress=progress, desc=f"eps {eps:.3g}"))
-        accuracy[eps] = 100 * robust.float().mean().item()
+        accuracy[eps] = percent(robust)
     return [{"eps": float(eps), "accuracy": accuracy[float(eps)]} for eps in budgets]
 
 

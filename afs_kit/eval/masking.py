@@ -19,7 +19,6 @@ difference of about 4 points is significant.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ from ..attacks.methods import pgd, square_attack
 from ..attacks.registry import HEADLINE_PGD, PGD_STEPS
 from ..core.checks import check_int, check_real
 from ..core.device import exact_fp32, model_device, resolve_device
-from ..core.stats import SIGNIFICANCE, discordant, paired_test
+from ..core.stats import SIGNIFICANCE, discordant, paired_test, percent
 from ..errors import BadInput, warn
 from ..models.stack import AFSModel, LogitAverage
 from .flags import check_eval_inputs, correct_flags, pgd_flags, robust_where
@@ -53,7 +52,7 @@ def _stronger(reported: torch.Tensor, other: torch.Tensor, **numbers) -> dict:
 
 
 def _acc(flags: torch.Tensor) -> float:
-    return 100 * flags.float().mean().item() if len(flags) else 0.0
+    return percent(flags)
 
 
 def stronger_pgd_flags(model, x, y, eps: float, steps: int, batch_size: int = 200, generator=None,

@@ -17,7 +17,7 @@ import torch
 from ..attacks.registry import check_aa_attacks
 from ..config import (ATTACKS, PARALLEL_MODES, Preset, budget_name, config_hash, format_budget, get_preset,
                       preset_from_dict, step_size, validate_preset)
-from ..core.checks import duration, check_choice, check_int, check_real, is_int
+from ..core.checks import check_choice, check_int, check_real, duration, is_int
 from ..core.device import PRECISIONS, resolve_device
 from ..core.distributed import World, world
 from ..core.io import expect, load_checkpoint, read_json, write_json

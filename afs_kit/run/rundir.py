@@ -19,7 +19,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from ..config import budget_name
+from ..config import LEGACY_ZERO_NAME, budget_name
 from ..core.io import read_json, write_json
 from ..errors import BadInput, RunInUse
 
@@ -156,6 +156,16 @@ def model_name(kind: str, what) -> str:
     return f"extractor-{budget_name(what)}" if kind == "extractor" else f"{kind}-{what}"
 
 
+def _or_legacy(folder: Path, name: str, zero_prefix: str) -> Path:
+    """`folder / name`, or the folder a run made before budget 0 was renamed holds for it (`LEGACY_ZERO_NAME`)."""
+    path = folder / name
+    if name.startswith(zero_prefix) and not path.exists():
+        legacy = folder / name.replace(budget_name(0), LEGACY_ZERO_NAME, 1)
+        if legacy.exists():
+            return legacy
+    return path
+
+
 class RunDir:
     """Paths inside one run directory."""
 
@@ -167,7 +177,7 @@ class RunDir:
         return self.root / "run.json"
 
     def extractor_dir(self, name: str) -> Path:
-        return self.extractors_dir / name
+        return _or_legacy(self.extractors_dir, name, name)
 
     def outside_dir(self, name: str) -> Path:
         """An extractor added from outside the kit (`outside.add_outside`)."""
@@ -211,7 +221,7 @@ class RunDir:
 
     def eval_dir(self, name: str) -> Path:
         """The folder of evaluation record `name` (see `evaluation_name`)."""
-        return self.root / "eval" / name
+        return _or_legacy(self.root / "eval", name, f"extractor-{budget_name(0)}--")
 
     @staticmethod
     def evaluation_name(model: str, n_examples: int, settings_key: str) -> str:

@@ -7,10 +7,10 @@ widgets call `afs_kit.studies`; `afs_kit.reports` only runs the notebooks with p
 - `figures`: figs. 3, 4 and 6 (the others are drawn from the tables' rows).
 """
 from ..run.rundir import default_run_dir
-from .common import (PGD_ATTACKS, TRUST_COLUMNS, accuracy_row, afs_name, baseline_budget, ci_text, evaluate_afs,
-                     evaluate_extractor, evaluation_flags, extractor_points, extractor_table, figures_dir, health_label,
-                     label, main_alpha, main_subset, merger_exists, open_run, over_seeds, paired_sentence, say,
-                     seed_runs, seeds_summary, show, stacked_labels, table)
+from .common import (PGD_ATTACKS, TRUST_COLUMNS, accuracy_row, afs_name, baseline_budget, ci_text, colours,
+                     evaluate_afs, evaluate_extractor, evaluation_flags, extractor_points, extractor_table, figures_dir,
+                     health_label, label, main_alpha, main_subset, merger_exists, open_run, over_seeds, paired_sentence,
+                     say, seed_runs, seeds_summary, show, stacked_labels, table)
 from .figures import (delta_z_values, selection_rows, selection_summary, selection_text, tsne_rows, tsne_study,
                       tsne_summary, tsne_text, weight_rows, weight_study, weights_text)
 from .tables import (alpha_sweep, alpha_text, best_single, comparison_table, comparison_text, cost_table, cost_text,
@@ -19,7 +19,8 @@ from .tables import (alpha_sweep, alpha_text, best_single, comparison_table, com
                      subset_text)
 
 __all__ = [
-    "PGD_ATTACKS", "TRUST_COLUMNS", "accuracy_row", "afs_name", "baseline_budget", "ci_text", "default_run_dir",
+    "PGD_ATTACKS", "TRUST_COLUMNS", "accuracy_row", "afs_name", "baseline_budget", "ci_text", "colours",
+    "default_run_dir",
     "evaluate_afs",
     "evaluate_extractor", "evaluation_flags", "figures_dir", "health_label", "label", "main_alpha", "main_subset",
     "merger_exists", "open_run", "over_seeds", "paired_sentence", "say", "seed_runs", "seeds_summary", "show",

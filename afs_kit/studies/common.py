@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from ..attacks.registry import HEADLINE_PGD, PGD_ATTACKS, autoattack_name  # noqa: F401  (studies re-exports them)
-from ..config import format_budget, get_preset, preset_from_dict
+from ..config import budget_label, format_budget, get_preset, preset_from_dict
 from ..core.checks import check_int
 from ..core.io import load_checkpoint, read_json
 from ..core.stats import compare
 from ..errors import BadInput
 from ..models.stack import subset_vector
-from ..plots import save_figure
+from ..plots import extractor_colours, save_figure
 from ..run.pipeline import Run
 from ..run.rundir import default_run_dir, model_name
 from ..train.merger_choice import floor_label
@@ -112,8 +112,13 @@ def table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: in
 
 
 def label(eps: float) -> str:
-    """An extractor's name in tables: its training budget."""
-    return f"eps={format_budget(eps)}"
+    """An extractor's name in tables and figures: its training budget."""
+    return budget_label(eps)
+
+
+def colours(run: Run) -> dict[str, tuple]:
+    """One colour per extractor of the run, the same in every figure (`plots.extractor_colours`)."""
+    return extractor_colours(run.budgets())
 
 
 def baseline_budget(run: Run) -> float:

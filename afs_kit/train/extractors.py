@@ -22,6 +22,7 @@ from ..core.checks import check_choice, check_int, check_real
 from ..core.device import autocast, check_precision, memory_format, prepare_training, resolve_device
 from ..core.distributed import World
 from ..core.io import expect, load_checkpoint, save_checkpoint
+from ..core.stats import percent
 from ..data.batches import (augment, batches_on, channel_stats, data_fingerprint, iterate_batches, limited, to_float,
                             validation_split)
 from ..data.dataset import Dataset
@@ -51,7 +52,7 @@ def validate(model, x, y, eps, cfg: ExtractorConfig, device, generator) -> dict:
     """Clean and PGD accuracy (percent) on the held-out split at the extractor's own budget."""
     model.eval()
     clean = _accuracy(model, x, y, cfg.batch_size, cfg.precision, device)
-    out = {"val_clean": 100 * clean.float().mean().item(), "val_eps": eps}
+    out = {"val_clean": percent(clean), "val_eps": eps}
     if eps > 0:
         robust = []
         for idx in iterate_batches(len(y), cfg.batch_size, shuffle=False):
@@ -59,7 +60,7 @@ def validate(model, x, y, eps, cfg: ExtractorConfig, device, generator) -> dict:
                         precision=cfg.precision, generator=generator)
             with torch.no_grad(), autocast(cfg.precision, device):
                 robust.append(model(x_adv).argmax(1) == y[idx])
-        out["val_pgd"] = 100 * (torch.cat(robust) & clean).float().mean().item()
+        out["val_pgd"] = percent(torch.cat(robust) & clean)
     else:
         out["val_pgd"] = out["val_clean"]
     return out

@@ -312,6 +312,25 @@ def test_subset_explorer_answers_from_cache_and_trains_on_demand(smoke_report, c
 
 
 @pytest.mark.slow
+def test_the_alpha_explorer_greys_out_what_belongs_to_another_alpha(smoke_report):
+    """The slider on an alpha without a merger: the text, curve and bars still drawn are the last alpha's, so
+    they are greyed out and the status names their alpha; back on a trained alpha, they are redrawn in full."""
+    from afs_kit import widgets
+    from afs_kit.studies import open_run
+
+    run = open_run("smoke", smoke_report["run"], device="cpu", progress=False)
+    explorer = widgets.alpha_explorer(run, value=0.5)
+    slider, _button, status = explorer.children[1].children
+    out = explorer.children[-1]
+    assert widgets.STALE_CLASS not in out._dom_classes and status.value == ""
+    slider.value = 0.8  # no merger: nothing trains, the drawing stays, greyed out
+    assert widgets.STALE_CLASS in out._dom_classes
+    assert "alpha=0.8 has no merger yet" in status.value and "greyed out below: alpha=0.5" in status.value
+    slider.value = 1.0  # trained by notebook 04: drawn again, in full
+    assert widgets.STALE_CLASS not in out._dom_classes and status.value == ""
+
+
+@pytest.mark.slow
 def test_a_read_only_complete_run_answers_a_cached_report_without_the_lock(smoke_report, tmp_path):
     """Reading never needs write access: a colleague's finished run on a read-only mount gives its report, made
     without writing a byte into the run (the notebooks' sentences kept in the report's own summary.json)."""

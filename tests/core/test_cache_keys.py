@@ -24,20 +24,21 @@ PINNED = {
             0.2: 'abe1b10fada2',
         },
     },
+    # the demo's recipe was cut for a 3-minute `make demo` (issue 27): its keys changed on purpose, once
     'demo': {
-        'preset': '21a2db2b549b',
+        'preset': '9c5af4a66d65',
         'data': '9edd7bb6f526',
-        'extractor': '5f1014860fef',
-        'merger': '48748a4db938',
-        'evaluation': '3ee02af20226',
+        'extractor': 'eb8b382ad9f3',
+        'merger': '89886a2a11bc',
+        'evaluation': 'ca1da601c730',
         'budgets': {
-            0.0: '5f1014860fef',
-            0.05: '8b6e4d2d9531',
-            0.1: '912ef0084cb5',
-            0.15: '4963d48f33f5',
-            0.2: 'de2b34af00e7',
-            0.25: '0f7c7b531e44',
-            0.3: '9f5a3b47d1b0',
+            0.0: 'eb8b382ad9f3',
+            0.05: '9aaeddb09afe',
+            0.1: '30b11bcff213',
+            0.15: '798b4c77ae3d',
+            0.2: '946105c53852',
+            0.25: '5cf83f9e65de',
+            0.3: '25841432c0d4',
         },
     },
     'fashion-mnist': {
@@ -273,3 +274,18 @@ def test_a_subclass_follows_its_parents_recipe_version(monkeypatch):
     later = LaterMerger(**dataclasses.asdict(PRESETS["demo"].merger))
     monkeypatch.setitem(config._RECIPE_VERSIONS, MergerConfig, 2)
     assert config_hash(later) == config_hash(PRESETS["demo"].merger) != PINNED["demo"]["merger"]
+
+
+def test_budget_names_have_one_unit_each_and_old_runs_keep_their_zero_folder(tmp_path):
+    from afs_kit.run.rundir import RunDir
+
+    assert [config.budget_name(b) for b in (0.0, 0.1, 0.25)] == ["eps-0", "eps-0.1000", "eps-0.2500"]
+    assert [config.budget_name(config.k255(k)) for k in (0, 2, 8)] == ["eps-0", "eps-2-255", "eps-8-255"]
+    run = RunDir(tmp_path)
+    assert run.extractor_dir("eps-0") == tmp_path / "extractors" / "eps-0"
+    # a run made while budget 0 was "eps-0-255": its folder and its records are still found
+    (tmp_path / "extractors" / "eps-0-255").mkdir(parents=True)
+    (tmp_path / "eval" / "extractor-eps-0-255--n10--abcdef").mkdir(parents=True)
+    assert run.extractor_dir("eps-0") == tmp_path / "extractors" / "eps-0-255"
+    assert run.eval_dir("extractor-eps-0--n10--abcdef") == tmp_path / "eval" / "extractor-eps-0-255--n10--abcdef"
+    assert run.eval_dir("extractor-eps-0.1000--n10--abcdef").name == "extractor-eps-0.1000--n10--abcdef"

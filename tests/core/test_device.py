@@ -218,3 +218,34 @@ def test_make_test_gpu_says_what_it_does_without_cuda():
     out = subprocess.run(["sh", "gpu/test-gpu.sh"], capture_output=True, text=True, cwd=README.parent,
                          env={**os.environ, "GPU_PYTHON": "python-that-does-not-exist"})
     assert out.returncode == 0 and "no CUDA on this machine" in out.stdout
+
+
+def test_the_gpu_check_skips_in_one_line_without_cuda():
+    import subprocess
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: gpu/check.sh would run the whole check")
+    out = subprocess.run(["bash", "gpu/check.sh"], capture_output=True, text=True, cwd=README.parent,
+                         env={**os.environ, "GPU_PYTHON": "python-that-does-not-exist"})
+    assert out.returncode == 0 and out.stderr == ""
+    assert out.stdout.splitlines() == ["gpu/check.sh: no CUDA on this machine (no Python whose torch sees a GPU): skipped"]
+
+
+def test_gpu_wheels_lose_their_examples_and_the_record_follows(tmp_path):
+    """pyautoattack's wheel carries a 44 MB demo model; trimmed, what pip would install is the rest, exactly."""
+    import importlib.util
+    import zipfile
+
+    spec = importlib.util.spec_from_file_location("trim_wheels", README.parent / "gpu" / "trim_wheels.py")
+    trim_wheels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trim_wheels)
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    record = "pkg/__init__.py,sha256=x,1\npkg/examples/model.pt,sha256=y,4096\npkg-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("pkg/__init__.py", "x")
+        z.writestr("pkg/examples/model.pt", b"0" * 4096)
+        z.writestr("pkg-1.0.dist-info/RECORD", record)
+    assert trim_wheels.trim(wheel) > 0 and trim_wheels.trim(wheel) == 0  # the second time: nothing to drop
+    with zipfile.ZipFile(wheel) as z:
+        assert z.namelist() == ["pkg/__init__.py", "pkg-1.0.dist-info/RECORD"]
+        assert "examples" not in z.read("pkg-1.0.dist-info/RECORD").decode()

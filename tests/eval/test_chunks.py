@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,10 +112,12 @@ def cli_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attacks", ["clean,pgd20", "clean,aa"])
-def test_a_sigkilled_evaluation_resumes_where_its_chunks_end(cli_run, tmp_path, attacks):
+@pytest.mark.parametrize("attacks, procs", [("clean,pgd20", 1), ("clean,aa", 1), ("clean,pgd20", 2)])
+def test_a_sigkilled_evaluation_resumes_where_its_chunks_end(cli_run, tmp_path, attacks, procs):
     """SIGKILL after at least two saved chunks (of PGD-20, or of AutoAttack's APGD-CE), then the same command
-    again: it says where it resumes and ends with the flags of an evaluation never killed."""
+    again: it says where it resumes and ends with the flags of an evaluation never killed. With `procs` 2 the
+    killed job ran under torchrun with two processes (the whole job killed, as a preempted node is) and one
+    process resumes it: PGD's starts are drawn per example, so the flags are still an unbroken run's."""
     import signal
     import subprocess
     import sys
@@ -131,7 +134,12 @@ def test_a_sigkilled_evaluation_resumes_where_its_chunks_end(cli_run, tmp_path, 
     def command(copy):
         return [sys.executable, "-m", "afs_kit", argv[0], "--run", str(tmp_path / copy), *argv[1:]]
 
-    proc = subprocess.Popen(command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = command("killed")
+    if procs > 1:
+        first = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={procs}", "-m",
+                 "afs_kit", "--", *first[3:]]
+    proc = subprocess.Popen(first, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.monotonic() + 300
     partial = None
     while time.monotonic() < deadline and proc.poll() is None:
@@ -146,7 +154,7 @@ def test_a_sigkilled_evaluation_resumes_where_its_chunks_end(cli_run, tmp_path, 
                 break
         time.sleep(0.02)
     assert partial is not None, "the evaluation ended before two chunks could be seen"
-    os.kill(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker
     proc.wait()
     assert read_json(partial.parent / "metrics.json")["partial"] is True
     again = subprocess.run(command("killed"), env=env, capture_output=True, text=True, timeout=600)

@@ -111,11 +111,11 @@ def test_mixed_stack_trains_and_evaluates(mixed_run):
     name = mixed_run.merger_names()[0]
     assert name.startswith("111-")
     metrics = mixed_run.evaluate(f"afs-{name}", model, model_info=mixed_run.model_info("merger", name))
-    assert metrics["model"]["extractors"] == ["eps-0-255", ZOO_NAME, "resnet18"]
+    assert metrics["model"]["extractors"] == ["eps-0", ZOO_NAME, "resnet18"]
     assert set(metrics["attacks"]) == {"clean", "pgd10"} and "sanity" in metrics and metrics["n"] == 20
     # a subset by names and budgets: the kit's extractor and the zoo model
     assert mixed_run.subset_indices(f"0,{ZOO_NAME}") == [0, 1]
-    assert mixed_run.model_info("avg", "101")["extractors"] == ["eps-0-255", "resnet18"]
+    assert mixed_run.model_info("avg", "101")["extractors"] == ["eps-0", "resnet18"]
 
 
 def test_selection_leaves_outside_extractors_out(mixed_run, capsys):

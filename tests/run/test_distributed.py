@@ -67,7 +67,7 @@ def by_budgets(tmp_path_factory) -> Path:
 
 def test_parallel_budgets_trains_each_budget_once_as_one_process_would(reference, by_budgets):
     one, two = extractors(reference), extractors(by_budgets)
-    assert list(one) == list(two) == ["eps-0-255", "eps-0.1000", "eps-0.2000"]
+    assert list(one) == list(two) == ["eps-0", "eps-0.1000", "eps-0.2000"]
     # budgets shared out in turn: 0 and 0.2 on rank 0, 0.1 on rank 1; each trained once, nothing else
     assert [two[n]["trained_by"] for n in two] == [{"rank": r, "world_size": 2, "parallel": "budgets"}
                                                    for r in (0, 1, 0)]
@@ -87,7 +87,7 @@ def test_parallel_data_equals_one_process_with_the_same_global_batch(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     two = torchrun("train-extractors", "--run", str(tmp_path / "two"), "--parallel", "data", *args)
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = extractors(tmp_path / "one")["eps-0-255"], extractors(tmp_path / "two")["eps-0-255"]
+    a, b = extractors(tmp_path / "one")["eps-0"], extractors(tmp_path / "two")["eps-0"]
     assert b["trained_by"] == {"rank": 0, "world_size": 2, "parallel": "data"}
     assert_same_weights(a, b, atol=1e-5)
     for ha, hb in zip(a["history"], b["history"]):
@@ -137,7 +137,7 @@ def test_a_killed_worker_restarts_and_the_job_ends_as_an_unbroken_one(reference,
     job = subprocess.Popen(cmd, env={**_env(), "AFS_KIT_DIST_TIMEOUT": "60"}, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     try:
-        first = run / "extractors" / "eps-0-255" / "last.pt"
+        first = run / "extractors" / "eps-0" / "last.pt"
         deadline = time.monotonic() + 300
         while not first.is_file() and job.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -153,6 +153,17 @@ def test_a_killed_worker_restarts_and_the_job_ends_as_an_unbroken_one(reference,
     for name in one:
         assert two[name]["history"] == one[name]["history"]
         assert_same_weights(one[name], two[name])
+
+
+def test_a_refusal_under_torchrun_is_said_once_by_rank_0(tmp_path):
+    """Every rank refuses the same bad input; only rank 0 says so (torchrun's own failure report follows it)."""
+    for args, said in ((["--eps", "0.1,0.1"], "afs-kit: error: eps lists a budget twice"),
+                       (["--no-such-option"], "afs-kit train-extractors: error: unrecognized arguments")):
+        out = torchrun("train-extractors", *SMOKE, "--run", str(tmp_path / "run"), *args)
+        assert out.returncode != 0
+        lines = [line for line in (out.stdout + out.stderr).splitlines() if ": error:" in line]
+        assert len(lines) == 1 and lines[0].startswith(said), out.stderr[-3000:]
+        assert not (tmp_path / "run").exists()
 
 
 def test_bad_parallel_input_is_refused_before_anything_is_written(tmp_path, capsys):

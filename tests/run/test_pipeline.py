@@ -73,19 +73,23 @@ def test_stages_skip_work_they_find(smoke_run, capsys):
 
 
 def test_merger_is_attacked_end_to_end(smoke_run):
-    """White-box PGD on the whole AFS model is at least as strong as PGD transferred from any single
-    extractor (the masking check `transfer_not_stronger` asks the same with a paired test)."""
+    """White-box PGD on the whole AFS model is not significantly weaker than PGD transferred from any single
+    extractor: decided per example by the exact McNemar test, as the masking check `transfer_not_stronger` does
+    (on 100 examples one example either way is chance: 49% against 50% failed here once on an AMD machine)."""
+    from afs_kit.core.stats import SIGNIFICANCE, discordant, paired_test
+
     run = Run.open(smoke_run, progress=False)
     model = run.afs_model("all", alpha=0.5)
     x, y = run.test_set(100)
     eps = run.preset.evaluation.eps
     gen = torch.Generator().manual_seed(0)
-    white = correct_flags(model, pgd(model, x, y, eps, eps / 4, 10, generator=gen), y).float().mean()
+    white = correct_flags(model, pgd(model, x, y, eps, eps / 4, 10, generator=gen), y)
     for b in run.budgets():
         single = run.extractor(b)[0]
-        x_transfer = pgd(single, x, y, eps, eps / 4, 10, generator=gen)
-        transfer = correct_flags(model, x_transfer, y).float().mean()
-        assert white <= transfer, f"transfer from extractor {b} is stronger than the white-box attack"
+        transfer = correct_flags(model, pgd(single, x, y, eps, eps / 4, 10, generator=gen), y)
+        only_transfer_breaks, only_white_breaks = discordant(white, transfer)
+        assert not (only_transfer_breaks > only_white_breaks and paired_test(white, transfer) < SIGNIFICANCE), \
+            f"transfer from extractor {b} is stronger than the white-box attack"
 
 
 def test_stack_is_frozen_and_stays_in_eval_mode(smoke_run):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
 from afs_kit import plots
@@ -26,11 +27,15 @@ def _check(fig, n_axes: int) -> None:
     fig.canvas.draw()  # renders without error
 
 
-def test_clean_vs_robust_marks_quoted_and_own_points():
+def test_clean_vs_robust_draws_the_paper_beside_the_kit_at_its_own_scale():
     fig = plots.plot_clean_vs_robust({"AFS (kit)": (88.0, 50.0), "PGD-AT (kit)": (82.0, 49.0)})
-    _check(fig, 1)
-    texts = [t.get_text() for t in fig.axes[0].texts]
-    assert "FAT (paper)" in texts and len(texts) == len(TABLE4_CIFAR10)
+    _check(fig, 2)
+    # the paper's points in a panel of their own, one legend entry each (no labels on points: none overlap),
+    # and a caption saying they are another scale
+    quoted = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert "FAT" in quoted and len(quoted) == len(TABLE4_CIFAR10)
+    assert not fig.axes[0].texts and not fig.axes[1].texts
+    assert any("another scale" in t.get_text() for t in fig.texts)
     # the kit's own models: one colour and one legend entry each, named
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert "AFS (kit)" in legend and "PGD-AT (kit)" in legend
@@ -58,8 +63,37 @@ def test_fig1_draws_the_singles_frontier_and_keeps_labels_apart():
     # x is clean, y robust: flat (vertical here) below the most accurate network, then its corners
     assert line[0].get_xdata().tolist() == [60.0, 60.0, 50.0, 30.0]
     assert line[0].get_ydata().tolist() == [0.0, 10.0, 20.0, 30.0]
-    # two of the paper's points 0.3 points apart get labels one line of type apart
-    assert plots._label_offsets([(50.0, 40.0), (50.3, 40.2), (80.0, 10.0)]) == [0.0, 9.0, 0.0]
+
+
+def test_one_colour_per_extractor_in_every_figure_and_a_marker_only_stacked_models_use():
+    colours = plots.extractor_colours([0.0, 0.1, 0.3])
+    assert list(colours) == ["eps=0", "eps=0.1", "eps=0.3"]
+    fig1 = plots.plot_clean_vs_robust({"eps=0": (90.0, 1.0), "eps=0.3": (70.0, 40.0), "AFS 101, alpha=0.5": (80.0, 35.0),
+                                       "logit average (eq. 9) 101": (78.0, 30.0)}, reference=None, colours=colours)
+    fig5a = plots.plot_robustness_vs_budget([0.0, 0.1], {"AFS (alpha=0.5)": [80.0, 35.0], "eps=0.3": [70.0, 40.0],
+                                                         "eps=0": [90.0, 1.0]}, colours=colours)
+    rng = np.random.default_rng(0)
+    fig6 = plots.plot_weight_histograms({"(a) network eps=0.1": rng.normal(size=(10, 8)),
+                                         "(b) network eps=0.3": rng.normal(size=(10, 8)),
+                                         "(c) AFS merger 101, alpha=0.5": rng.normal(size=(10, 16))}, colours=colours)
+    drawn = {}
+    for fig in (fig1, fig5a):
+        for c in fig.axes[0].containers:
+            line = c.lines[0]
+            drawn.setdefault(c.get_label(), set()).add((tuple(np.round(to_rgb(line.get_color()), 6)),
+                                                         line.get_marker()))
+    for ax in fig6.axes:
+        drawn.setdefault(ax.get_title().split("\n")[0], set()).add(
+            (tuple(np.round(ax.patches[0].get_facecolor()[:3], 6)), "hist"))
+    rgb = {name: tuple(np.round(to_rgb(c), 6)) for name, c in colours.items()}
+    assert {c for c, _ in drawn["eps=0.3"]} == {c for c, _ in drawn["(b) network eps=0.3"]} == {rgb["eps=0.3"]}
+    assert {c for c, _ in drawn["eps=0"]} == {rgb["eps=0"]} and {c for c, _ in drawn["(a) network eps=0.1"]} == {rgb["eps=0.1"]}
+    # stacked models: a star for AFS, a diamond for a control, in colours no extractor has
+    assert {m for _, m in drawn["AFS 101, alpha=0.5"]} == {"*"} and {m for _, m in drawn["AFS (alpha=0.5)"]} == {"*"}
+    assert {m for _, m in drawn["logit average (eq. 9) 101"]} == {"D"} and {m for _, m in drawn["eps=0"]} == {"o"}
+    stacked = {c for name in ("AFS 101, alpha=0.5", "AFS (alpha=0.5)", "logit average (eq. 9) 101")
+               for c, _ in drawn[name]}
+    assert not stacked & set(rgb.values())
 
 
 def test_delta_z_figure_marks_selected():
