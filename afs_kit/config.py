@@ -21,7 +21,7 @@ MERGER_INITS = ("random", "zero", "logit-average", "best-member")  # where the m
 MERGER_KEEPS = ("best", "last")  # which weights a trained merger keeps
 ATTACK_BN = ("train", "eval")
 ATTACKS = ("clean", "pgd10", "pgd20", "aa")
-SANITY_STRENGTHS = ("quick", "full")
+SANITY_STRENGTHS = ("light", "quick", "full")
 PARALLEL_MODES = ("budgets", "data")  # how a torchrun job shares out extractor training (afs_kit.distributed)
 
 
@@ -104,7 +104,8 @@ class EvalConfig:
     budgets: tuple[float, ...] = ()   # robustness-vs-budget curve (fig. 5a); () = a default grid up to 2x eps
     seed: int = 0                     # seeds PGD random starts and AutoAttack
     precision: str = "fp32"           # reported robust accuracies come from fp32 attacks
-    sanity_strength: str = "quick"    # gradient-masking checks: quick (200 examples, Square 1,000 queries) or full
+    sanity_strength: str = "quick"    # gradient-masking checks: quick (200 examples, Square 1,000 queries), full,
+                                      # or light (100, 500 queries, one restart of the converged check: the demo's)
     sanity_examples: int | None = None  # examples the quick checks use; None = the strength's (200 for quick)
     aa_attacks: tuple[str, ...] = ()  # AutoAttack's attacks; () = its standard version (APGD-CE, APGD-T, FAB-T,
                                       # Square); a list (e.g. apgd-ce,apgd-dlr) runs pyautoattack's "custom"
@@ -163,7 +164,9 @@ PRESETS: dict[str, Preset] = {
     # 2.5 s for its PGD-10/20 on 360 digits); then, with the rule's 4-network stack, AutoAttack's standard version
     # (59 s of notebook 07's 112, Square's 5,000 queries 35 s of it). Cut: masking checks on 100 examples (200),
     # alphas 0, 0.5, 1 (five), subsets selected, 1000001, all (four), extractors 10 epochs (15), mergers 6 epochs
-    # (8), AutoAttack on 100 examples (200) with APGD-CE and APGD-DLR only, as the CPU presets run it.
+    # (8), AutoAttack on 100 examples (200) with APGD-CE and APGD-DLR only, as the CPU presets run it; then (248 s
+    # with those cuts, a masking check still about 3 times its model's attacks) the "light" masking checks: 100
+    # examples, Square 500 queries, one restart of the converged check's PGD-100 (two).
     "demo": Preset(
         name="demo",
         data=DataConfig(spec="digits"),
@@ -176,7 +179,7 @@ PRESETS: dict[str, Preset] = {
         # best member (16 from a random start before, 8 until the 3-minute cut): each epoch's validation check
         # costs about a third of an epoch
         merger=MergerConfig(eps=0.15, epochs=6, lr_drop_epoch=4, attack_steps=7, lr=8.0),
-        evaluation=EvalConfig(eps=0.15, aa_examples=100, aa_attacks=("apgd-ce", "apgd-dlr"), sanity_examples=100,
+        evaluation=EvalConfig(eps=0.15, aa_examples=100, aa_attacks=("apgd-ce", "apgd-dlr"), sanity_strength="light",
                               budgets=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)),
         alphas=(0.0, 0.5, 1.0),
         subsets=("selected", "1000001", "all"),

@@ -33,12 +33,14 @@ from ..models.stack import AFSModel, LogitAverage
 from .flags import check_eval_inputs, correct_flags, pgd_flags, robust_where
 
 STRENGTHS = {
-    # examples checked (None: all given), Square's queries (AutoAttack's standard run uses 5,000)
-    "quick": {"n": 200, "square_queries": 1000},
-    "full": {"n": None, "square_queries": 5000},
+    # examples checked (None: all given), Square's queries (AutoAttack's standard run uses 5,000), the restarts of
+    # the converged check's PGD (for CE and for the CW margin loss). "light" is `make demo`'s: every check runs,
+    # on less evidence (its half-cost converged check was half of every demo evaluation's time)
+    "light": {"n": 100, "square_queries": 500, "restarts": 1},
+    "quick": {"n": 200, "square_queries": 1000, "restarts": 2},
+    "full": {"n": None, "square_queries": 5000, "restarts": 2},
 }
-STRONGER_STEPS = 5     # the converged check runs 5x the steps of the strongest reported PGD ...
-STRONGER_RESTARTS = 2  # ... with 2 restarts, for CE and for the CW margin loss
+STRONGER_STEPS = 5     # the converged check runs 5x the steps of the strongest reported PGD
 
 
 def _stronger(reported: torch.Tensor, other: torch.Tensor, **numbers) -> dict:
@@ -56,8 +58,8 @@ def _acc(flags: torch.Tensor) -> float:
 
 
 def stronger_pgd_flags(model, x, y, eps: float, steps: int, batch_size: int = 200, generator=None,
-                       progress: bool = False, robust: torch.Tensor | None = None) -> torch.Tensor:
-    """Robust flags under the `converged` check's attack: PGD-`steps`, step eps/8, 2 restarts, run
+                       progress: bool = False, robust: torch.Tensor | None = None, restarts: int = 2) -> torch.Tensor:
+    """Robust flags under the `converged` check's attack: PGD-`steps`, step eps/8, `restarts` restarts, run
     once with cross-entropy and once with the CW margin loss; robust only if both fail.
 
     `robust` (e.g. the clean-correct flags) marks the examples still to attack; the rest stay False.
@@ -67,7 +69,7 @@ def stronger_pgd_flags(model, x, y, eps: float, steps: int, batch_size: int = 20
     robust = torch.ones(len(y), dtype=torch.bool, device=y.device) if robust is None else robust
     for loss in ("ce", "cw"):
         robust = robust_where(robust, x, y, lambda xs, ys, loss=loss: pgd_flags(
-            model, xs, ys, eps, eps / 8, steps, batch_size, restarts=STRONGER_RESTARTS, generator=generator,
+            model, xs, ys, eps, eps / 8, steps, batch_size, restarts=restarts, generator=generator,
             loss=loss, progress=progress, desc=f"PGD-{steps} {loss}"))
     return robust
 
@@ -139,9 +141,9 @@ def attacks_joining_worst(model, x, y, eps: float, step: float, checks: dict, st
     `stack_attacks_not_stronger`. They join `worst`."""
     out, found = {}, checks["checks"]
     if not found["converged"]["passed"]:
-        steps = found["converged"]["steps"]
+        steps, restarts = found["converged"]["steps"], found["converged"].get("restarts", 2)
         out[f"pgd{steps}"] = standing = stronger_pgd_flags(model, x, y, eps, steps, batch_size, generator=generator,
-                                                           progress=progress, robust=standing)
+                                                           progress=progress, robust=standing, restarts=restarts)
     stack = found.get("stack_attacks_not_stronger")
     if stack is not None and not stack["passed"]:
         out["stack"], _ = stack_attack_flags(model, x, y, eps, step, stack["steps"], stack_sources(model, below),
@@ -176,8 +178,9 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
             and PGD but no `flags`, `aa_not_above_pgd` compares the two percentages).
         flags: the evaluation's per-example flags ({attack: BoolTensor} over the same first examples
             as x). The reported attack is the AND of its PGD flags; without flags PGD-20 is run here.
-        strength: "quick" (200 examples, Square with 1,000 queries) or "full" (every example given,
-            Square with 5,000 queries as in AutoAttack).
+        strength: "quick" (200 examples, Square with 1,000 queries), "full" (every example given,
+            Square with 5,000 queries as in AutoAttack) or "light" (100 examples, Square with 500 queries,
+            one restart of the converged check's PGD: the demo's).
         sources: surrogate models for the transfer check; None: for an AFS model or a logit average,
             each extractor and their logit average; for any other model the check is skipped.
         step: the reported PGD's step size (None: eps / 4).
@@ -185,7 +188,7 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
         device: where the checks run; None: the model's device (x and y are moved there).
 
     Checks, each `{"passed": bool, ...numbers}`:
-        converged: PGD with 5x the steps of the strongest reported PGD, 2 restarts, cross-entropy and
+        converged: PGD with 5x the steps of the strongest reported PGD, 2 restarts (1 when "light"), cross-entropy and
             the CW margin loss, does not break significantly more examples (McNemar p < 0.05) than
             the reported attack. `Run.evaluate` then reports the stronger attack in `worst`.
         blackbox_not_stronger: Square (no gradients) is not significantly stronger than PGD.
@@ -238,11 +241,12 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
 
     steps = STRONGER_STEPS * reported_steps
     say = say or (lambda _line: None)
-    say(f"  masking check 1 of 4: converged, PGD-{steps} x {STRONGER_RESTARTS} restarts, CE and CW, "
-        f"on the {int(clean.sum())} of {n} examples classified correctly ...")
-    strong = stronger_pgd_flags(model, x, y, eps, steps, generator=gen, robust=clean)
-    checks["converged"] = _stronger(white, strong, attack=f"PGD-{steps} x {STRONGER_RESTARTS} restarts, CE and CW, "
-                                                         f"step eps/8", steps=steps)
+    restarts = STRENGTHS[strength]["restarts"]
+    attack = f"PGD-{steps} x {restarts} restart{'s' if restarts > 1 else ''}, CE and CW"
+    say(f"  masking check 1 of 4: converged, {attack}, on the {int(clean.sum())} of {n} examples classified "
+        f"correctly ...")
+    strong = stronger_pgd_flags(model, x, y, eps, steps, generator=gen, robust=clean, restarts=restarts)
+    checks["converged"] = _stronger(white, strong, attack=f"{attack}, step eps/8", steps=steps, restarts=restarts)
 
     queries = STRENGTHS[strength]["square_queries"]
     say(f"  masking check 2 of 4: Square, {queries} queries ...")

@@ -440,7 +440,7 @@ class Run:
                          budget.get(id(m), cfg.eps) < cfg.eps - 1e-12]
                 checks = sanity_checks(model, x, y, cfg.eps, result["metrics"], seed=cfg.seed, device=self.device,
                                        flags=result["flags"], strength=cfg.sanity_strength, step=alpha, below=below,
-                                       n=cfg.sanity_examples if cfg.sanity_strength == "quick" else None, say=self.say)
+                                       n=cfg.sanity_examples if cfg.sanity_strength != "full" else None, say=self.say)
                 # a failed check's stronger attack joins `worst`, run (as AutoAttack chains its attacks) on every
                 # example the others left standing: the record's pgdN (or "stack") is all of them together
                 gen = torch.Generator(device=self.device).manual_seed(cfg.seed)

@@ -475,9 +475,13 @@ def test_an_honest_model_passes_every_masking_check(run, honest):
     good = sanity_checks(model, x, y, eps, result["metrics"], device="cpu", flags=result["flags"],
                          sources={"eps 0.1": run.extractor(0.1)[0]})
     assert good["passed"] and good["failed"] == [], good
-    assert good["n"] == 200 and good["strength"] == "quick"
+    assert good["n"] == 200 and good["strength"] == "quick" and good["checks"]["converged"]["restarts"] == 2
     assert set(good["checks"]) == {"converged", "blackbox_not_stronger", "transfer_not_stronger", "monotone_in_budget",
                                    "large_budget_breaks", "nonzero_gradients", "deterministic_eval_mode"}
+    # the demo's light checks: the same checks on 100 examples, the converged check's PGD restarted once
+    light = sanity_checks(model, x, y, eps, result["metrics"], device="cpu", flags=result["flags"], strength="light")
+    assert light["passed"] and light["n"] == 100 and light["strength"] == "light"
+    assert light["checks"]["converged"]["restarts"] == 1 and "x 1 restart," in light["checks"]["converged"]["attack"]
 
 
 def test_a_stacked_model_is_checked_against_transfer_from_its_own_parts(honest):
