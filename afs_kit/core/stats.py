@@ -17,7 +17,6 @@ import itertools
 
 import numpy as np
 import torch
-from scipy.stats import binomtest
 
 from ..errors import BadInput
 from .checks import check_int
@@ -31,6 +30,14 @@ def percent(flags) -> float:
     float32's 46.0999995... (0.0 for no examples)."""
     f = as_flags(flags, "flags")
     return round(100 * int(f.sum()) / len(f), 10) if len(f) else 0.0
+
+
+def binomtest(*args, **kwargs):
+    """scipy.stats.binomtest, imported when first needed: scipy.stats takes most of a second to import, which every
+    `afs-kit` process and notebook kernel would otherwise pay before doing anything."""
+    from scipy.stats import binomtest as scipy_binomtest
+
+    return scipy_binomtest(*args, **kwargs)
 
 
 def confidence_interval(correct: int, n: int) -> tuple[float, float]:
