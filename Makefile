@@ -31,8 +31,10 @@ system-deps:
 	    else echo "no apt-get: $$missing not installed; the tests that need them will be skipped"; fi; \
 	  fi
 
+# two workers (pytest-xdist), one thread each; a file's tests stay on one worker, so a module's trained fixtures
+# are made once
 test: setup system-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # the quick local loop: everything but the tests marked slow (notebooks, browser, kill-and-resume)
 test-fast: setup

@@ -12,6 +12,12 @@ import torch
 
 # the files beside the project (../shared/data); a GPU machine, which does not see them, gets copies in the
 # checkout (gpu/check.sh sets AFS_KIT_SHARED_DATA)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest workers on the two cores: one thread each (and in every process they start), or
+    # PyTorch's threads spin against each other
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 SHARED_DATA = Path(os.environ.get("AFS_KIT_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 MINI_NPZ = SHARED_DATA / "cifar10-mini.npz"
 JPEG_ARCHIVE = SHARED_DATA / "cifar10-jpeg.tar.xz"

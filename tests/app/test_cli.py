@@ -263,7 +263,7 @@ def test_estimate_counts_each_attack_times_the_model_and_writes_nothing(box, cap
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "pgd20: 21 forward + 20 backward passes per example" in out and "x 40 examples" in out
-    assert "masking checks (quick)" in out and "if `converged` fails, 400 more" in out
+    assert "masking checks (light)" in out and "if `converged` fails, 200 more" in out  # smoke's light checks
     assert re.search(r"^  estimated wall time: (under 1 s|[0-9.]+ (s|min|h))", out, re.M), out
     assert snapshot(box["root"]) == before, "an estimate runs nothing and writes nothing"
 
