@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 
 from ..attacks.registry import HEADLINE_PGD, PGD_ATTACKS, REGISTRY
@@ -51,6 +52,9 @@ EXAMPLES = {
 }
 
 
+RANK_EXIT_DELAY_S = 2.0
+
+
 def _first_rank() -> bool:
     """Whether this process speaks for the job: always, but under torchrun only rank 0 (every rank refuses the
     same bad input; one line is enough)."""
@@ -58,8 +62,12 @@ def _first_rank() -> bool:
 
 
 def _say(message: str) -> None:
+    """One line on stderr from rank 0; another rank about to exit waits a moment instead, since torchrun stops
+    every worker as soon as one exits and rank 0 would not get to say why."""
     if _first_rank():
         print(message, file=sys.stderr)
+    else:
+        time.sleep(RANK_EXIT_DELAY_S)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,7 +76,8 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         if _first_rank():
             self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n" if _first_rank() else None)
+        _say(f"{self.prog}: error: {message}")
+        self.exit(2)
 
 
 def _parser() -> argparse.ArgumentParser:

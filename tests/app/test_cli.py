@@ -329,6 +329,25 @@ def afs_kit(*argv: str, cwd, prefix: tuple[str, ...] = (), timeout: int = 120) -
                           capture_output=True, text=True, timeout=timeout)
 
 
+def in_process(*argv: str, cwd) -> subprocess.CompletedProcess:
+    """The same command through `main` in this process (what `python -m afs_kit` runs, without its 2 s start):
+    the exit status and what it printed, as `afs_kit` gives them; `--help` exits through SystemExit."""
+    import contextlib
+    import io
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(argv))
+            except SystemExit as exit_:
+                code = exit_.code
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(list(argv), code, out.getvalue(), err.getvalue())
+
+
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
     """The refusal: status 2, exactly one `afs-kit: error:` line on stderr, no traceback."""
     assert proc.returncode == 2, proc.stderr
@@ -345,7 +364,6 @@ COMMANDS = {  # every command that takes --run, with what it needs besides
 }
 
 
-@pytest.mark.slow  # a real `python -m afs_kit` process per case: make test-fast skips them
 @pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("under", [False, True], ids=["file", "under-a-file"])
 def test_a_run_that_is_a_file_exits_2_naming_it(command, under, box):
@@ -354,7 +372,7 @@ def test_a_run_that_is_a_file_exits_2_naming_it(command, under, box):
     afile.write_text("not a run\n")
     run = afile / "sub" if under else afile
     before = snapshot(box["root"])
-    line = one_error_line(afs_kit(*fill(COMMANDS[command], box, Path()), "--run", str(run), cwd=box["root"]))
+    line = one_error_line(in_process(*fill(COMMANDS[command], box, Path()), "--run", str(run), cwd=box["root"]))
     expected = f"--run={run} lies under {afile}, which is a file" if under else f"--run={run} is a file"
     assert f"{expected}, not a run directory" in line
     assert snapshot(box["root"]) == before and not Path(box["out"]).exists()
@@ -395,7 +413,6 @@ def test_a_read_only_run_answers_a_cached_evaluate_without_the_lock(box):
         chmod_tree(run, writable=True)
 
 
-@pytest.mark.slow  # a real `python -m afs_kit` process per case: make test-fast skips them
 @pytest.mark.parametrize("command", ["train-merger", "evaluate"])
 @pytest.mark.parametrize("exists", [False, True], ids=["missing", "empty"])
 def test_a_command_without_preset_says_to_train_extractors_first(command, exists, box):
@@ -404,7 +421,7 @@ def test_a_command_without_preset_says_to_train_extractors_first(command, exists
     if exists:
         run.mkdir()
     before = snapshot(box["root"])
-    line = one_error_line(afs_kit(*COMMANDS[command], "--run", str(run), cwd=box["root"]))
+    line = one_error_line(in_process(*COMMANDS[command], "--run", str(run), cwd=box["root"]))
     assert f"run={str(run)!r} holds no run.json" in line and f"train-extractors --preset <name> --run {run}" in line
     assert "give --preset" not in line
     assert snapshot(box["root"]) == before and run.exists() == exists
@@ -425,10 +442,9 @@ def test_version_names_the_package_and_the_code(tmp_path):
     assert len(proc.stdout.strip().splitlines()) == 1
 
 
-@pytest.mark.slow  # a real `python -m afs_kit` process per case: make test-fast skips them
 @pytest.mark.parametrize("command", ["train-extractors", "train-merger", "evaluate", "report", "presets"])
 def test_every_help_ends_with_examples(command, tmp_path):
-    proc = afs_kit(command, "--help", cwd=tmp_path)
+    proc = in_process(command, "--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     head, sep, tail = proc.stdout.rpartition("examples:\n")
     assert sep and "options:" in head, proc.stdout
@@ -436,7 +452,6 @@ def test_every_help_ends_with_examples(command, tmp_path):
     assert 1 <= len(examples) <= 2 and all(e.strip().startswith(f"afs-kit {command}") for e in examples), tail
 
 
-@pytest.mark.slow  # a real `python -m afs_kit` process per case: make test-fast skips them
 @pytest.mark.parametrize("argv", [["train-merger"], ["evaluate", "--model", "extractor:0.1", "--attacks", "clean"]],
                          ids=["train-merger", "evaluate"])
 def test_a_truncated_checkpoint_is_named_with_what_to_do(argv, box):
@@ -444,7 +459,7 @@ def test_a_truncated_checkpoint_is_named_with_what_to_do(argv, box):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     before = snapshot(box["root"])
-    line = one_error_line(afs_kit(*argv, "--run", box["run"], "--device", "cpu", cwd=box["root"]))
+    line = one_error_line(in_process(*argv, "--run", box["run"], "--device", "cpu", cwd=box["root"]))
     assert str(path) in line and "delete the file and rerun" in line and "train it again" in line
     assert snapshot(box["root"]) == before
 

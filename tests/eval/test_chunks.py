@@ -2,6 +2,7 @@
 evaluation resumes at its first unfinished chunk with the flags an uninterrupted one gives."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -111,6 +112,16 @@ def cli_run(tmp_path_factory):
     return run
 
 
+def _processes_naming(path: Path) -> list[int]:
+    """The pids of the processes whose command line names `path` (Linux's /proc)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if str(path).encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+    return pids
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("attacks, procs", [("clean,pgd20", 1), ("clean,aa", 1), ("clean,pgd20", 2)])
 def test_a_sigkilled_evaluation_resumes_where_its_chunks_end(cli_run, tmp_path, attacks, procs):
@@ -138,8 +149,7 @@ def test_a_sigkilled_evaluation_resumes_where_its_chunks_end(cli_run, tmp_path, 
     if procs > 1:
         first = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={procs}", "-m",
                  "afs_kit", "--", *first[3:]]
-    proc = subprocess.Popen(first, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(first, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     partial = None
     while time.monotonic() < deadline and proc.poll() is None:
@@ -154,7 +164,10 @@ def test_a_sigkilled_evaluation_resumes_where_its_chunks_end(cli_run, tmp_path, 
                 break
         time.sleep(0.02)
     assert partial is not None, "the evaluation ended before two chunks could be seen"
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker
+    # the launcher and every worker (torchrun starts its workers in sessions of their own): what a preempted node does
+    for pid in [proc.pid, *_processes_naming(tmp_path / "killed")]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
     assert read_json(partial.parent / "metrics.json")["partial"] is True
     again = subprocess.run(command("killed"), env=env, capture_output=True, text=True, timeout=600)

@@ -158,7 +158,7 @@ def test_a_killed_worker_restarts_and_the_job_ends_as_an_unbroken_one(reference,
 def test_a_refusal_under_torchrun_is_said_once_by_rank_0(tmp_path):
     """Every rank refuses the same bad input; only rank 0 says so (torchrun's own failure report follows it)."""
     for args, said in ((["--eps", "0.1,0.1"], "afs-kit: error: eps lists a budget twice"),
-                       (["--no-such-option"], "afs-kit train-extractors: error: unrecognized arguments")):
+                       (["--no-such-option"], "afs-kit: error: unrecognized arguments: --no-such-option")):
         out = torchrun("train-extractors", *SMOKE, "--run", str(tmp_path / "run"), *args)
         assert out.returncode != 0
         lines = [line for line in (out.stdout + out.stderr).splitlines() if ": error:" in line]
