@@ -43,7 +43,7 @@ def tiny_cifar(tmp_path_factory, digits) -> str:
 @pytest.fixture(scope="module")
 def preset(tiny_cifar):
     return override(PRESETS["smoke"], [f"data.spec={tiny_cifar}", "budgets=0.0", "extractor.epochs=1",
-                                       "merger.epochs=1", "merger.attack_steps=2", "evaluation.n_examples=20",
+                                       "merger.epochs=1", "merger.attack_steps=2", "evaluation.n_examples=10",
                                        "evaluation.attacks=clean,pgd10"])
 
 
@@ -112,7 +112,7 @@ def test_mixed_stack_trains_and_evaluates(mixed_run):
     assert name.startswith("111-")
     metrics = mixed_run.evaluate(f"afs-{name}", model, model_info=mixed_run.model_info("merger", name))
     assert metrics["model"]["extractors"] == ["eps-0", ZOO_NAME, "resnet18"]
-    assert set(metrics["attacks"]) == {"clean", "pgd10"} and "sanity" in metrics and metrics["n"] == 20
+    assert set(metrics["attacks"]) == {"clean", "pgd10"} and "sanity" in metrics and metrics["n"] == 10
     # a subset by names and budgets: the kit's extractor and the zoo model
     assert mixed_run.subset_indices(f"0,{ZOO_NAME}") == [0, 1]
     assert mixed_run.model_info("avg", "101")["extractors"] == ["eps-0", "resnet18"]
