@@ -110,3 +110,18 @@ def chmod_tree(root: Path, writable: bool) -> None:
     for p in [root, *root.rglob("*")]:
         mode = p.stat().st_mode
         p.chmod(mode | 0o200 if writable else mode & ~0o222)
+
+
+# The files whose tests take longest, first: `make test` gives whole files to its two workers in collection order,
+# so the long ones start at once and the short ones fill in at the end (a long file collected last ran alone)
+LONGEST_FIRST = ("app/test_notebooks.py", "run/test_distributed.py", "eval/test_reliability.py", "core/test_device.py",
+                 "app/test_browser.py", "eval/test_chunks.py", "models/test_outside.py", "app/test_cli.py",
+                 "run/test_pipeline.py", "attacks/test_attacks.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        path = item.path.as_posix()
+        return next((i for i, name in enumerate(LONGEST_FIRST) if path.endswith(name)), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: each file keeps its own order

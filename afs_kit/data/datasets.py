@@ -79,7 +79,9 @@ def load_dataset(spec: str, root: str | Path | None = None) -> Dataset:
         if kind == "npz":
             return _load_npz(spec, Path(path).expanduser())
 
-        return load_folder(spec, unpacked(Path(path).expanduser(), root_path or default_root()))
+        given = Path(path).expanduser()
+        folder = unpacked(given, root_path or default_root())
+        return load_folder(spec, folder, from_archive=folder != given)
     raise BadInput(f"unknown data set spec={spec!r}; known specs: {', '.join(DATASET_SPECS)}")
 
 

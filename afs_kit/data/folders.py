@@ -96,9 +96,19 @@ def unpacked(path: Path, root: Path) -> Path:
     return target
 
 
-def load_folder(spec: str, path: Path) -> Dataset:
+# beside an unpacked archive (whose files never change): its decoded images, so each stage of a run (one process
+# each) reads them in a second instead of decoding 60,000 JPEGs again (7 s on 2 CPU cores)
+DECODED = "decoded.pt"
+
+
+def load_folder(spec: str, path: Path, from_archive: bool = False) -> Dataset:
+    """The images of an ImageFolder layout; `from_archive`: `path` is an archive `unpacked` (decoded once)."""
     if not path.is_dir():
         raise FileNotFoundError(f"image folder not found: {str(path)!r} (from spec={spec!r})")
+    cache = path.with_name(path.name + "." + DECODED) if from_archive else None
+    if cache is not None and cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        return Dataset(name=spec, **saved["arrays"], classes=tuple(saved["classes"]))
     _check_split_dir(path / "train")
     _check_split_dir(path / "test")
     train_paths, train_labels, classes = _image_folder(path / "train")
@@ -116,5 +126,10 @@ def load_folder(spec: str, path: Path) -> Dataset:
             f"train and test images in {str(path)!r} differ in shape: {tuple(x_train.shape[1:])} vs "
             f"{tuple(x_test.shape[1:])}"
         )
-    return Dataset(name=spec, x_train=x_train, y_train=torch.tensor(train_labels, dtype=torch.int64), x_test=x_test,
-                   y_test=torch.tensor(test_labels, dtype=torch.int64), classes=tuple(classes))
+    arrays = dict(x_train=x_train, y_train=torch.tensor(train_labels, dtype=torch.int64), x_test=x_test,
+                  y_test=torch.tensor(test_labels, dtype=torch.int64))
+    if cache is not None:
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        torch.save({"arrays": arrays, "classes": list(classes)}, tmp)
+        os.replace(tmp, cache)  # whole or not at all
+    return Dataset(name=spec, **arrays, classes=tuple(classes))

@@ -334,3 +334,34 @@ def test_iterate_batches() -> None:
         iterate_batches(10, 0, shuffle=False)
     with pytest.raises(ValueError, match=r"n must be an integer >= 0, got n=-1"):
         iterate_batches(-1, 4, shuffle=False)
+
+
+def test_an_unpacked_archive_is_decoded_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The images of an unpacked archive (which never change) are decoded by the first stage and read back by
+    every later one; a folder given as a folder is always decoded (its files may change)."""
+    import tarfile
+
+    from PIL import Image
+
+    from afs_kit.data import folders
+
+    layout = tmp_path / "layout"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (layout / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(layout / split / c / f"{i}.png")
+    archive = tmp_path / "pets.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for child in sorted(layout.iterdir()):
+            tar.add(child, arcname=child.name)
+    first = load_dataset(f"folder:{archive}", root=tmp_path / "root")
+    (cache,) = (tmp_path / "root" / "archives").glob(f"*.{folders.DECODED}")
+    monkeypatch.setattr(folders, "_decode_images", lambda *a: pytest.fail("decoded again"))
+    again = load_dataset(f"folder:{archive}", root=tmp_path / "root")
+    for field in ("x_train", "y_train", "x_test", "y_test"):
+        assert torch.equal(getattr(again, field), getattr(first, field)), field
+    assert again.classes == first.classes == ("cat", "dog") and cache.is_file()
+    with pytest.raises(pytest.fail.Exception, match="decoded again"):
+        load_dataset(f"folder:{tmp_path / 'root' / 'archives' / cache.name.split('.')[0]}")

@@ -129,12 +129,14 @@ def test_a_killed_worker_restarts_and_the_job_ends_as_an_unbroken_one(reference,
     torchrun restarts both workers, which resume from their last finished epoch. `--max-restarts 6`, not 1: on
     this machine gloo's reconnection after a restart now and then finds a peer not yet listening ("Connection
     refused"), which costs one more restart, and a restarted worker can wait for a peer that never comes: with
-    AFS_KIT_DIST_TIMEOUT=60 it fails and is restarted instead of waiting torch's 30 minutes (it hung 2 of 4 runs)."""
+    AFS_KIT_DIST_TIMEOUT=20 it fails and is restarted instead of waiting torch's 30 minutes (it hung 2 of 4 runs;
+    at 60 s one such wait made this test 95 s of `make test`'s 8 minutes). 20 s is far above the smoke run's
+    longest wait at a barrier (one rank's 2-epoch extractor, about 2 s)."""
     run = tmp_path / "run"
     cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=6", "-m", "afs_kit", "--",
            "train-extractors", *SMOKE, "--run", str(run), "--set", "extractor.epochs=2"]
-    # a restarted worker whose peer never connects (gloo, now and then here) fails after 60 s and is restarted
-    job = subprocess.Popen(cmd, env={**_env(), "AFS_KIT_DIST_TIMEOUT": "60"}, stdout=subprocess.PIPE,
+    # a restarted worker whose peer never connects (gloo, now and then here) fails after 20 s and is restarted
+    job = subprocess.Popen(cmd, env={**_env(), "AFS_KIT_DIST_TIMEOUT": "20"}, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     try:
         first = run / "extractors" / "eps-0" / "last.pt"
