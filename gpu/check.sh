@@ -17,14 +17,7 @@ if [ "${1:-}" = "--prepare" ]; then  # on the CPU machine, before the call: the 
   exit 0
 fi
 
-py=""
-for candidate in ${GPU_PYTHON:-} python3 python3.12 python3.11 python; do
-  command -v "$candidate" >/dev/null 2>&1 || continue
-  if "$candidate" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
-    py=$candidate
-    break
-  fi
-done
+. gpu/cuda-python.sh
 if [ -z "$py" ]; then
   echo "gpu/check.sh: no CUDA on this machine (no Python whose torch sees a GPU): skipped"
   exit 0

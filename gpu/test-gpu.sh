@@ -3,14 +3,8 @@
 # already has and its own CUDA-enabled torch. Nothing comes from a package index: a missing package is taken
 # from ./gpu-wheels, which `make gpu-wheels` fills beforehand on a machine that has an index.
 set -u
-py=""
-for candidate in ${GPU_PYTHON:-} python3 python3.12 python3.11 python; do
-  command -v "$candidate" >/dev/null 2>&1 || continue
-  if "$candidate" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
-    py=$candidate
-    break
-  fi
-done
+cd "$(dirname "$0")/.." || exit 2
+. gpu/cuda-python.sh
 if [ -z "$py" ]; then
   echo "make test-gpu: no CUDA on this machine (no Python whose torch sees a GPU): nothing to test"
   exit 0
