@@ -240,8 +240,11 @@ def run_report(preset: str, out: str | Path | None = None, run_dir: str | Path |
                                     # a bar over each notebook's cells, unless the caller silenced the log
                                     # (none for a read-only run, which may yet be refused in one line)
                                     progress_bar=log is print and not read_only, kernel_name="python3",
-                                    # the kernel's own log (e.g. its transport warning) stays out of the report
-                                    extra_arguments=["--IPKernelApp.log_level=ERROR"])
+                                    # the kernel's own log stays out of the report: its transport warning, and
+                                    # "KeyboardInterrupt caught in kernel", an ERROR line ipykernel logs when the
+                                    # SIGINT jupyter_client sends every kernel it shuts down lands before the
+                                    # shutdown request (seen under load, after a refusal)
+                                    extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
             except pm.PapermillExecutionError as err:
                 if read_only and err.ename == "PermissionError":  # a stage had to write: nothing is kept
                     raise PermissionError(f"run directory {run_dir} is not writable, and the report needs to write "
