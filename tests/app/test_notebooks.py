@@ -337,23 +337,28 @@ def test_a_read_only_complete_run_answers_a_cached_report_without_the_lock(smoke
     assert smoke_report["code"] == 0
     run, out = tmp_path / "colleague-run", tmp_path / "my-report"
     shutil.copytree(smoke_report["run"], run, copy_function=shutil.copy2)
+    # the first and the last notebook (a kernel each costs seconds; the others read the run alike)
+    chosen = tmp_path / "notebooks"
+    chosen.mkdir()
+    for name in (NOTEBOOKS[0], NOTEBOOKS[-1]):
+        shutil.copy2(NOTEBOOKS_DIR / f"{name}.ipynb", chosen)
     chmod_tree(run, writable=False)
     try:
         prefix = unwritable_prefix(run)
         before = snapshot(run)
-        argv = ["report", "--preset", "smoke", "--run", str(run), "--out", str(out), "--device", "cpu"]
-        for p in SMOKE_PARAMS:
-            argv += ["-p", p]
-        proc = subprocess.run([*prefix, sys.executable, "-m", "afs_kit", *argv], capture_output=True, text=True,
+        code = (f"import sys; from afs_kit.app.reports import run_report; sys.exit(run_report('smoke', out={str(out)!r}, "
+                f"run_dir={str(run)!r}, params={SMOKE_PARAMS!r}, device='cpu', notebooks={str(chosen)!r}))")
+        proc = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path, timeout=900)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert snapshot(run) == before
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["partial"] is False and summary["texts"] == smoke_report["summary"]["texts"]
+        assert summary["partial"] is False and summary["texts"] and all(
+            smoke_report["summary"]["texts"][k] == v for k, v in summary["texts"].items())
         assert summary["comparison"] == smoke_report["summary"]["comparison"]
-        assert all((out / f"{name}.html").is_file() for name in NOTEBOOKS)
-        made = sorted(p.name for p in (smoke_report["out"] / "figures").glob("*.png"))
-        assert made and sorted(p.name for p in (out / "figures").glob("*.png")) == made
+        assert all((out / f"{name}.html").is_file() for name in (NOTEBOOKS[0], NOTEBOOKS[-1]))
+        made = sorted(p.name for p in (out / "figures").glob("*.png"))
+        assert "fig1_tradeoff.png" in made and set(made) <= {p.name for p in (smoke_report["out"] / "figures").glob("*.png")}
     finally:
         chmod_tree(run, writable=True)
 
