@@ -32,9 +32,9 @@ system-deps:
 	  fi
 
 # two workers (pytest-xdist), one thread each; a file's tests stay on one worker, so a module's trained fixtures
-# are made once
+# are made once; files in the order tests/conftest.py gives (the longest first), not xdist's most-tests-first
 test: setup system-deps
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # the quick local loop: everything but the tests marked slow (notebooks, browser, kill-and-resume)
 test-fast: setup

@@ -112,8 +112,9 @@ def chmod_tree(root: Path, writable: bool) -> None:
         p.chmod(mode | 0o200 if writable else mode & ~0o222)
 
 
-# The files whose tests take longest, first: `make test` gives whole files to its two workers in collection order,
-# so the long ones start at once and the short ones fill in at the end (a long file collected last ran alone)
+# The files whose tests take longest, first: `make test` gives whole files to its two workers in collection order
+# (--no-loadscope-reorder; xdist's own order, most tests first, started the one-test torchrun restart file last),
+# so the long ones start at once and the short ones fill in at the end
 LONGEST_FIRST = ("run/test_distributed_restart.py", "app/test_notebooks.py", "run/test_distributed.py", "eval/test_reliability.py", "core/test_device.py",
                  "app/test_browser.py", "eval/test_chunks.py", "models/test_outside.py", "app/test_cli.py",
                  "run/test_pipeline.py", "attacks/test_attacks.py")

@@ -102,9 +102,25 @@ def init(device: torch.device) -> tuple[World, torch.device]:
         # AFS_KIT_DIST_TIMEOUT (seconds; torch's 30 min by default): a worker restarted by torchrun whose peer never
         # connects fails after it, and torchrun restarts the job again, instead of waiting half an hour
         timeout = os.environ.get("AFS_KIT_DIST_TIMEOUT")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                **({"timeout": datetime.timedelta(seconds=float(timeout))} if timeout else {}))
+        timeout = datetime.timedelta(seconds=float(timeout)) if timeout else None
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **_restart_store(w, timeout),
+                                **({"timeout": timeout} if timeout else {}))
     return world(), device
+
+
+def _restart_store(w: World, timeout: datetime.timedelta | None) -> dict:
+    """After torchrun restarts a job, the process group's keys under a prefix of this attempt's own.
+
+    Restarted workers meet in the agent's store, which still holds the keys the killed attempt wrote (gloo's
+    addresses of the old ranks, under the same "default_pg" names): a worker that read one before its peer wrote
+    the new one connected to a dead port ("Connection refused") until the timeout, and the job was restarted again
+    (here it used up 6 restarts under load). Empty (torch's own rendezvous) for a first attempt or outside torchrun."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), w.size, is_master=False,
+                          **({"timeout": timeout} if timeout else {}))
+    return {"store": dist.PrefixStore(f"afs-kit/attempt-{attempt}", store), "rank": w.rank, "world_size": w.size}
 
 
 def check_parallel(mode: str, size: int, budgets, batch_size: int) -> None:

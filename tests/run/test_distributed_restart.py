@@ -21,7 +21,10 @@ def reference(tmp_path_factory):
 
 def test_a_killed_worker_restarts_and_the_job_ends_as_an_unbroken_one(reference, tmp_path):
     """Rank 0 (the lock holder, whose pid the lock file names) is killed with SIGKILL inside its second epoch;
-    torchrun restarts both workers, which resume from their last finished epoch. `--max-restarts 6`, not 1: on
+    torchrun restarts both workers, which resume from their last finished epoch. Restarted workers used to read the
+    killed attempt's gloo addresses from the agent's store and fail with "Connection refused" until 6 restarts
+    were used up (under load, in `make test`); `distributed._restart_store` gives each attempt its own keys.
+    `--max-restarts 6`, not 1: on
     this machine gloo's reconnection after a restart now and then finds a peer not yet listening ("Connection
     refused"), which costs one more restart, and a restarted worker can wait for a peer that never comes: with
     AFS_KIT_DIST_TIMEOUT=20 it fails and is restarted instead of waiting torch's 30 minutes (it hung 2 of 4 runs;
