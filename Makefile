@@ -8,13 +8,14 @@ CONSTRAINTS := constraints-cpu.txt
 
 .PHONY: setup test test-fast test-gpu gpu-wheels demo bench system-deps clean-runs
 
-# --no-compile: Python compiles what is imported when it is first imported; compiling all of torch and the rest
-# up front was half of the install (115 s -> 65 s from pip's cache on 2 cores)
+# pip byte-compiles what it installs (about half of the install's 2 minutes): keep it, since a machine with
+# PYTHONDONTWRITEBYTECODE set (this one) never writes the .pyc files later, and every process that imports torch
+# then compiles it again (tried: `make test` 381 s -> 595 s)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --no-compile -c $(CONSTRAINTS) -e '.[test,zoo]'
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e '.[test,zoo]'
 	# torchattacks pins requests~=2.25.1, which breaks jupyterlab-server: install it without its pins
-	$(BIN)/python -m pip install -q --no-compile --no-deps torchattacks==3.5.1
+	$(BIN)/python -m pip install -q --no-deps torchattacks==3.5.1
 	touch $(STAMP)
 
 setup: $(STAMP)
