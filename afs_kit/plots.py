@@ -92,6 +92,7 @@ def _same_length(name: str, values: np.ndarray, ref_name: str, n: int) -> None:
 
 # ----------------------------------------------------------------------------- colours and markers
 
+STACKED_COLOURS = ("tab:red", "tab:orange", "tab:brown", "black", "tab:pink", "tab:gray")
 STACKED_MARKER = "D"  # a stacked model other than the headline (controls, other subsets); no single network's
 HEADLINE_MARKER = "*"  # the AFS models
 
@@ -111,15 +112,16 @@ def _styles(names: Sequence[str], colours: Mapping[str, tuple] | None,
             markers: Mapping[str, str] | None = None) -> dict[str, tuple[object, str]]:
     """name -> (colour, marker). A single extractor (its name ends in a key of `colours`, e.g. "(a) network
     eps=0.1") keeps its run-wide colour and a circle; any other name is a stacked model: a star for AFS, a
-    diamond for the rest, coloured from a palette no extractor uses (Dark2, in order of appearance)."""
-    import matplotlib as mpl
+    diamond for the rest, coloured from a palette no extractor uses (reds, oranges, browns, black: viridis, the
+    extractors' map, runs from purple through blue and green to yellow), in order of appearance."""
+    from matplotlib.colors import to_rgba
 
     colours = dict(colours or {})
     singles = [n for n in names if any(n.endswith(k) for k in colours)]
     unknown = [n for n in names if n not in singles and n.startswith("eps=")]
     # names of extractors the caller gave no colour: a run-independent order of their own
     fallback = dict(zip(unknown, _distinct_colours(len(unknown))))
-    stacked = iter(mpl.colormaps["Dark2"](i % 8) for i in range(len(names)))
+    stacked = iter(to_rgba(STACKED_COLOURS[i % len(STACKED_COLOURS)]) for i in range(len(names)))
     out = {}
     for name in names:
         key = next((k for k in sorted(colours, key=len, reverse=True) if name.endswith(k)), None)
