@@ -82,7 +82,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="afs-kit", description="Adversarial Feature Stacking (Liu & Zhao): train "
-                                "extractors at several budgets, stack them, train the merger, attack the whole model.")
+                "extractors at several budgets, stack them, train the merger, attack the whole model.")
     p.add_argument("--version", action=VersionAction)
     p.add_argument("--same-code", action="store_true", help="refuse cached evaluations made by another commit "
                    "(default: reuse them with a one-line note naming both commits)")
