@@ -116,20 +116,20 @@ def _styles(names: Sequence[str], colours: Mapping[str, tuple] | None,
     extractors' map, runs from purple through blue and green to yellow), in order of appearance."""
     from matplotlib.colors import to_rgba
 
-    colours = dict(colours or {})
-    singles = [n for n in names if any(n.endswith(k) for k in colours)]
-    unknown = [n for n in names if n not in singles and n.startswith("eps=")]
+    colours, markers = dict(colours or {}), markers or {}
+    keys = sorted(colours, key=len, reverse=True)  # the longest name first, so a name matches its own extractor
+    given = {name: next((colours[k] for k in keys if name.endswith(k)), None) for name in names}
     # names of extractors the caller gave no colour: a run-independent order of their own
-    fallback = dict(zip(unknown, _distinct_colours(len(unknown))))
+    unknown = [n for n in names if given[n] is None and n.startswith("eps=")]
+    given.update(zip(unknown, _distinct_colours(len(unknown))))
     stacked = iter(to_rgba(STACKED_COLOURS[i % len(STACKED_COLOURS)]) for i in range(len(names)))
     out = {}
     for name in names:
-        key = next((k for k in sorted(colours, key=len, reverse=True) if name.endswith(k)), None)
-        if key is not None or name in fallback:
-            out[name] = (colours[key] if key is not None else fallback[name], (markers or {}).get(name, "o"))
+        if given[name] is not None:
+            out[name] = (given[name], markers.get(name, "o"))
         else:
             default = HEADLINE_MARKER if name.startswith("AFS") else STACKED_MARKER
-            out[name] = (next(stacked), (markers or {}).get(name, default))
+            out[name] = (next(stacked), markers.get(name, default))
     return out
 
 

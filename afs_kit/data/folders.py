@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.io import atomic_write
 from ..errors import BadInput
 from .dataset import Dataset
 
@@ -128,8 +129,6 @@ def load_folder(spec: str, path: Path, from_archive: bool = False) -> Dataset:
         )
     arrays = dict(x_train=x_train, y_train=torch.tensor(train_labels, dtype=torch.int64), x_test=x_test,
                   y_test=torch.tensor(test_labels, dtype=torch.int64))
-    if cache is not None:
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        torch.save({"arrays": arrays, "classes": list(classes)}, tmp)
-        os.replace(tmp, cache)  # whole or not at all
+    if cache is not None:  # whole or not at all
+        atomic_write(cache, lambda f: torch.save({"arrays": arrays, "classes": list(classes)}, f))
     return Dataset(name=spec, **arrays, classes=tuple(classes))

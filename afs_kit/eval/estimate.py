@@ -17,7 +17,7 @@ from ..config import EvalConfig
 from ..core.checks import duration
 from ..core.device import autocast, model_device
 from ..models.stack import AFSModel, LogitAverage
-from .masking import STRENGTHS, STRONGER_STEPS
+from .masking import STRENGTHS, STRONGER_STEPS, checked_examples
 
 APGD_ITERATIONS = 100      # pyautoattack's standard settings, which the kit's AutoAttack runs use
 TARGET_CLASSES = 9         # APGD-T's and FAB-T's target classes in the standard version
@@ -59,7 +59,7 @@ def masking_passes(cfg: EvalConfig) -> dict:
     # converged, transfer (PGD-20 on the surrogates together, about one model), monotone (two more budgets),
     # large budget, gradients; Square's queries are forward passes
     backward = stronger + 4 * 20 + 1
-    examples = cfg.sanity_examples if cfg.sanity_strength != "full" and cfg.sanity_examples else strength["n"]
+    examples = checked_examples(cfg) or strength["n"]
     return {"forward": backward + 4 * 20 + strength["square_queries"] + 3, "backward": backward,
             "examples": examples, "fallback": stronger}
 

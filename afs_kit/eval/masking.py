@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..attacks.methods import pgd, square_attack
 from ..attacks.registry import HEADLINE_PGD, PGD_STEPS
+from ..config import EvalConfig
 from ..core.checks import check_int, check_real
 from ..core.device import exact_fp32, model_device, resolve_device
 from ..core.stats import SIGNIFICANCE, discordant, paired_test, percent
@@ -43,18 +44,20 @@ STRENGTHS = {
 STRONGER_STEPS = 5     # the converged check runs 5x the steps of the strongest reported PGD
 
 
+def checked_examples(cfg: EvalConfig) -> int | None:
+    """How many examples an evaluation's masking checks use (`EvalConfig.sanity_examples` unless the strength is
+    "full", which checks every one); None: the strength's own number."""
+    return cfg.sanity_examples if cfg.sanity_strength != "full" else None
+
+
 def _stronger(reported: torch.Tensor, other: torch.Tensor, **numbers) -> dict:
     """Fails when `other` (robust flags of another attack) breaks significantly more than `reported`."""
     only_other_breaks, only_reported_breaks = discordant(reported, other)
     p = paired_test(reported, other)
     failed = only_other_breaks > only_reported_breaks and p < SIGNIFICANCE
-    return {"passed": not failed, "reported": _acc(reported), "other": _acc(other),
+    return {"passed": not failed, "reported": percent(reported), "other": percent(other),
             "only_other_breaks": only_other_breaks, "only_reported_breaks": only_reported_breaks, "p": p,
             **numbers}
-
-
-def _acc(flags: torch.Tensor) -> float:
-    return percent(flags)
 
 
 def stronger_pgd_flags(model, x, y, eps: float, steps: int, batch_size: int = 200, generator=None,
@@ -262,7 +265,7 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
             if isinstance(hit, str):  # a member (a path of the model) without gradients
                 per_source[name] = hit
                 continue
-            per_source[name] = _acc(hit)
+            per_source[name] = percent(hit)
             transfer &= hit
         checks["transfer_not_stronger"] = _stronger(white, transfer, per_source=per_source)
         unattackable = [k for k, v in per_source.items() if isinstance(v, str)]
@@ -283,13 +286,13 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
 
     say("  masking check 4 of 4: budgets eps/2 to 8 eps, gradients, determinism ...")
     budgets = [eps / 2, eps, 2 * eps]
-    curve = [_acc(robust_where(clean, x, y, lambda xs, ys, b=b: pgd_flags(model, xs, ys, min(b, 1.0), b / 4, 10,
+    curve = [percent(robust_where(clean, x, y, lambda xs, ys, b=b: pgd_flags(model, xs, ys, min(b, 1.0), b / 4, 10,
                                                                             generator=gen)))
              for b in budgets]
-    checks["monotone_in_budget"] = {"passed": all(b <= a + tol for a, b in zip([_acc(clean)] + curve, curve)),
+    checks["monotone_in_budget"] = {"passed": all(b <= a + tol for a, b in zip([percent(clean)] + curve, curve)),
                                     "budgets": [min(b, 1.0) for b in budgets], "accuracy": curve}
     large = min(1.0, max(0.5, 8 * eps))
-    at_large = _acc(robust_where(clean, x, y, lambda xs, ys: pgd_flags(model, xs, ys, large, large / 10, 20,
+    at_large = percent(robust_where(clean, x, y, lambda xs, ys: pgd_flags(model, xs, ys, large, large / 10, 20,
                                                                         generator=gen)))
     checks["large_budget_breaks"] = {"passed": at_large <= 10.0, "budget": large, "accuracy": at_large}
 
@@ -329,7 +332,7 @@ def _autoattack_checks(metrics: dict | None, flags: dict | None, n: int) -> dict
         aa, white = flags["aa"][:n], flags["clean"][:n].clone()
         for f in pgd:
             white &= f.to(white.device)
-        checks["aa_not_above_pgd"] = _stronger(aa.to(white.device), white, aa=_acc(aa), pgd=_acc(white))
+        checks["aa_not_above_pgd"] = _stronger(aa.to(white.device), white, aa=percent(aa), pgd=percent(white))
     elif metrics and "aa" in metrics and HEADLINE_PGD in metrics:
         checks["aa_not_above_pgd"] = {"passed": metrics["aa"] <= metrics[HEADLINE_PGD] + 100 / metrics["n"] + 1e-9,
                                       "aa": metrics["aa"], HEADLINE_PGD: metrics[HEADLINE_PGD]}

@@ -27,7 +27,7 @@ from ..data.dataset import Dataset
 from ..data.datasets import load_dataset
 from ..errors import BadInput
 from ..eval.evaluation import add_attack, evaluate, load_partial, more_pgd_steps, save_partial, write_evaluation
-from ..eval.masking import aa_checks, attacks_joining_worst, sanity_checks
+from ..eval.masking import aa_checks, attacks_joining_worst, checked_examples, sanity_checks
 from ..explain.selection import run_delta_z, run_selection
 from ..models.nets import check_model_name
 from ..models.outside import describe_source, load_outside, prepare_outside, save_outside
@@ -440,7 +440,7 @@ class Run:
                          budget.get(id(m), cfg.eps) < cfg.eps - 1e-12]
                 checks = sanity_checks(model, x, y, cfg.eps, result["metrics"], seed=cfg.seed, device=self.device,
                                        flags=result["flags"], strength=cfg.sanity_strength, step=alpha, below=below,
-                                       n=cfg.sanity_examples if cfg.sanity_strength != "full" else None, say=self.say)
+                                       n=checked_examples(cfg), say=self.say)
                 # a failed check's stronger attack joins `worst`, run (as AutoAttack chains its attacks) on every
                 # example the others left standing: the record's pgdN (or "stack") is all of them together
                 gen = torch.Generator(device=self.device).manual_seed(cfg.seed)

@@ -156,11 +156,12 @@ def model_name(kind: str, what) -> str:
     return f"extractor-{budget_name(what)}" if kind == "extractor" else f"{kind}-{what}"
 
 
-def _or_legacy(folder: Path, name: str, zero_prefix: str) -> Path:
-    """`folder / name`, or the folder a run made before budget 0 was renamed holds for it (`LEGACY_ZERO_NAME`)."""
-    path = folder / name
-    if name.startswith(zero_prefix) and not path.exists():
-        legacy = folder / name.replace(budget_name(0), LEGACY_ZERO_NAME, 1)
+def _or_legacy(folder: Path, name: str) -> Path:
+    """`folder / name`, or, for budget 0's extractor folder and its records, the folder a run made before budget 0
+    was renamed holds for it (`LEGACY_ZERO_NAME`)."""
+    path, zero = folder / name, budget_name(0)
+    if (name == zero or name.startswith(f"extractor-{zero}--")) and not path.exists():
+        legacy = folder / name.replace(zero, LEGACY_ZERO_NAME, 1)
         if legacy.exists():
             return legacy
     return path
@@ -177,7 +178,7 @@ class RunDir:
         return self.root / "run.json"
 
     def extractor_dir(self, name: str) -> Path:
-        return _or_legacy(self.extractors_dir, name, name)
+        return _or_legacy(self.extractors_dir, name)
 
     def outside_dir(self, name: str) -> Path:
         """An extractor added from outside the kit (`outside.add_outside`)."""
@@ -221,7 +222,7 @@ class RunDir:
 
     def eval_dir(self, name: str) -> Path:
         """The folder of evaluation record `name` (see `evaluation_name`)."""
-        return _or_legacy(self.root / "eval", name, f"extractor-{budget_name(0)}--")
+        return _or_legacy(self.root / "eval", name)
 
     @staticmethod
     def evaluation_name(model: str, n_examples: int, settings_key: str) -> str:
