@@ -71,12 +71,13 @@ run=$OUT/run
 spec="train-test:folder:$DATA/cifar10-jpeg.tar.xz|npz:$DATA/cifar10-mini.npz"
 cut=(--preset cifar10-fast --run "$run" --device cuda --set "data.spec=$spec" --set "data.root=$OUT/data"
      --set "budgets=0,4/255,8/255" --set extractor.epochs=5)
-afs() { "$py" -m afs_kit "$@"; }
-step "CIFAR-10 AFS run (cifar10-fast cut: 0, 4, 8/255, 5 epochs)" afs.log bash -c "$(declare -f afs);
-  afs train-extractors $(printf '%q ' "${cut[@]}") &&
-  afs train-merger --run $(printf '%q' "$run") --subset all --device cuda &&
-  afs evaluate --run $(printf '%q' "$run") --model afs --attacks clean,pgd10,pgd20,aa --n 1000 --device cuda \
-    --set evaluation.aa_attacks=apgd-ce,apgd-dlr --set evaluation.sanity_examples=100"
+cifar10_run() {  # `step` runs it in this shell, with its output in afs.log
+  "$py" -m afs_kit train-extractors "${cut[@]}" &&
+    "$py" -m afs_kit train-merger --run "$run" --subset all --device cuda &&
+    "$py" -m afs_kit evaluate --run "$run" --model afs --attacks clean,pgd10,pgd20,aa --n 1000 --device cuda \
+      --set evaluation.aa_attacks=apgd-ce,apgd-dlr --set evaluation.sanity_examples=100
+}
+step "CIFAR-10 AFS run (cifar10-fast cut: 0, 4, 8/255, 5 epochs)" afs.log cifar10_run
 cp "$run"/eval/afs-*/metrics.json "$OUT/afs-metrics.json" 2>/dev/null
 rm -rf "$run" "$OUT/data"  # only logs and numbers come back
 
