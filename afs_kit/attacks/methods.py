@@ -332,7 +332,9 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
                         if say is not None:
                             say(f"  AutoAttack {attack} on the {len(idx)} of {len(y)} examples still robust ...")
                         adversary.attacks_to_run = [attack]
-                        xa, ya = adversary.run_standard_evaluation(x[idx.to(x.device)], y[idx].to(dev),
+                        # both on the model's device: pyautoattack keeps its flags on x's and compares
+                        # them with y's (a CPU x beside a CUDA model failed on an H100)
+                        xa, ya = adversary.run_standard_evaluation(x[idx.to(x.device)].to(dev), y[idx].to(dev),
                                                                    batch_size=batch_size)
                         fooled = (ya.to(y.device) != y[idx])
                         hit = idx[fooled]

@@ -15,11 +15,13 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`"auto"` picks CUDA when present, else the CPU; anything else must exist on this machine."""
+    """`"auto"` picks CUDA when present, else the CPU; anything else must exist on this machine. A CUDA device
+    comes back with its index (`cuda` -> `cuda:0`, the current one), the form tensors report, so that
+    `x.device == run.device` holds for tensors the kit put there (found on an H100: `cuda` != `cuda:0`)."""
     if isinstance(device, torch.device):
         device = str(device)
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
@@ -29,6 +31,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             raise BadInput(f"device={device!r} was asked for, but CUDA is not available on this machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise BadInput(f"device={device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
     elif dev.type != "cpu":
         raise BadInput(f"device must be 'auto', 'cpu' or 'cuda[:N]', got device={device!r}")
     return dev
