@@ -66,6 +66,15 @@ def validate(model, x, y, eps, cfg: ExtractorConfig, device, generator) -> dict:
     return out
 
 
+def step_passes(cfg: ExtractorConfig, eps: float) -> int:
+    """Forward passes over the batch in one training step at budget `eps` (each with its backward but
+    TRADES' clean prediction), what a step costs in proportion: the clean step one; FGSM-RS two; PGD-k
+    k + 1; TRADES k + 3 (its clean prediction, k attack steps, the clean and adversarial halves)."""
+    if eps == 0:
+        return 1
+    return {"fgsm": 2, "pgd": cfg.attack_steps + 1}.get(cfg.trainer, cfg.attack_steps + 3)
+
+
 def training_loss(model, x, y, eps, cfg: ExtractorConfig, device, generator, net=None) -> torch.Tensor:
     """The outer loss of one step for the configured trainer (eq. 3 for PGD-AT). `net`: the module whose forward
     the loss differentiates, a DistributedDataParallel wrapper of `model` under torchrun (default `model`); the

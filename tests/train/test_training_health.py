@@ -14,7 +14,7 @@ from afs_kit.config import PRESETS, get_preset, override, validate_preset
 from afs_kit.data.batches import to_float
 from afs_kit.models.nets import build_model
 from afs_kit.models.stack import FeatureStack
-from afs_kit.train.extractors import check_extractor_config, train_extractor, training_loss
+from afs_kit.train.extractors import check_extractor_config, step_passes, train_extractor, training_loss
 from afs_kit.train.merger import feature_sq_norm, merger_checkpoint, train_merger
 from afs_kit.train.progress import training_health
 
@@ -193,6 +193,19 @@ def test_attack_bn_decides_whether_the_attack_moves_batchnorm_statistics(trainer
     assert not torch.equal(after["train"], after["eval"])
     if trainer != "trades":
         assert torch.equal(after["eval"], torch.zeros_like(after["eval"])), "eval mode leaves the statistics alone"
+
+
+@pytest.mark.parametrize("trainer,eps", [("pgd", 0.0), ("fgsm", 0.2), ("pgd", 0.2), ("trades", 0.2)])
+def test_step_passes_counts_a_training_steps_forward_passes(trainer, eps, digits):
+    """What the time-left estimate weighs each network by: the images one training step sends through the
+    network, in batches."""
+    cfg = dataclasses.replace(get_preset("smoke").extractor, trainer=trainer, attack_steps=3, precision="fp32")
+    x, y = to_float(digits.x_train[:32]), digits.y_train[:32]
+    model = build_model("cnn-tiny", 10, in_channels=1).train()
+    seen = []
+    model.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].shape[0]))
+    training_loss(model, x, y, eps, cfg, "cpu", torch.Generator().manual_seed(0)).backward()
+    assert sum(seen) / len(x) == step_passes(cfg, eps)
 
 
 def test_the_cyclic_rate_rises_to_its_peak_at_two_fifths_and_falls_to_zero():
