@@ -222,7 +222,7 @@ def run_report(preset: str, out: str | Path | None = None, run_dir: str | Path |
     # process cannot write is only read, without the lock, and its report is made aside (`_reading_only`)
     # one code version for the whole report, whatever is committed while it runs (the kernels inherit it)
     with (_reading_only(run_dir, out) if read_only else RunDir(run_dir).lock(children=True)) as staged, \
-            pinned_code_version() as version:
+            pinned_code_version() as version, _one_kernel(here) as kernel:
         final, out = out, staged or out
         if values.get("FIGURES_DIR") is None:  # the report's own figures folder (made aside for a read-only run)
             base["FIGURES_DIR"] = _relative(out / "figures", here)
@@ -236,15 +236,12 @@ def run_report(preset: str, out: str | Path | None = None, run_dir: str | Path |
             log(f"report {preset}: {stem} ...")
             start = time.perf_counter()
             try:
+                kernel.fresh_namespace()
                 pm.execute_notebook(str(path), str(executed), parameters=given, cwd=str(path.parent),
                                     # a bar over each notebook's cells, unless the caller silenced the log
                                     # (none for a read-only run, which may yet be refused in one line)
                                     progress_bar=log is print and not read_only, kernel_name="python3",
-                                    # the kernel's own log stays out of the report: its transport warning, and
-                                    # "KeyboardInterrupt caught in kernel", an ERROR line ipykernel logs when the
-                                    # SIGINT jupyter_client sends every kernel it shuts down lands before the
-                                    # shutdown request (seen under load, after a refusal)
-                                    extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
+                                    km=kernel.manager)
             except pm.PapermillExecutionError as err:
                 if read_only and err.ename == "PermissionError":  # a stage had to write: nothing is kept
                     raise PermissionError(f"run directory {run_dir} is not writable, and the report needs to write "
@@ -276,6 +273,50 @@ def run_report(preset: str, out: str | Path | None = None, run_dir: str | Path |
         _publish(staged, final, paths)
     log(f"report {preset}: {len(paths)} notebooks in {sum(stage_seconds.values()):.1f} s -> {final}")
     return 0
+
+
+# run in the report's kernel before each notebook: the namespace as a new kernel's (the modules stay imported),
+# no figure left open, and the warnings' once-per-place records cleared so each notebook shows its own warnings
+_RESET = ("get_ipython().run_line_magic('reset', '-f')\n"
+          "import matplotlib.pyplot, warnings\n"
+          "matplotlib.pyplot.close('all')\n"
+          "_filters = list(warnings.filters); warnings.resetwarnings(); warnings.filters[:] = _filters\n"
+          "del _filters")
+
+
+class _Kernel(NamedTuple):
+    manager: object  # jupyter_client's KernelManager
+
+    def fresh_namespace(self) -> None:
+        client = self.manager.client()
+        client.start_channels()
+        try:
+            client.wait_for_ready(timeout=60)
+            reply = client.execute_interactive(_RESET, silent=True, store_history=False, timeout=60,
+                                               output_hook=lambda _msg: None)
+            if reply["content"]["status"] != "ok":
+                raise RuntimeError(f"the report's kernel could not reset its namespace: {reply['content']}")
+        finally:
+            client.stop_channels()
+
+
+@contextlib.contextmanager
+def _one_kernel(cwd: Path) -> Iterator[_Kernel]:
+    """One kernel for the whole report, each notebook in a fresh namespace of it (`_RESET`): a kernel's start,
+    its imports (torch, matplotlib, the kit, scikit-learn) and the data's first load cost about 4 s, paid once
+    instead of once per notebook (the smoke report: 7 notebooks). Started in the notebooks' folder, after the
+    caller has set the environment its kernels inherit (the code version, a read-only run's overlay)."""
+    from jupyter_client.manager import KernelManager
+
+    manager = KernelManager(kernel_name="python3")
+    # the kernel's own log stays out of the report: its transport warning, and "KeyboardInterrupt caught in
+    # kernel", an ERROR line ipykernel logs when the SIGINT jupyter_client sends a kernel it shuts down lands
+    # before the shutdown request (seen under load, after a refusal)
+    manager.start_kernel(cwd=str(cwd), extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
+    try:
+        yield _Kernel(manager)
+    finally:
+        manager.shutdown_kernel(now=True)
 
 
 def _publish(staged: Path | None, out: Path, paths: Sequence[Path]) -> None:
