@@ -563,7 +563,7 @@ def test_stacked_models_are_evaluated_with_sanity_checks_by_default(run):
     afs = run.afs_model("all")
     m = run.evaluate("afs-default", afs, attacks=["pgd10"])
     assert set(m["sanity"]["checks"]) >= {"converged", "blackbox_not_stronger", "transfer_not_stronger"}
-    assert m["sanity"]["n"] == SMOKE.evaluation.n_examples
+    assert m["sanity"]["n"] == min(SMOKE.evaluation.n_examples, SMOKE.evaluation.sanity_examples)
     assert m["worst"] <= m["pgd10"] and m["ci95"]["worst"][0] <= m["worst"] <= m["ci95"]["worst"][1]
     if not m["sanity"]["checks"]["converged"]["passed"]:  # then the stronger attack is what is reported
         # run only on the examples PGD-10 left standing: its flags are the worst case itself
