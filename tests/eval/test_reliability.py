@@ -505,7 +505,8 @@ def test_each_form_of_gradient_masking_fails_a_check(run, honest, form, broken, 
     model = broken(afs)
     # a wrapped model is not recognised as a stack: its surrogate is the extractor at the evaluation budget
     with pytest.warns(RuntimeWarning, match="SANITY CHECKS FAILED"):
-        out = sanity_checks(model, x, y, SMOKE.evaluation.eps, device="cpu", sources={"eps 0.1": run.extractor(0.1)[0]})
+        out = sanity_checks(model, x, y, SMOKE.evaluation.eps, device="cpu", sources={"eps 0.1": run.extractor(0.1)[0]},
+                            strength="light")  # 100 examples: each form is caught there too (the quick checks: 20 s each)
     assert not out["passed"]
     assert caught_by <= set(out["failed"]), (form, out["failed"])
 
@@ -517,7 +518,8 @@ def test_an_attack_that_has_not_converged_fails_the_converged_check(honest):
     cfg = dataclasses.replace(SMOKE.evaluation, n_examples=200, attacks=("pgd10", "pgd20"), step_size=eps / 200)
     weak = evaluate(afs, x, y, cfg, device="cpu", progress=False)
     with pytest.warns(RuntimeWarning, match="converged"):
-        out = sanity_checks(afs, x, y, eps, weak["metrics"], device="cpu", flags=weak["flags"], step=eps / 200)
+        out = sanity_checks(afs, x, y, eps, weak["metrics"], device="cpu", flags=weak["flags"], step=eps / 200,
+                            strength="light")
     check = out["checks"]["converged"]
     assert not check["passed"] and check["p"] < 0.05 and check["other"] < check["reported"]
     assert check["steps"] == 100, "5x the steps of the strongest reported PGD (PGD-20)"
@@ -528,12 +530,13 @@ def test_autoattack_above_pgd_on_the_same_examples_fails(honest):
     flags = dict(result["flags"])
     flags["aa"] = flags["clean"].clone()  # an "AutoAttack" that broke nothing PGD broke
     with pytest.warns(RuntimeWarning, match="aa_not_above_pgd"):
-        out = sanity_checks(afs, x, y, SMOKE.evaluation.eps, result["metrics"], device="cpu", flags=flags)
+        out = sanity_checks(afs, x, y, SMOKE.evaluation.eps, result["metrics"], device="cpu", flags=flags,
+                            strength="light")
     assert "aa_not_above_pgd" in out["failed"]
     # from the percentages alone where no flags are given
     with pytest.warns(RuntimeWarning, match="aa_not_above_pgd"):
         odd = sanity_checks(afs, x, y, SMOKE.evaluation.eps, metrics={"aa": 60.0, "pgd20": 40.0, "n": 100}, n=100,
-                            device="cpu")
+                            device="cpu", strength="light")
     assert "aa_not_above_pgd" in odd["failed"]
 
 
