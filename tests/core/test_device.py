@@ -168,16 +168,17 @@ def test_a_training_step_does_not_synchronize_with_the_host(model_and_data, trai
 
 @pytest.mark.slow
 def test_the_readme_tour_runs_as_written(tmp_path):
-    """The README's Python tour, with a smoke run instead of the demo and 60 test images instead of 500."""
+    """The README's Python tour, with a smoke run instead of the demo and 20 test images instead of 500 (its standard
+    AutoAttack and quick checks were 52 s of the suite on 60)."""
     block = README.read_text().split("**The library**, for your own loops:", 1)[1]
     code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
     assert 'Run.open("runs/demo", "demo")' in code and "run.test_set(500)" in code
     code = code.replace('Run.open("runs/demo", "demo")', f'Run.open({str(tmp_path / "run")!r}, "smoke")')
-    code = code.replace("run.test_set(500)", "run.test_set(60)")
+    code = code.replace("run.test_set(500)", "run.test_set(20)")
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used
     assert scope["x"].device == scope["x_adv"].device == scope["run"].device
-    assert scope["robust"].shape == (60,) and "passed" in scope["checks"]
+    assert scope["robust"].shape == (20,) and "passed" in scope["checks"]
 
 
 @pytest.mark.slow
