@@ -94,9 +94,10 @@ def test_parallel_data_equals_one_process_with_the_same_global_batch(tmp_path):
 
 def test_sharded_evaluation_gives_one_process_flags(by_budgets, tmp_path):
     """A merger trained under torchrun; then an extractor evaluated by one process and by two ranks. With
-    batch size 1 both split the examples alike and PGD's starts are drawn per example: identical PGD flags.
-    AutoAttack reseeds its random starts per batch of the examples a rank holds, so its flags may differ where
-    a start decides; they agree on at least 90% of the examples."""
+    batches of 20 (each rank's contiguous share of the 40 examples is one of the one process's batches) both
+    compute on the same batches, and PGD's starts are drawn per example: identical PGD flags. AutoAttack
+    reseeds its random starts per call on the examples a rank holds, so its flags may differ where a start
+    decides; they agree on at least 90% of the examples. (Batches of 1 made the same point in 45 s.)"""
     run = tmp_path / "run"
     shutil.copytree(by_budgets, run)
     merged = torchrun("train-merger", "--run", str(run), "--subset", "all", "--device", "cpu", "--quiet")
@@ -107,7 +108,7 @@ def test_sharded_evaluation_gives_one_process_flags(by_budgets, tmp_path):
         shutil.copytree(run, tmp_path / copy)
     # an extractor: no masking checks (they run on rank 0 alone, the same in both), AutoAttack's two APGD attacks
     evaluate = ["evaluate", "--model", "extractor:0.1", "--attacks", "clean,pgd10,pgd20,aa", "--n", "40", "--device",
-                "cpu", "--set", "evaluation.batch_size=1", "--set", "evaluation.aa_attacks=apgd-ce,apgd-dlr", "--quiet"]
+                "cpu", "--set", "evaluation.batch_size=20", "--set", "evaluation.aa_attacks=apgd-ce,apgd-dlr", "--quiet"]
     out = one_process(*evaluate[:1], "--run", str(tmp_path / "one"), *evaluate[1:])
     assert out.returncode == 0, out.stderr[-3000:]
     out = torchrun(*evaluate[:1], "--run", str(tmp_path / "two"), *evaluate[1:])
