@@ -143,7 +143,9 @@ PRESETS: dict[str, Preset] = {
     # tests: seconds per stage; the AFS model still learns. The light masking checks and AutoAttack's two APGD
     # attacks (as the CPU presets): the smoke report, which the notebook tests share, took 131 s with the quick
     # checks and the standard version (Square's 5,000 queries and FAB-T most of notebook 07's 42 s). Then the
-    # checks on 50 examples (100): they were still 50 s of the report's 102 s of work (cProfile, Intel Xeon)
+    # checks on 50 examples (100): they were still 50 s of the report's 102 s of work (cProfile, Intel Xeon); and
+    # the evaluations on 60 test digits (100) with fig. 5a's curve at 4 budgets (5): `make test` on 2 Intel cores
+    # was CPU-bound end to end, so every test that evaluates a smoke model pays for these
     "smoke": Preset(
         name="smoke",
         data=DataConfig(spec="digits"),
@@ -151,7 +153,7 @@ PRESETS: dict[str, Preset] = {
                                   attack_steps=5, val_attack_steps=5, val_examples=200),
         budgets=(0.0, 0.1, 0.2),
         merger=MergerConfig(eps=0.1, epochs=2, attack_steps=5, batch_size=100),  # lr 2: its old raw 0.05 was 2.2
-        evaluation=EvalConfig(eps=0.1, n_examples=100, batch_size=100, budgets=(0.0, 0.05, 0.1, 0.2, 0.3),
+        evaluation=EvalConfig(eps=0.1, n_examples=60, batch_size=100, budgets=(0.0, 0.1, 0.2, 0.3),
                               sanity_strength="light", sanity_examples=50, aa_attacks=("apgd-ce", "apgd-dlr")),
         alphas=(0.0, 0.5, 1.0),
         subsets=("101", "all"),
