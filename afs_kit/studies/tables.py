@@ -18,6 +18,7 @@ from ..explain.analysis import importance_ratio, model_cost
 from ..explain.frontier import frontier_study, frontier_text
 from ..explain.paper import TABLE4_CIFAR10, TABLE5_CIFAR100
 from ..models.nets import model_from_checkpoint
+from ..plots import HEADLINE_MARKER, STACKED_MARKER
 from ..run.controls import same_budget_ensemble
 from ..run.pipeline import Run
 from ..run.rundir import model_name
@@ -301,7 +302,7 @@ def frontier_points(study: dict) -> dict[str, tuple[float, float]]:
 def frontier_markers(study: dict) -> dict[str, str]:
     """Fig. 1's markers for the stacked models, which no single network shares: a star for AFS, diamonds
     for the controls."""
-    return {study["afs_method"]: "*", **{name: "D" for name in study["controls"]}}
+    return {study["afs_method"]: HEADLINE_MARKER, **{name: STACKED_MARKER for name in study["controls"]}}
 
 
 def paper_reference(run: Run):
