@@ -84,7 +84,7 @@ def _cuda_devices(device: torch.device) -> list[int]:
     return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
-def _cw_loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def cw_margin(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Carlini-Wagner margin max_{j != y} z_j - z_y, per example (> 0 means misclassified)."""
     z_y = z.gather(1, y[:, None]).squeeze(1)
     z_other = z.masked_fill(F.one_hot(y, z.shape[1]).bool(), float("-inf")).amax(1)
@@ -95,7 +95,7 @@ def _per_example_loss(loss: str | LossFn, z: torch.Tensor, y: torch.Tensor) -> t
     if loss == "ce":
         return F.cross_entropy(z, y, reduction="none")
     if loss == "cw":
-        return _cw_loss(z, y)
+        return cw_margin(z, y)
     out = loss(z, y)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (z.shape[0],):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

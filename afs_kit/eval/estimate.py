@@ -57,10 +57,11 @@ def masking_passes(cfg: EvalConfig) -> dict:
     strength = STRENGTHS[cfg.sanity_strength]
     stronger = STRONGER_STEPS * strongest * strength["restarts"] * 2  # CE and CW
     # converged, transfer (PGD-20 on the surrogates together, about one model), monotone (two more budgets),
-    # large budget, gradients; Square's queries are forward passes
-    backward = stronger + 4 * 20 + 1
+    # large budget, gradients, the smallest-margin PGD; Square's queries are forward passes, and the smallest-
+    # margin choice weighs the points of each attack once (about 5 forward passes)
+    backward = stronger + 4 * 20 + 1 + strongest
     examples = checked_examples(cfg) or strength["n"]
-    return {"forward": backward + 4 * 20 + strength["square_queries"] + 3, "backward": backward,
+    return {"forward": backward + 4 * 20 + strength["square_queries"] + 3 + 5, "backward": backward,
             "examples": examples, "fallback": stronger}
 
 

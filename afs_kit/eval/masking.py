@@ -11,6 +11,7 @@ adversarial robustness"). Every form of masking they name is caught by at least 
 | a backward pass that does not match      | blackbox_not_stronger, transfer_not_stronger       |
 | an attack that has not converged         | converged                                          |
 | a stack whose members hide each other    | stack_attacks_not_stronger (a stack's own attacks) |
+| attacks that each stop just short        | smallest_margin_not_stronger (the closest point)   |
 
 "Stronger" is decided per example, never on two averages: an attack is significantly stronger than
 the reported one when an exact McNemar test on the same examples gives p < 0.05 and it breaks more
@@ -23,7 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..attacks.methods import pgd, square_attack
+from tqdm.auto import tqdm
+
+from ..attacks.methods import cw_margin, pgd, square_attack
 from ..attacks.registry import HEADLINE_PGD, PGD_STEPS
 from ..config import EvalConfig
 from ..core.checks import check_int, check_real
@@ -42,6 +45,8 @@ STRENGTHS = {
     "full": {"n": None, "square_queries": 5000, "restarts": 2},
 }
 STRONGER_STEPS = 5     # the converged check runs 5x the steps of the strongest reported PGD
+# the attacks of failed checks that join `worst` beside the converged check's "pgd<N>": each a PGD
+JOINING_PGD = ("stack", "smallest margin")
 
 
 def checked_examples(cfg: EvalConfig) -> int | None:
@@ -61,20 +66,81 @@ def _stronger(reported: torch.Tensor, other: torch.Tensor, **numbers) -> dict:
 
 
 def stronger_pgd_flags(model, x, y, eps: float, steps: int, batch_size: int = 200, generator=None,
-                       progress: bool = False, robust: torch.Tensor | None = None, restarts: int = 2) -> torch.Tensor:
+                       progress: bool = False, robust: torch.Tensor | None = None, restarts: int = 2,
+                       keep: SmallestMargin | None = None) -> torch.Tensor:
     """Robust flags under the `converged` check's attack: PGD-`steps`, step eps/8, `restarts` restarts, run
     once with cross-entropy and once with the CW margin loss; robust only if both fail.
 
     `robust` (e.g. the clean-correct flags) marks the examples still to attack; the rest stay False.
     Each attack runs only on the examples every earlier one left standing, as AutoAttack does: in
     eval mode an example's attack does not depend on the others, so this only saves the work.
+    `keep`: a SmallestMargin offered every point crafted.
     """
     robust = torch.ones(len(y), dtype=torch.bool, device=y.device) if robust is None else robust
     for loss in ("ce", "cw"):
-        robust = robust_where(robust, x, y, lambda xs, ys, loss=loss: pgd_flags(
-            model, xs, ys, eps, eps / 8, steps, batch_size, restarts=restarts, generator=generator,
-            loss=loss, progress=progress, desc=f"PGD-{steps} {loss}"))
+        robust = crafted_flags(model, x, y, robust, lambda b, loss=loss: pgd(
+            model, x[b], y[b], eps, eps / 8, steps, restarts=restarts, generator=generator, loss=loss),
+            batch_size, keep, f"PGD-{steps} {loss}", progress)
     return robust
+
+
+class SmallestMargin:
+    """Per example, the point of smallest margin z_y - max_{j != y} z_j on the whole model (negative: misclassified)
+    among every adversarial point offered, and the attack that made it. MixedNUTS's adaptive AutoAttack (Bai et al., 2024) keeps the minimum-margin example
+    across attacks; one more attack started there goes on from where all of them came closest."""
+
+    def __init__(self, model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 200):
+        self.model, self.y, self.batch_size = model, y, batch_size
+        self.point, self.margin = x.clone(), self._margins(x, y)
+        self.names = ["clean"]
+        self.source = torch.zeros(len(y), dtype=torch.long, device=y.device)
+
+    @torch.no_grad()
+    def _margins(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        size = self.batch_size
+        return -torch.cat([cw_margin(self.model(x[i:i + size]), y[i:i + size]) for i in range(0, len(y), size)]
+                          or [torch.zeros(0, device=y.device)])
+
+    def offer(self, name: str, idx: torch.Tensor, x_adv: torch.Tensor) -> None:
+        """Points `x_adv` of attack `name` for the examples `idx`: kept where their margin is the smallest yet."""
+        if not len(idx):
+            return
+        margin = self._margins(x_adv, self.y[idx])
+        better = margin < self.margin[idx]
+        if name not in self.names:
+            self.names.append(name)
+        won = idx[better]
+        self.point[won], self.margin[won] = x_adv[better], margin[better]
+        self.source[won] = self.names.index(name)
+
+    def chosen_from(self, among: torch.Tensor) -> dict[str, int]:
+        """How many of the examples `among` have their smallest-margin point from each attack."""
+        return {name: int(((self.source == i) & among).sum()) for i, name in enumerate(self.names)}
+
+
+def smallest_margin_flags(model, x, y, eps: float, step: float, steps: int, margins: SmallestMargin,
+                          standing: torch.Tensor, batch_size: int = 200, progress: bool = False) -> torch.Tensor:
+    """Robust flags under PGD-`steps` on the CW margin started at each example's smallest-margin point (`margins`),
+    run on the examples `standing` (those every attack offered to `margins` left standing); the rest not robust."""
+    return crafted_flags(model, x, y, standing,
+                         lambda b: pgd(model, x[b], y[b], eps, step, steps, loss="cw", start=margins.point[b]),
+                         batch_size, name="smallest margin", progress=progress)
+
+
+def crafted_flags(model, x, y, standing: torch.Tensor, craft, batch_size: int = 200,
+                  keep: SmallestMargin | None = None, name: str = "", progress: bool = False) -> torch.Tensor:
+    """`model`'s robust flags where `craft(b)` (the adversarial points of the examples whose indices are `b`) attacks
+    the examples `standing`, batch by batch, the others not robust (in eval mode an example's attack does not depend
+    on the others); the points crafted are offered to `keep` as attack `name`."""
+    flags = torch.zeros_like(standing)
+    idx = standing.nonzero().flatten()
+    if len(idx):
+        x_adv = torch.cat([craft(idx[i:i + batch_size]) for i in tqdm(range(0, len(idx), batch_size), desc=name,
+                                                                      disable=not progress, leave=False)])
+        flags[idx] = correct_flags(model, x_adv, y[idx])
+        if keep is not None:
+            keep.offer(name, idx, x_adv)
+    return flags
 
 
 class MemberLogits(nn.Module):
@@ -107,13 +173,14 @@ def stack_sources(model: nn.Module, below: list[int] | None = None) -> dict[str,
 
 
 def stack_attack_flags(model, x, y, eps: float, step: float, steps: int, sources: dict[str, nn.Module],
-                       standing: torch.Tensor, generator=None, batch_size: int = 200) -> tuple[torch.Tensor, dict]:
+                       standing: torch.Tensor, generator=None, batch_size: int = 200,
+                       keep: SmallestMargin | None = None) -> tuple[torch.Tensor, dict]:
     """Robust flags of `model` under every attack of `sources` (PGD-`steps` on each, evaluated on the whole
     model), each on the examples the ones before left standing; and per source what it broke, or why it could
-    not attack (a source without gradients is a finding, not a crash)."""
+    not attack (a source without gradients is a finding, not a crash). `keep`: a SmallestMargin offered the points."""
     robust, per = standing.clone(), {}
     for name, source in sources.items():
-        hit = _through(source, model, x, y, robust, eps, step, steps, generator, batch_size)
+        hit = _through(source, model, x, y, robust, eps, step, steps, generator, batch_size, keep, f"stack {name}")
         if isinstance(hit, str):
             per[name] = hit
             continue
@@ -123,16 +190,14 @@ def stack_attack_flags(model, x, y, eps: float, step: float, steps: int, sources
 
 
 def _through(source: nn.Module, model, x, y, standing: torch.Tensor, eps: float, step: float, steps: int,
-             generator, batch_size: int = 200) -> torch.Tensor | str:
+             generator, batch_size: int = 200, keep: SmallestMargin | None = None,
+             name: str = "") -> torch.Tensor | str:
     """`model`'s robust flags where PGD is crafted on `source` (a surrogate, a member's share) and only the
     examples `standing` are attacked; a source without gradients gives "no gradient: ..." (a finding, not a crash)."""
-    def crafted(xs, ys):
-        x_adv = torch.cat([pgd(source, xs[i:i + batch_size], ys[i:i + batch_size], eps, step, steps,
-                               generator=generator) for i in range(0, len(ys), batch_size)])
-        return correct_flags(model, x_adv, ys)
-
     try:
-        return robust_where(standing, x, y, crafted)
+        return crafted_flags(model, x, y, standing,
+                             lambda b: pgd(source, x[b], y[b], eps, step, steps, generator=generator),
+                             batch_size, keep, name)
     except RuntimeError as err:
         return f"no gradient: {str(err).splitlines()[0]}"
 
@@ -141,16 +206,29 @@ def attacks_joining_worst(model, x, y, eps: float, step: float, checks: dict, st
                           batch_size: int = 200, progress: bool = False, below: list[int] | None = None) -> dict:
     """The stronger attacks of the checks that failed (`sanity_checks` result `checks`), run on every example
     still `standing`, each after the one before: {"pgd<N>": flags} for `converged`, {"stack": flags} for
-    `stack_attacks_not_stronger`. They join `worst`."""
+    `stack_attacks_not_stronger`, {"smallest margin": flags} for `smallest_margin_not_stronger` (PGD from each
+    example's smallest-margin point among the converged check's and the stack's attacks, run here for it if
+    their checks passed). They join `worst`."""
     out, found = {}, checks["checks"]
-    if not found["converged"]["passed"]:
-        steps, restarts = found["converged"]["steps"], found["converged"].get("restarts", 2)
-        out[f"pgd{steps}"] = standing = stronger_pgd_flags(model, x, y, eps, steps, batch_size, generator=generator,
-                                                           progress=progress, robust=standing, restarts=restarts)
+    closest = found.get("smallest_margin_not_stronger", {"passed": True})
+    keep = None if closest["passed"] else SmallestMargin(model, x, y, batch_size)
+    converged = found["converged"]
+    if not converged["passed"] or keep is not None:
+        steps, restarts = converged["steps"], converged.get("restarts", 2)
+        robust = stronger_pgd_flags(model, x, y, eps, steps, batch_size, generator=generator, progress=progress,
+                                    robust=standing, restarts=restarts, keep=keep)
+        if not converged["passed"]:
+            out[f"pgd{steps}"] = standing = robust
     stack = found.get("stack_attacks_not_stronger")
-    if stack is not None and not stack["passed"]:
-        out["stack"], _ = stack_attack_flags(model, x, y, eps, step, stack["steps"], stack_sources(model, below),
-                                             standing, generator, batch_size)
+    if stack is not None and (not stack["passed"] or keep is not None):
+        robust, _ = stack_attack_flags(model, x, y, eps, step, stack["steps"], stack_sources(model, below),
+                                       standing, generator, batch_size, keep)
+        if not stack["passed"]:
+            out["stack"] = standing = robust
+    if keep is not None:
+        left = standing & keep.margin.gt(0)  # no offered point crossed the boundary
+        out["smallest margin"] = smallest_margin_flags(model, x, y, eps, step, closest["steps"], keep, left,
+                                                       batch_size, progress)
     return out
 
 
@@ -204,6 +282,13 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
             members trained below the budget together, `below`), each evaluated on the whole model and run on
             what the reported attack left standing, breaks no significantly more; `broke_beyond_reported` says
             what each broke. `Run.evaluate` then reports them in `worst` ("stack").
+        smallest_margin_not_stronger: PGD-N (the reported steps) on the CW margin, started at each example's
+            smallest-margin point among every adversarial point the checks above crafted (MixedNUTS's adaptive
+            AutoAttack keeps the minimum-margin example across attacks), breaks no significantly more than all
+            those attacks together; `broke_beyond_reported` counts what it broke that the reported PGD did not,
+            `chosen_from` which attack's point came closest, per correctly classified example. `Run.evaluate`
+            then reports it in `worst` ("smallest margin"). The evaluation's own PGD and AutoAttack points are
+            not among them (an evaluation keeps flags, not points); the converged check's PGD supersedes PGD's.
         monotone_in_budget: robust accuracy does not rise with the budget (eps/2, eps, 2 eps).
         large_budget_breaks: at a budget of max(0.5, 8 eps) accuracy falls to at most 10%.
         nonzero_gradients: input gradients are finite and non-zero for most examples.
@@ -248,12 +333,15 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
     attack = f"PGD-{steps} x {restarts} restart{'s' if restarts > 1 else ''}, CE and CW"
     say(f"  masking check 1 of 4: converged, {attack}, on the {int(clean.sum())} of {n} examples classified "
         f"correctly ...")
-    strong = stronger_pgd_flags(model, x, y, eps, steps, generator=gen, robust=clean, restarts=restarts)
+    closest = SmallestMargin(model, x, y)  # every check's adversarial points, for the smallest-margin attack
+    strong = stronger_pgd_flags(model, x, y, eps, steps, generator=gen, robust=clean, restarts=restarts, keep=closest)
     checks["converged"] = _stronger(white, strong, attack=f"{attack}, step eps/8", steps=steps, restarts=restarts)
 
     queries = STRENGTHS[strength]["square_queries"]
     say(f"  masking check 2 of 4: Square, {queries} queries ...")
-    square = clean & correct_flags(model, square_attack(model, x, y, eps, n_queries=queries, seed=seed), y)
+    square_points = square_attack(model, x, y, eps, n_queries=queries, seed=seed)
+    square = clean & correct_flags(model, square_points, y)
+    closest.offer(f"Square {queries}", clean.nonzero().flatten(), square_points[clean])
     checks["blackbox_not_stronger"] = _stronger(white, square, attack=f"Square, {queries} queries")
 
     sources = transfer_sources(model) if sources is None else sources
@@ -261,7 +349,8 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
         say(f"  masking check 3 of 4: transfer from {len(sources)} surrogates ...")
         transfer, per_source = clean.clone(), {}
         for name, source in sources.items():
-            hit = _through(source.to(dev).eval(), model, x, y, clean, eps, alpha, reported_steps, gen)
+            hit = _through(source.to(dev).eval(), model, x, y, clean, eps, alpha, reported_steps, gen,
+                           keep=closest, name=f"transfer {name}")
             if isinstance(hit, str):  # a member (a path of the model) without gradients
                 per_source[name] = hit
                 continue
@@ -276,11 +365,24 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
     if stack:
         say(f"  masking check 3b: PGD-{reported_steps} on each member's share of the merger's logits ...")
         by_stack, per_member = stack_attack_flags(model, x, y, eps, alpha, reported_steps, stack, white,
-                                                  generator=gen)
+                                                  generator=gen, keep=closest)
         checks["stack_attacks_not_stronger"] = _stronger(white, by_stack, broke_beyond_reported=per_member,
                                                          steps=reported_steps)
         if any(isinstance(v, str) for v in per_member.values()):
             checks["stack_attacks_not_stronger"]["passed"] = False
+
+    # every attack above together; the smallest-margin attack goes on from the point where they came closest
+    together = white & strong & square
+    if sources:
+        together &= transfer
+    if stack:
+        together &= by_stack
+    say(f"  masking check 3c: PGD-{reported_steps} (CW) from each example's smallest-margin point ...")
+    left = together & closest.margin.gt(0)
+    from_closest = smallest_margin_flags(model, x, y, eps, alpha, reported_steps, closest, left)
+    checks["smallest_margin_not_stronger"] = _stronger(
+        together, from_closest, steps=reported_steps, broke_beyond_reported=int((white & ~from_closest).sum()),
+        chosen_from=closest.chosen_from(clean))
 
     checks.update(_autoattack_checks(metrics, flags, n))
 

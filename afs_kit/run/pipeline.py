@@ -414,7 +414,8 @@ class Run:
         held = record["metrics"]["attacks"] if record else []
         old_checks = (record or {}).get("metrics", {}).get("sanity")
         missing = [a for a in cfg.attacks if a not in held]
-        stale_checks = sanity and (old_checks is None or old_checks.get("strength") != cfg.sanity_strength or (
+        stale_checks = sanity and (old_checks is None or old_checks.get("strength") != cfg.sanity_strength
+                                   or "smallest_margin_not_stronger" not in old_checks["checks"] or (
             isinstance(model, AFSModel) and len(model.stack.extractors) > 1  # checks made before a stack's own
             and "stack_attacks_not_stronger" not in old_checks["checks"]))
         if not missing and not stale_checks:
@@ -445,7 +446,7 @@ class Run:
                                        flags=result["flags"], strength=cfg.sanity_strength, step=alpha, below=below,
                                        n=checked_examples(cfg), say=self.say)
                 # a failed check's stronger attack joins `worst`, run (as AutoAttack chains its attacks) on every
-                # example the others left standing: the record's pgdN (or "stack") is all of them together
+                # example the others left standing: the record's pgdN ("stack", "smallest margin") is all of them
                 gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
                 for attack, robust in attacks_joining_worst(model, x.to(self.device), y.to(self.device), cfg.eps, alpha,
                                                             checks, result["flags"]["worst"].to(self.device), gen,

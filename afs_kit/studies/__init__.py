@@ -13,8 +13,8 @@ from .common import (PGD_ATTACKS, TRUST_COLUMNS, accuracy_row, afs_name, baselin
                      say, seed_runs, seeds_summary, show, stacked_labels, table)
 from .figures import (delta_z_values, selection_rows, selection_summary, selection_text, tsne_rows, tsne_study,
                       tsne_summary, tsne_text, weight_rows, weight_study, weights_text)
-from .tables import (alpha_sweep, alpha_text, best_single, comparison_table, comparison_text, cost_table, cost_text,
-                     extractor_text, frontier_markers, frontier_points, paired_comparisons, paper_reference,
+from .tables import (alpha_sweep, alpha_text, attack_gains, best_single, comparison_table, comparison_text, cost_table,
+                     cost_text, extractor_text, frontier_markers, frontier_points, paired_comparisons, paper_reference,
                      pgd_robust_flags, quoted, robustness_curves, singles_frontier, subset_points, subset_table,
                      subset_text)
 
@@ -26,7 +26,7 @@ __all__ = [
     "merger_exists", "open_run", "over_seeds", "paired_sentence", "say", "seed_runs", "seeds_summary", "show",
     "table", "delta_z_values", "selection_rows", "selection_summary", "selection_text", "tsne_rows", "tsne_study",
     "tsne_summary", "tsne_text", "weight_rows", "weight_study", "weights_text", "alpha_sweep", "alpha_text",
-    "best_single", "comparison_table", "comparison_text", "cost_table", "cost_text", "extractor_points",
+    "attack_gains", "best_single", "comparison_table", "comparison_text", "cost_table", "cost_text", "extractor_points",
     "extractor_table", "extractor_text", "frontier_markers", "frontier_points", "paired_comparisons", "paper_reference",
     "pgd_robust_flags", "quoted", "robustness_curves", "singles_frontier", "stacked_labels", "subset_points",
     "subset_table", "subset_text",

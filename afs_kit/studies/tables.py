@@ -14,6 +14,7 @@ from ..core.io import read_json, write_json
 from ..core.stats import compare, points_apart, spearman
 from ..errors import BadInput
 from ..eval.evaluation import robustness_curve
+from ..eval.masking import JOINING_PGD
 from ..explain.analysis import importance_ratio, model_cost
 from ..explain.frontier import frontier_study, frontier_text
 from ..explain.paper import TABLE4_CIFAR10, TABLE5_CIFAR100
@@ -251,13 +252,37 @@ def paired_comparisons(run: Run, rows: Sequence[dict]) -> list[dict]:
     return out
 
 
+def attack_gains(rows: Sequence[dict]) -> list[dict]:
+    """Per model of a comparison (`comparison_table` rows): what the attacks made for stacks (PGD on each member's
+    share of the merger's logits) and the smallest-margin attack broke beyond the reported PGD, on the masking
+    checks' examples, and whether they joined `worst` (they do when their check fails)."""
+    out = []
+    for r in rows:
+        masking = r.get("masking") or {}
+        checks = masking.get("checks", {})
+        stack, closest = checks.get("stack_attacks_not_stronger"), checks.get("smallest_margin_not_stronger")
+        row = {"role": r["role"], "method": r["method"], "checked": masking.get("n")}
+        if stack is not None:
+            row.update(stack_attacks="; ".join(f"{k}: {v}" for k, v in stack["broke_beyond_reported"].items()),
+                       stack_in_worst="yes" if not stack["passed"] else "no")
+        else:
+            row.update(stack_attacks="not a stack", stack_in_worst="-")
+        if closest is not None:
+            chosen = {k: v for k, v in closest["chosen_from"].items() if v}
+            row.update(smallest_margin=closest["broke_beyond_reported"],
+                       beyond_every_check=closest["only_other_breaks"], p=closest["p"], smallest_margin_in_worst="yes" if not closest["passed"] else "no",
+                       closest_from=max(chosen, key=chosen.get) if chosen else "-")
+        out.append(row)
+    return out
+
+
 def pgd_robust_flags(flags: dict) -> np.ndarray:
     """Per example: correct under every PGD attack of an evaluation record (PGD-10, PGD-20, the stronger PGD of a
-    failed `converged` check and a stack's own attacks where they broke more); AutoAttack, run on only some
-    models, is left out so that every point of the frontier is measured alike."""
+    failed `converged` check, a stack's own attacks and the smallest-margin attack where they broke more);
+    AutoAttack, run on only some models, is left out so that every point of the frontier is measured alike."""
     robust = flags["clean"].bool().clone()
     for attack, f in flags.items():
-        if attack.startswith("pgd") or attack == "stack":  # "stack": PGD through the merger's share of a member
+        if attack.startswith("pgd") or attack in JOINING_PGD:
             robust &= f.bool()
     return robust.numpy()
 
@@ -280,7 +305,8 @@ def singles_frontier(run: Run, rows: Sequence[dict], n_examples: int | None = No
 
     study = frontier_study(points(afs["pgd_eval"]), {label(r["eps"]): points(r["eval"]) for r in singles},
                            draws=draws, seed=run.preset.evaluation.seed)
-    study["robust_measure"] = "every PGD attack (PGD-10, PGD-20 and the stronger PGD of a failed converged check)"
+    study["robust_measure"] = ("every PGD attack (PGD-10, PGD-20 and the stronger ones of failed masking checks: "
+                               "the converged check's, the stack's own, the smallest-margin one)")
     study["afs_method"] = afs["method"]
     # the controls measured alike, for fig. 1 (they are not part of the frontier)
     study["controls"] = {}

@@ -250,6 +250,14 @@ def test_summary_holds_the_numbers_of_every_table(smoke_report):
     assert ensemble["extractors"] == afs["extractors"] and ensemble["n"] == afs["n"]
     assert ensemble["masking"]["checks"] and isinstance(ensemble["floor_verdict"]["met"], bool)
     assert {"logit average", "same-budget ensemble"} <= {p["role"] for p in s["paired"]}
+    # what the stacks' own attacks and the smallest-margin attack broke beyond PGD, one row per model compared
+    gains = s["attack_gains"]
+    assert [g["method"] for g in gains] == [r["method"] for r in s["comparison"]]
+    assert gains[0]["stack_attacks"].count("member ") == len(preset.budgets) and gains[0]["checked"] >= 1
+    for g, r in zip(gains, s["comparison"]):
+        closest = r["masking"]["checks"]["smallest_margin_not_stronger"]
+        assert g["smallest_margin"] == closest["broke_beyond_reported"] >= g["beyond_every_check"] >= 0
+        assert g["smallest_margin_in_worst"] == ("no" if closest["passed"] else "yes")
     f = s["frontier"]
     assert f["n"] == afs["n"] and f["verdict"] in ("above", "below", "on", "right of the range")
     assert set(f["singles"]) == {f"eps={b:g}" for b in preset.budgets} and f["corners"]

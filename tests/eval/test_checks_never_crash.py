@@ -61,3 +61,9 @@ def test_the_stacks_own_attacks_follow_each_members_share_of_the_merger(digits, 
     assert set(check["broke_beyond_reported"]) == {"member 0", "member 1", "member 2"}
     assert all(isinstance(v, int) and v >= 0 for v in check["broke_beyond_reported"].values())
     assert check["other"] <= check["reported"] + 1e-9, "run on what the reported attack left standing"
+    # the smallest-margin attack weighs the members' points with the others' (on the examples classified correctly)
+    closest = out["checks"]["smallest_margin_not_stronger"]
+    assert set(closest["chosen_from"]) <= {"clean", "PGD-100 ce", "PGD-100 cw", "Square 1000", "transfer extractor 0",
+                                           "transfer extractor 1", "transfer extractor 2", "transfer logit average",
+                                           "stack member 0", "stack member 1", "stack member 2"}
+    assert closest["broke_beyond_reported"] >= 0 and 0 <= closest["p"] <= 1

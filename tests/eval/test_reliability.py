@@ -477,7 +477,13 @@ def test_an_honest_model_passes_every_masking_check(run, honest):
     assert good["passed"] and good["failed"] == [], good
     assert good["n"] == 200 and good["strength"] == "quick" and good["checks"]["converged"]["restarts"] == 2
     assert set(good["checks"]) == {"converged", "blackbox_not_stronger", "transfer_not_stronger", "monotone_in_budget",
-                                   "large_budget_breaks", "nonzero_gradients", "deterministic_eval_mode"}
+                                   "large_budget_breaks", "nonzero_gradients", "deterministic_eval_mode",
+                                   "smallest_margin_not_stronger"}
+    closest = good["checks"]["smallest_margin_not_stronger"]
+    # the points it chose from: every correctly classified example's, from the checks' attacks (or still clean)
+    assert sum(closest["chosen_from"].values()) == int(result["flags"]["clean"][:200].sum())
+    assert {"PGD-100 ce", "PGD-100 cw", "Square 1000", "transfer eps 0.1"} >= set(closest["chosen_from"]) - {"clean"}
+    assert closest["other"] <= closest["reported"] + 1e-9, "it goes on only from what every other attack left"
     # the demo's light checks: the same checks on 100 examples, the converged check's PGD restarted once
     light = sanity_checks(model, x, y, eps, result["metrics"], device="cpu", flags=result["flags"], strength="light")
     assert light["passed"] and light["n"] == 100 and light["strength"] == "light"
