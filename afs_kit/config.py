@@ -105,7 +105,7 @@ class EvalConfig:
     seed: int = 0                     # seeds PGD random starts and AutoAttack
     precision: str = "fp32"           # reported robust accuracies come from fp32 attacks
     sanity_strength: str = "quick"    # gradient-masking checks: quick (200 examples, Square 1,000 queries), full,
-                                      # or light (100, 500 queries, one restart of the converged check: the demo's)
+                                      # or light (100, 200 queries, one restart of the converged check: the demo's)
     sanity_examples: int | None = None  # examples the quick checks use; None = the strength's (200 for quick)
     aa_attacks: tuple[str, ...] = ()  # AutoAttack's attacks; () = its standard version (APGD-CE, APGD-T, FAB-T,
                                       # Square); a list (e.g. apgd-ce,apgd-dlr) runs pyautoattack's "custom"
@@ -172,11 +172,14 @@ PRESETS: dict[str, Preset] = {
     # alphas 0, 0.5, 1 (five), subsets selected, 1000001, all (four), extractors 10 epochs (15), mergers 6 epochs
     # (8), AutoAttack on 100 examples (200) with APGD-CE and APGD-DLR only, as the CPU presets run it; then (248 s
     # with those cuts, a masking check still about 3 times its model's attacks) the "light" masking checks: 100
-    # examples, Square 500 queries, one restart of the converged check's PGD-100 (two).
+    # examples, Square 500 queries, one restart of the converged check's PGD-100 (two). Then (258 s on 2 idle
+    # Intel Xeon cores without AMX, the smallest-margin check added; 17 masking checks were about half of it, each
+    # bound by per-call overhead on 50-100 tiny images, Square's queries 40% of a check): the light checks on 50
+    # examples with Square at 200 queries, extractors 8 epochs (10), mergers 4 epochs (6): 178 s on that machine.
     "demo": Preset(
         name="demo",
         data=DataConfig(spec="digits"),
-        extractor=ExtractorConfig(model="cnn-tiny", epochs=10, batch_size=64, lr=0.05, lr_milestones=(8,),
+        extractor=ExtractorConfig(model="cnn-tiny", epochs=8, batch_size=64, lr=0.05, lr_milestones=(6,),
                                   attack_steps=7, val_attack_steps=7, val_examples=200),
         budgets=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3),
         # digits has ~1,400 training images: 14 merger steps an epoch, so more epochs than the paper's 5
@@ -184,9 +187,9 @@ PRESETS: dict[str, Preset] = {
         # 73.9, 75.4% at lr 1, 2, 4, 8 from a random start; the loss falls at every one. 6 epochs from the
         # best member (16 from a random start before, 8 until the 3-minute cut): each epoch's validation check
         # costs about a third of an epoch
-        merger=MergerConfig(eps=0.15, epochs=6, lr_drop_epoch=4, attack_steps=7, lr=8.0),
+        merger=MergerConfig(eps=0.15, epochs=4, lr_drop_epoch=3, attack_steps=7, lr=8.0),
         evaluation=EvalConfig(eps=0.15, aa_examples=100, aa_attacks=("apgd-ce", "apgd-dlr"), sanity_strength="light",
-                              budgets=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)),
+                              sanity_examples=50, budgets=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)),
         alphas=(0.0, 0.5, 1.0),
         subsets=("selected", "1000001", "all"),
         default_subset="selected",

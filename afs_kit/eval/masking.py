@@ -40,7 +40,7 @@ STRENGTHS = {
     # examples checked (None: all given), Square's queries (AutoAttack's standard run uses 5,000), the restarts of
     # the converged check's PGD (for CE and for the CW margin loss). "light" is `make demo`'s: every check runs,
     # on less evidence (its half-cost converged check was half of every demo evaluation's time)
-    "light": {"n": 100, "square_queries": 500, "restarts": 1},
+    "light": {"n": 100, "square_queries": 200, "restarts": 1},
     "quick": {"n": 200, "square_queries": 1000, "restarts": 2},
     "full": {"n": None, "square_queries": 5000, "restarts": 2},
 }
@@ -260,7 +260,7 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, eps: float, metrics: 
         flags: the evaluation's per-example flags ({attack: BoolTensor} over the same first examples
             as x). The reported attack is the AND of its PGD flags; without flags PGD-20 is run here.
         strength: "quick" (200 examples, Square with 1,000 queries), "full" (every example given,
-            Square with 5,000 queries as in AutoAttack) or "light" (100 examples, Square with 500 queries,
+            Square with 5,000 queries as in AutoAttack) or "light" (100 examples, Square with 200 queries,
             one restart of the converged check's PGD: the demo's).
         sources: surrogate models for the transfer check; None: for an AFS model or a logit average,
             each extractor and their logit average; for any other model the check is skipped.

@@ -22,10 +22,10 @@ def test_passes_follow_the_attacks_settings():
     assert masking_passes(cfg)["fallback"] == 5 * 20 * 2 * 2
     assert masking_passes(EvalConfig(attacks=("clean", "pgd10")))["fallback"] == 5 * 10 * 2 * 2
     assert masking_passes(EvalConfig(sanity_examples=50))["examples"] == 50
-    # the demo's light checks: one restart of the converged check's PGD, 100 examples, Square's 500 queries
+    # the demo's light checks: one restart of the converged check's PGD, 100 examples, Square's 200 queries
     light = masking_passes(EvalConfig(sanity_strength="light"))
     assert light["fallback"] == 5 * 20 * 1 * 2 and light["examples"] == 100
-    assert light["forward"] - light["backward"] == masking_passes(cfg)["forward"] - masking_passes(cfg)["backward"] - 500
+    assert light["forward"] - light["backward"] == masking_passes(cfg)["forward"] - masking_passes(cfg)["backward"] - 800
 
 
 def test_the_estimate_grows_with_the_examples_and_ends_with_one_line():
