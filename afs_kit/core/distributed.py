@@ -126,7 +126,8 @@ def _restart_store(w: World, timeout: datetime.timedelta | None) -> dict:
 def check_parallel(mode: str, size: int, budgets, batch_size: int) -> None:
     """What a torchrun job of `size` processes can do, refused before anything is written."""
     if mode == "budgets" and size > len(budgets):
-        raise BadInput(f"--parallel budgets with {size} processes for {len(budgets)} budgets would leave "
+        raise BadInput(f"--parallel budgets with {size} processes for {len(budgets)} budget"
+                       f"{'' if len(budgets) == 1 else 's'} would leave "
                        f"{size - len(budgets)} idle; start at most {len(budgets)} (--nproc_per_node) or use "
                        f"--parallel data")
     if mode == "data" and batch_size % size:

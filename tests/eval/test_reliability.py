@@ -31,7 +31,7 @@ from afs_kit.core.io import FORMAT, load_checkpoint, read_json, save_checkpoint,
 from afs_kit.data.batches import iterate_batches
 from afs_kit.data.datasets import load_dataset
 from afs_kit.eval.evaluation import evaluate
-from afs_kit.eval.masking import sanity_checks
+from afs_kit.eval.masking import aa_checks, sanity_checks
 from afs_kit.models.nets import build_model
 from afs_kit.models.stack import parse_subset
 from afs_kit.run.pipeline import Run
@@ -263,7 +263,7 @@ def _all_files_load(root: Path) -> None:
 
 @pytest.mark.slow
 def test_a_killed_extractor_training_resumes_and_matches_an_unkilled_one(tmp_path):
-    args = ["train-extractors", "--preset", "smoke", "--eps", "0.1", "--set", "extractor.epochs=4"]
+    args = ["train-extractors", "--preset", "smoke", "--eps", "0.1", "--set", "extractor.epochs=3"]
     victim, reference = tmp_path / "victim", tmp_path / "reference"
     ref = subprocess.Popen(_afs_kit(*args, "--run", str(reference), "--quiet"), env=_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -276,15 +276,15 @@ def test_a_killed_extractor_training_resumes_and_matches_an_unkilled_one(tmp_pat
 
     again = subprocess.run(_afs_kit(*args, "--run", str(victim)), env=_env(), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert f"resuming from {out_dir / 'last.pt'} after epoch {killed_at + 1}/4" in again.stdout, again.stdout
-    assert f"epoch {killed_at + 1}/4:" not in again.stdout, "the finished epoch is not trained again"
+    assert f"resuming from {out_dir / 'last.pt'} after epoch {killed_at + 1}/3" in again.stdout, again.stdout
+    assert f"epoch {killed_at + 1}/3:" not in again.stdout, "the finished epoch is not trained again"
     assert ref.wait() == 0, ref.stderr.read().decode()[-2000:]
     ref.stdout.close(), ref.stderr.close()
     _all_files_load(victim)
     assert not (out_dir / "last.pt").exists()
     resumed = load_checkpoint(out_dir / "extractor.pt")
     whole = load_checkpoint(reference / "extractors" / "eps-0.1000" / "extractor.pt")
-    assert resumed["key"] == whole["key"] and len(resumed["history"]) == 4
+    assert resumed["key"] == whole["key"] and len(resumed["history"]) == 3
     assert resumed["history"] == whole["history"]
     assert resumed["state_dict"].keys() == whole["state_dict"].keys()
     for k, v in whole["state_dict"].items():
@@ -295,7 +295,7 @@ def test_a_killed_extractor_training_resumes_and_matches_an_unkilled_one(tmp_pat
 def test_a_killed_merger_training_resumes_and_matches_an_unkilled_one(sandbox, tmp_path):
     victim = _copy_run(sandbox / "run", tmp_path / "victim")
     reference = _copy_run(sandbox / "run", tmp_path / "reference")
-    args = ["train-merger", "--subset", "all", "--set", "merger.epochs=4"]
+    args = ["train-merger", "--subset", "all", "--set", "merger.epochs=3"]
     ref = subprocess.Popen(_afs_kit(*args, "--run", str(reference), "--quiet"), env=_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _kill_when(_afs_kit(*args, "--run", str(victim)), None, victim / "mergers", "*/last.pt")
@@ -306,13 +306,13 @@ def test_a_killed_merger_training_resumes_and_matches_an_unkilled_one(sandbox, t
 
     again = subprocess.run(_afs_kit(*args, "--run", str(victim)), env=_env(), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert f"resuming from {last} after epoch {killed_at + 1}/4" in again.stdout, again.stdout
+    assert f"resuming from {last} after epoch {killed_at + 1}/3" in again.stdout, again.stdout
     assert ref.wait() == 0, ref.stderr.read().decode()[-2000:]
     ref.stdout.close(), ref.stderr.close()
     _all_files_load(victim)
     resumed = load_checkpoint(last.parent / "merger.pt")
     whole = load_checkpoint(reference / "mergers" / last.parent.name / "merger.pt")
-    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2, 3]
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
     assert resumed["history"] == whole["history"]
     for k, v in whole["state_dict"].items():
         assert torch.equal(v, resumed["state_dict"][k]), k
@@ -493,7 +493,7 @@ def test_an_honest_model_passes_every_masking_check(run, honest):
 def test_a_stacked_model_is_checked_against_transfer_from_its_own_parts(honest):
     afs, x, y, result = honest
     out = sanity_checks(afs, x[:50], y[:50], SMOKE.evaluation.eps, result["metrics"], device="cpu",
-                        flags={a: f[:50] for a, f in result["flags"].items()})
+                        flags={a: f[:50] for a, f in result["flags"].items()}, strength="light")
     assert set(out["checks"]["transfer_not_stronger"]["per_source"]) == {
         "extractor 0", "extractor 1", "extractor 2", "logit average"}
 
@@ -536,13 +536,13 @@ def test_autoattack_above_pgd_on_the_same_examples_fails(honest):
     flags = dict(result["flags"])
     flags["aa"] = flags["clean"].clone()  # an "AutoAttack" that broke nothing PGD broke
     with pytest.warns(RuntimeWarning, match="aa_not_above_pgd"):
-        out = sanity_checks(afs, x, y, SMOKE.evaluation.eps, result["metrics"], device="cpu", flags=flags,
+        out = sanity_checks(afs, x, y, SMOKE.evaluation.eps, result["metrics"], n=50, device="cpu", flags=flags,
                             strength="light")
     assert "aa_not_above_pgd" in out["failed"]
-    # from the percentages alone where no flags are given
+    # from the percentages alone where no flags are given (the same rule as the checks apply, without running
+    # every other check again)
     with pytest.warns(RuntimeWarning, match="aa_not_above_pgd"):
-        odd = sanity_checks(afs, x, y, SMOKE.evaluation.eps, metrics={"aa": 60.0, "pgd20": 40.0, "n": 100}, n=100,
-                            device="cpu", strength="light")
+        odd = aa_checks({"checks": {}, "n": 100, "strength": "light"}, {"aa": 60.0, "pgd20": 40.0, "n": 100}, None)
     assert "aa_not_above_pgd" in odd["failed"]
 
 

@@ -134,8 +134,8 @@ def test_bad_parallel_input_is_refused_before_anything_is_written(tmp_path, caps
     with pytest.raises(SystemExit) as exit_:
         main(["train-extractors", *SMOKE, "--run", str(tmp_path / "a"), "--parallel", "nope"])
     assert exit_.value.code == 2 and "argument --parallel: invalid choice: 'nope'" in capsys.readouterr().err
-    out = torchrun("train-extractors", *SMOKE, "--run", str(tmp_path / "b"), "--eps", "0,0.1", procs=3)
-    said_once(out, "--parallel budgets with 3 processes for 2 budgets would leave 1 idle")
+    out = torchrun("train-extractors", *SMOKE, "--run", str(tmp_path / "b"), "--eps", "0.1", procs=2)
+    said_once(out, "--parallel budgets with 2 processes for 1 budget would leave 1 idle")
     out = torchrun("train-extractors", *SMOKE, "--run", str(tmp_path / "c"), "--parallel", "data", procs=3)
     said_once(out, "extractor.batch_size=64, which the world size 3 does not divide")
     out = torchrun("train-extractors", *SMOKE, "--run", str(tmp_path / "d"), "--no-such-option")  # argparse's
