@@ -86,8 +86,9 @@ def stronger_pgd_flags(model, x, y, eps: float, steps: int, batch_size: int = 20
 
 class SmallestMargin:
     """Per example, the point of smallest margin z_y - max_{j != y} z_j on the whole model (negative: misclassified)
-    among every adversarial point offered, and the attack that made it. MixedNUTS's adaptive AutoAttack (Bai et al., 2024) keeps the minimum-margin example
-    across attacks; one more attack started there goes on from where all of them came closest."""
+    among every adversarial point offered, and the attack that made it. MixedNUTS's adaptive AutoAttack (Bai et
+    al., 2024) keeps the minimum-margin example across attacks; one more attack started there goes on from where
+    all of them came closest."""
 
     def __init__(self, model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 200):
         self.model, self.y, self.batch_size = model, y, batch_size
