@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
+import platform
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from ..errors import BadInput
+from ..errors import BadInput, warn
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -91,16 +93,33 @@ def matmul_precision(precision: str) -> str:
 DETERMINISTIC_ENV = "AFS_KIT_DETERMINISTIC"
 
 
-def prepare_training(device: torch.device) -> None:
+def prepare_training(device: torch.device, precision: str = "fp32") -> None:
     """CUDA training settings: cuDNN benchmarks its convolutions for the fixed batch shapes (fastest, not bitwise
     reproducible between runs; evaluations do not depend on it), unless AFS_KIT_DETERMINISTIC=1. TF32 stays as
-    PyTorch sets it for training."""
+    PyTorch sets it for training. On a CPU whose bf16 is emulated, bf16 training is said to be slow, once."""
     if torch.device(device).type != "cuda":
+        if precision == "bf16" and emulated_bf16():
+            _say_emulated_bf16()
         return
     deterministic = os.environ.get(DETERMINISTIC_ENV) == "1"
     if deterministic:
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = not deterministic
+
+
+def emulated_bf16() -> bool:
+    """Whether this x86 CPU lacks both AVX512-BF16 and AMX: PyTorch then emulates bf16 matmul, slower than fp32."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+@functools.cache
+def _say_emulated_bf16() -> None:
+    # once per process: every network a run trains would say it again
+    warn("training in bf16 on a CPU without AVX512-BF16 or AMX, where bf16 matmul is emulated and slower than fp32 "
+         "(63 against 300 GFLOP/s on such a Xeon, README 'Speed'); --set extractor.precision=fp32 --set "
+         "merger.precision=fp32 trains in fp32 (networks with new cache keys)")
 
 
 @contextlib.contextmanager

@@ -247,7 +247,7 @@ def train_extractor(cfg: ExtractorConfig, data: Dataset, data_cfg: DataConfig, o
         return ckpt
 
     dev = resolve_device(device)
-    prepare_training(dev)
+    prepare_training(dev, cfg.precision)
     fmt = memory_format(cfg.precision)
     torch.manual_seed(cfg.seed)
     mean, std = channel_stats(data.x_train)

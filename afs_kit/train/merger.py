@@ -172,7 +172,7 @@ def train_merger(stack: FeatureStack, data: Dataset, cfg: MergerConfig, data_cfg
     if not 0 <= cfg.alpha <= 1:
         raise BadInput(f"alpha (the clean-loss weight of eq. 5) must be in [0, 1], got alpha={cfg.alpha}")
     dev = resolve_device(device)
-    prepare_training(dev)
+    prepare_training(dev, cfg.precision)
     fmt = memory_format(cfg.precision)
     stack = stack.to(dev, memory_format=fmt)
     names = member_names or [f"member {i + 1}" for i in range(len(stack.extractors))]

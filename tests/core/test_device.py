@@ -267,3 +267,25 @@ def test_gpu_wheels_lose_their_examples_and_the_record_follows(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         assert z.namelist() == ["pkg/__init__.py", "pkg-1.0.dist-info/RECORD"]
         assert "examples" not in z.read("pkg-1.0.dist-info/RECORD").decode()
+
+
+def test_bf16_training_on_a_cpu_that_emulates_it_is_said_once():
+    """bf16 matmul without AVX512-BF16 or AMX is emulated (63 against 300 GFLOP/s fp32 on such a Xeon): training in
+    bf16 there says so once per process, naming the fp32 settings; a CPU with either, or fp32, says nothing."""
+    import platform
+    import warnings
+
+    from afs_kit.core import device
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file() and platform.machine() == "x86_64":
+        flags = set(cpuinfo.read_text().split())
+        assert device.emulated_bf16() == (not {"avx512_bf16", "amx_tile"} & flags)
+    device._say_emulated_bf16.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for precision in ("bf16", "bf16", "fp32"):
+            device.prepare_training(torch.device("cpu"), precision)
+    said = [str(w.message) for w in caught if "emulated" in str(w.message)]
+    assert len(said) == (1 if device.emulated_bf16() else 0), said
+    assert all("--set extractor.precision=fp32 --set merger.precision=fp32" in m for m in said)

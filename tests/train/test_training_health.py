@@ -132,6 +132,7 @@ def test_the_merger_step_follows_the_feature_scale(tiny, digits):
     assert feature_sq_norm(many, x, "fp32", "cpu") == pytest.approx(4 * small_sq, rel=1e-4)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a healthy merger does not warn
+        warnings.filterwarnings("ignore", "training in bf16 on a CPU without")  # a note on the machine, not the merger
         _, history, _ = train_merger(many, digits, cfg, preset.data, None, device="cpu", progress=False)
     assert history[0]["lr"] == pytest.approx(first["lr"] / 4, rel=0.01)
     assert training_health(history, digits.num_classes)["passed"], history
