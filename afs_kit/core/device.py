@@ -109,9 +109,10 @@ def prepare_training(device: torch.device, precision: str = "fp32") -> None:
 
 def emulated_bf16() -> bool:
     """Whether this x86 CPU lacks both AVX512-BF16 and AMX: PyTorch then emulates bf16 matmul, slower than fp32."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if platform.machine().lower() not in ("x86_64", "amd64") or None in probes:
+        return False  # another CPU, or a torch without the probes: nothing said
+    return not any(probe() for probe in probes)
 
 
 @functools.cache
