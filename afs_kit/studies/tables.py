@@ -270,7 +270,8 @@ def attack_gains(rows: Sequence[dict]) -> list[dict]:
         if closest is not None:
             chosen = {k: v for k, v in closest["chosen_from"].items() if v}
             row.update(smallest_margin=closest["broke_beyond_reported"],
-                       beyond_every_check=closest["only_other_breaks"], p=closest["p"], smallest_margin_in_worst="yes" if not closest["passed"] else "no",
+                       beyond_every_check=closest["only_other_breaks"], p=closest["p"],
+                       smallest_margin_in_worst="yes" if not closest["passed"] else "no",
                        closest_from=max(chosen, key=chosen.get) if chosen else "-")
         out.append(row)
     return out
