@@ -131,17 +131,18 @@ def smallest_margin_flags(model, x, y, eps: float, step: float, steps: int, marg
 def crafted_flags(model, x, y, standing: torch.Tensor, craft, batch_size: int = 200,
                   keep: SmallestMargin | None = None, name: str = "", progress: bool = False) -> torch.Tensor:
     """`model`'s robust flags where `craft(b)` (the adversarial points of the examples whose indices are `b`) attacks
-    the examples `standing`, batch by batch, the others not robust (in eval mode an example's attack does not depend
-    on the others); the points crafted are offered to `keep` as attack `name`."""
-    flags = torch.zeros_like(standing)
-    idx = standing.nonzero().flatten()
-    if len(idx):
+    the examples `standing` (through `robust_where`), batch by batch; the points crafted are offered to `keep` as
+    attack `name`."""
+    idx = standing.nonzero().flatten()  # the examples robust_where hands to `attack`, in its order
+
+    def attack(_xs, ys):
         x_adv = torch.cat([craft(idx[i:i + batch_size]) for i in tqdm(range(0, len(idx), batch_size), desc=name,
                                                                       disable=not progress, leave=False)])
-        flags[idx] = correct_flags(model, x_adv, y[idx])
         if keep is not None:
             keep.offer(name, idx, x_adv)
-    return flags
+        return correct_flags(model, x_adv, ys)
+
+    return robust_where(standing, x, y, attack)
 
 
 class MemberLogits(nn.Module):
