@@ -31,6 +31,34 @@ def digits():
     return load_dataset("digits")
 
 
+@pytest.fixture(scope="session")
+def smoke_extractors(tmp_path_factory) -> Path:
+    """A run folder holding the smoke preset's three extractors, trained once for the whole `make test` (both
+    xdist workers; the first to ask trains, the other waits on a lock): copy it (`copy_run`) before use. Five test
+    files stacked on these same networks, each training them again."""
+    from filelock import FileLock
+
+    from afs_kit.config import get_preset
+    from afs_kit.run.pipeline import Run
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the workers' common folder
+    run_dir, done = shared / "smoke-extractors" / "run", shared / "smoke-extractors" / "done"
+    with FileLock(str(shared / "smoke-extractors.lock")):
+        if not done.is_file():
+            shutil.rmtree(run_dir, ignore_errors=True)
+            Run(run_dir, get_preset("smoke"), device="cpu", progress=False).train_extractors()
+            done.write_text("")
+    return run_dir
+
+
+def copy_run(trained: Path, to: Path) -> Path:
+    """A copy of a trained run folder at `to`, mtimes kept."""
+    shutil.copytree(trained, to, copy_function=shutil.copy2)
+    return to
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     # the test machine's cores are shared; one thread avoids oversubscription and is faster here

@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import copy_run
 
 from afs_kit.app.reports import NOTEBOOKS_DIR
 from afs_kit.studies import open_run
@@ -59,16 +60,15 @@ def _wait_for_server(url: str, proc: subprocess.Popen, log: Path, timeout: float
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(tmp_path_factory, smoke_extractors):
     """JupyterLab on a free localhost port, serving a copy of the alpha notebook over a trained smoke run."""
     import nbformat
     from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
 
     root = tmp_path_factory.mktemp("lab")
-    run_dir = root / "run"
     # trained extractors beforehand, so Run All only trains the small mergers and the slider answers fast
-    open_run("smoke", run_dir, device="cpu", progress=False).train_extractors()
+    run_dir = copy_run(smoke_extractors, root / "run")
     # papermill's own injection (an "injected-parameters" cell after the `parameters` cell), not executed
     source = load_notebook_node(str(NOTEBOOKS_DIR / "04_merger_alpha.ipynb"))
     nb = parameterize_notebook(source, {"PRESET": "smoke", "RUN_DIR": str(run_dir), "DEVICE": "cpu",

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchattacks
-from conftest import quick_cnn
+from conftest import copy_run, quick_cnn
 
 from afs_kit import autoattack, build_model, evaluate, load_dataset, pgd, sanity_checks
 from afs_kit.config import EvalConfig
@@ -167,9 +167,10 @@ def test_a_training_step_does_not_synchronize_with_the_host(model_and_data, trai
 
 
 @pytest.mark.slow
-def test_the_readme_tour_runs_as_written(tmp_path):
-    """The README's Python tour, with a smoke run instead of the demo and 20 test images instead of 500 (its standard
-    AutoAttack and quick checks were 52 s of the suite on 60)."""
+def test_the_readme_tour_runs_as_written(tmp_path, smoke_extractors):
+    """The README's Python tour, with a trained smoke run instead of the demo (train_extractors loads them) and 20
+    test images instead of 500 (its standard AutoAttack and quick checks were 52 s of the suite on 60)."""
+    copy_run(smoke_extractors, tmp_path / "run")
     block = README.read_text().split("**The library**, for your own loops:", 1)[1]
     code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
     assert 'Run.open("runs/demo", "demo")' in code and "run.test_set(500)" in code
@@ -204,7 +205,7 @@ def test_cifar10_fast_runs_end_to_end_with_small_overrides(tmp_path, capsys):
                 small.addfile(member, real.extractfile(member) if member.isfile() else None)
     spec = f"train-test:folder:{archive}|npz:{MINI_NPZ}"
     run, device = str(tmp_path / "run"), ["--device", str(DEVICE)]
-    shrink = ["--set", f"data.spec={spec}", "--set", f"data.root={tmp_path / 'data'}", "--set", "data.train_limit=256",
+    shrink = ["--set", f"data.spec={spec}", "--set", f"data.root={tmp_path / 'data'}", "--set", "data.train_limit=128",
               "--set", "budgets=0,8/255", "--set", "extractor.model=cnn-cifar", "--set", "extractor.epochs=1",
               "--set", "extractor.val_examples=50", "--set", "merger.epochs=1", "--set", "merger.attack_steps=2",
               "--set", "evaluation.sanity_strength=light"]

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import copy_run
 
 from afs_kit.app.cli import main
 from afs_kit.attacks.methods import pgd
@@ -51,11 +52,10 @@ def tree(root: Path) -> dict[str, tuple[int, int]] | None:
 
 
 @pytest.fixture(scope="module")
-def sandbox(tmp_path_factory) -> Path:
+def sandbox(tmp_path_factory, smoke_extractors) -> Path:
     """A folder holding a trained smoke run (`run/`): three extractors and the merger over all of them."""
     box = tmp_path_factory.mktemp("reliability")
-    run = Run(box / "run", SMOKE, device="cpu", progress=False)
-    run.train_extractors()
+    run = Run(copy_run(smoke_extractors, box / "run"), SMOKE, device="cpu", progress=False)
     run.afs_model("all")
     return box
 
