@@ -8,11 +8,14 @@ CONSTRAINTS := constraints-cpu.txt
 
 .PHONY: setup test test-fast test-gpu gpu-wheels demo bench system-deps clean-runs
 
+# Python writes each module's .pyc the first time a process imports it, where PYTHONDONTWRITEBYTECODE lets it: a
+# machine that sets it (this one) would compile torch again in every process of the tests (`make test` 381 s ->
+# 595 s), so the recipes run without it. Compiling the whole venv at install instead (compileall on both cores)
+# took 39 s, twice what the tests' own imports compile.
+unexport PYTHONDONTWRITEBYTECODE
+
 # uv installs the same pins as pip in a fifth of the time (a fresh clone's setup: pip 2 to 2.6 minutes); where uv
 # cannot be had, pip does it. uv reads no pip configuration: tools/uv_index_args.py hands it pip's indexes.
-# The .pyc files must be written at install time: a machine with PYTHONDONTWRITEBYTECODE set (this one) never
-# writes them later, and every process that imports torch then compiles it again (tried without: `make test`
-# 381 s -> 595 s); compileall on every core.
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	if $(BIN)/python -m pip install -q uv 2>/dev/null && \
@@ -24,8 +27,6 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	  $(BIN)/python -m pip install -q --no-compile --no-deps torchattacks==3.5.1; \
 	fi
 	# (torchattacks pins requests~=2.25.1, which breaks jupyterlab-server: it goes in without its pins)
-	# (a few files are for other Python versions and do not compile: pip skips them alike)
-	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $(STAMP)
 
 setup: $(STAMP)
