@@ -145,9 +145,7 @@ PRESETS: dict[str, Preset] = {
     # checks and the standard version (Square's 5,000 queries and FAB-T most of notebook 07's 42 s). Then the
     # checks on 50 examples (100): they were still 50 s of the report's 102 s of work (cProfile, Intel Xeon); and
     # the evaluations on 60 test digits (100) with fig. 5a's curve at 4 budgets (5): `make test` on 2 Intel cores
-    # was CPU-bound end to end, so every test that evaluates a smoke model pays for these. Then the checks on 30
-    # examples (50): they were still 41% of the report (32 of 77 s), and a step of the tiny CNN (forward and
-    # backward, one thread) costs 2.9, 4.8 and 7.4 ms on 20, 50 and 100 digits
+    # was CPU-bound end to end, so every test that evaluates a smoke model pays for these
     "smoke": Preset(
         name="smoke",
         data=DataConfig(spec="digits"),
@@ -156,7 +154,7 @@ PRESETS: dict[str, Preset] = {
         budgets=(0.0, 0.1, 0.2),
         merger=MergerConfig(eps=0.1, epochs=2, attack_steps=5, batch_size=100),  # lr 2: its old raw 0.05 was 2.2
         evaluation=EvalConfig(eps=0.1, n_examples=60, batch_size=100, budgets=(0.0, 0.1, 0.2, 0.3),
-                              sanity_strength="light", sanity_examples=30, aa_attacks=("apgd-ce", "apgd-dlr")),
+                              sanity_strength="light", sanity_examples=50, aa_attacks=("apgd-ce", "apgd-dlr")),
         alphas=(0.0, 0.5, 1.0),
         subsets=("101", "all"),
         ablation_budget_range=(0.1, 0.2),
