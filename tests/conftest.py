@@ -32,23 +32,30 @@ def digits():
 
 
 @pytest.fixture(scope="session")
-def smoke_extractors(tmp_path_factory) -> Path:
-    """A run folder holding the smoke preset's three extractors, trained once for the whole `make test` (both
-    xdist workers; the first to ask trains, the other waits on a lock): copy it (`copy_run`) before use. Five test
-    files stacked on these same networks, each training them again."""
+def smoke_networks(tmp_path_factory) -> Path:
+    """A run folder holding the smoke preset's networks, trained once for the whole `make test` (both xdist workers;
+    the first to ask trains, the other waits on a lock): copy it (`copy_run`) before use. The three extractors, and
+    what the report's notebook 07 stacks besides them: table 6's two networks and the same-budget ensemble's members
+    (seeds 1 and 2 at the baseline budget). Six test files trained these same networks again, each."""
     from filelock import FileLock
 
     from afs_kit.config import get_preset
     from afs_kit.run.pipeline import Run
+    from afs_kit.studies.common import baseline_budget
 
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent  # the workers' common folder
-    run_dir, done = shared / "smoke-extractors" / "run", shared / "smoke-extractors" / "done"
-    with FileLock(str(shared / "smoke-extractors.lock")):
+    run_dir, done = shared / "smoke-networks" / "run", shared / "smoke-networks" / "done"
+    with FileLock(str(shared / "smoke-networks.lock")):
         if not done.is_file():
             shutil.rmtree(run_dir, ignore_errors=True)
-            Run(run_dir, get_preset("smoke"), device="cpu", progress=False).train_extractors()
+            run = Run(run_dir, get_preset("smoke"), device="cpu", progress=False)
+            run.train_extractors()
+            run.train_ablation()
+            run.train_large_model()
+            for seed in run.seeds(len(run.preset.budgets))[1:]:
+                run.seed_run(seed).train_extractors(budgets=[baseline_budget(run)])
             done.write_text("")
     return run_dir
 

@@ -60,7 +60,7 @@ def _wait_for_server(url: str, proc: subprocess.Popen, log: Path, timeout: float
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory, smoke_extractors):
+def lab(tmp_path_factory, smoke_networks):
     """JupyterLab on a free localhost port, serving a copy of the alpha notebook over a trained smoke run."""
     import nbformat
     from papermill.iorw import load_notebook_node
@@ -68,7 +68,7 @@ def lab(tmp_path_factory, smoke_extractors):
 
     root = tmp_path_factory.mktemp("lab")
     # trained extractors beforehand, so Run All only trains the small mergers and the slider answers fast
-    run_dir = copy_run(smoke_extractors, root / "run")
+    run_dir = copy_run(smoke_networks, root / "run")
     # papermill's own injection (an "injected-parameters" cell after the `parameters` cell), not executed
     source = load_notebook_node(str(NOTEBOOKS_DIR / "04_merger_alpha.ipynb"))
     nb = parameterize_notebook(source, {"PRESET": "smoke", "RUN_DIR": str(run_dir), "DEVICE": "cpu",

@@ -153,11 +153,11 @@ def test_report_rejects_unknown_parameter_before_anything_runs(tmp_path, capsys)
 # ------------------------------------------------------------------------ the sequence executed
 
 @pytest.fixture(scope="module")
-def smoke_report(tmp_path_factory, smoke_extractors):
+def smoke_report(tmp_path_factory, smoke_networks):
     """`afs-kit report --preset smoke` once: every notebook through papermill into a tmp folder, on a run that
     holds the smoke extractors (notebook 01 loads them: training is tested where it is the subject)."""
     root = tmp_path_factory.mktemp("smoke-report")
-    out, run_dir = root / "report", copy_run(smoke_extractors, root / "run")
+    out, run_dir = root / "report", copy_run(smoke_networks, root / "run")
     # tiny models: one thread per kernel avoids oversubscribing a small shared machine
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"

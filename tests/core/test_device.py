@@ -167,10 +167,10 @@ def test_a_training_step_does_not_synchronize_with_the_host(model_and_data, trai
 
 
 @pytest.mark.slow
-def test_the_readme_tour_runs_as_written(tmp_path, smoke_extractors):
+def test_the_readme_tour_runs_as_written(tmp_path, smoke_networks):
     """The README's Python tour, with a trained smoke run instead of the demo (train_extractors loads them) and 20
     test images instead of 500 (its standard AutoAttack and quick checks were 52 s of the suite on 60)."""
-    copy_run(smoke_extractors, tmp_path / "run")
+    copy_run(smoke_networks, tmp_path / "run")
     block = README.read_text().split("**The library**, for your own loops:", 1)[1]
     code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
     assert 'Run.open("runs/demo", "demo")' in code and "run.test_set(500)" in code

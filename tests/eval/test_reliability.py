@@ -52,10 +52,10 @@ def tree(root: Path) -> dict[str, tuple[int, int]] | None:
 
 
 @pytest.fixture(scope="module")
-def sandbox(tmp_path_factory, smoke_extractors) -> Path:
+def sandbox(tmp_path_factory, smoke_networks) -> Path:
     """A folder holding a trained smoke run (`run/`): three extractors and the merger over all of them."""
     box = tmp_path_factory.mktemp("reliability")
-    run = Run(copy_run(smoke_extractors, box / "run"), SMOKE, device="cpu", progress=False)
+    run = Run(copy_run(smoke_networks, box / "run"), SMOKE, device="cpu", progress=False)
     run.afs_model("all")
     return box
 

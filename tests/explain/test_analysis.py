@@ -311,17 +311,18 @@ def test_selection_bad_inputs():
 # ------------------------------------------------------------------------ the selection on a run
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, one_thread):
-    """The smoke preset's three digits extractors (a few seconds), with Delta-z on 16 images."""
+def tiny_run(tmp_path_factory, smoke_networks, one_thread):
+    """The smoke preset's three digits extractors, with Delta-z on 16 images."""
     import dataclasses
+
+    from conftest import copy_run
 
     from afs_kit.config import get_preset
     from afs_kit.run.pipeline import Run
 
     preset = dataclasses.replace(get_preset("smoke"), delta_z_examples=16)
-    run = Run(tmp_path_factory.mktemp("tiny-run"), preset, device="cpu", progress=False)
-    run.train_extractors()
-    return run
+    return Run(copy_run(smoke_networks, tmp_path_factory.mktemp("tiny-run") / "run"), preset, device="cpu",
+               progress=False)
 
 
 def test_run_delta_z_values_uses_validation_images(tiny_run):
