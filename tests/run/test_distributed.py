@@ -46,7 +46,7 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
         torch.testing.assert_close(b["state_dict"][k], v, rtol=0, atol=atol, msg=k)
 
 
-def smoke_networks(run: Path, launch) -> Path:
+def smoke_extractors(run: Path, launch) -> Path:
     """The smoke run's three extractors, 2 epochs each, trained by `launch` (one process or torchrun)."""
     out = launch("train-extractors", *SMOKE, "--run", str(run), "--set", "extractor.epochs=2", "--quiet")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -55,12 +55,12 @@ def smoke_networks(run: Path, launch) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    return smoke_networks(tmp_path_factory.mktemp("one") / "run", one_process)
+    return smoke_extractors(tmp_path_factory.mktemp("one") / "run", one_process)
 
 
 @pytest.fixture(scope="module")
 def by_budgets(tmp_path_factory) -> Path:
-    return smoke_networks(tmp_path_factory.mktemp("two") / "run", torchrun)
+    return smoke_extractors(tmp_path_factory.mktemp("two") / "run", torchrun)
 
 
 def test_parallel_budgets_trains_each_budget_once_as_one_process_would(reference, by_budgets):

@@ -9,14 +9,14 @@ import subprocess
 import time
 
 import pytest
-from test_distributed import SMOKE, TORCHRUN, _env, assert_same_weights, extractors, one_process, smoke_networks
+from test_distributed import SMOKE, TORCHRUN, _env, assert_same_weights, extractors, one_process, smoke_extractors
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return smoke_networks(tmp_path_factory.mktemp("one") / "run", one_process)
+    return smoke_extractors(tmp_path_factory.mktemp("one") / "run", one_process)
 
 
 def test_a_killed_worker_restarts_and_the_job_ends_as_an_unbroken_one(reference, tmp_path):
