@@ -36,7 +36,8 @@ def smoke_networks(tmp_path_factory) -> Path:
     """A run folder holding the smoke preset's networks, trained once for the whole `make test` (both xdist workers;
     the first to ask trains, the other waits on a lock): copy it (`copy_run`) before use. The three extractors, and
     what the report's notebook 07 stacks besides them: table 6's two networks and the same-budget ensemble's members
-    (seeds 1 and 2 at the baseline budget). Six test files trained these same networks again, each."""
+    (seeds 1 and 2 at the baseline budget). Six test files trained these same networks again, each. Trained with
+    one thread, as a `python -m afs_kit` process under torchrun computes: the distributed tests compare bitwise."""
     from filelock import FileLock
 
     from afs_kit.config import get_preset
@@ -50,12 +51,17 @@ def smoke_networks(tmp_path_factory) -> Path:
     with FileLock(str(shared / "smoke-networks.lock")):
         if not done.is_file():
             shutil.rmtree(run_dir, ignore_errors=True)
-            run = Run(run_dir, get_preset("smoke"), device="cpu", progress=False)
-            run.train_extractors()
-            run.train_ablation()
-            run.train_large_model()
-            for seed in run.seeds(len(run.preset.budgets))[1:]:
-                run.seed_run(seed).train_extractors(budgets=[baseline_budget(run)])
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                run = Run(run_dir, get_preset("smoke"), device="cpu", progress=False)
+                run.train_extractors()
+                run.train_ablation()
+                run.train_large_model()
+                for seed in run.seeds(len(run.preset.budgets))[1:]:
+                    run.seed_run(seed).train_extractors(budgets=[baseline_budget(run)])
+            finally:
+                torch.set_num_threads(threads)
             done.write_text("")
     return run_dir
 

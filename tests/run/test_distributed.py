@@ -54,17 +54,12 @@ def smoke_extractors(run: Path, launch) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    return smoke_extractors(tmp_path_factory.mktemp("one") / "run", one_process)
-
-
-@pytest.fixture(scope="module")
 def by_budgets(tmp_path_factory) -> Path:
     return smoke_extractors(tmp_path_factory.mktemp("two") / "run", torchrun)
 
 
-def test_parallel_budgets_trains_each_budget_once_as_one_process_would(reference, by_budgets):
-    one, two = extractors(reference), extractors(by_budgets)
+def test_parallel_budgets_trains_each_budget_once_as_one_process_would(smoke_networks, by_budgets):
+    one, two = extractors(smoke_networks), extractors(by_budgets)  # the suite's run: one process, one thread
     assert list(one) == list(two) == ["eps-0", "eps-0.1000", "eps-0.2000"]
     # budgets shared out in turn: 0 and 0.2 on rank 0, 0.1 on rank 1; each trained once, nothing else
     assert [two[n]["trained_by"] for n in two] == [{"rank": r, "world_size": 2, "parallel": "budgets"}

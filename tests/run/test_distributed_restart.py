@@ -9,17 +9,12 @@ import subprocess
 import time
 
 import pytest
-from test_distributed import SMOKE, TORCHRUN, _env, assert_same_weights, extractors, one_process, smoke_extractors
+from test_distributed import SMOKE, TORCHRUN, _env, assert_same_weights, extractors
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return smoke_extractors(tmp_path_factory.mktemp("one") / "run", one_process)
-
-
-def test_a_killed_worker_restarts_and_the_job_ends_as_an_unbroken_one(reference, tmp_path):
+def test_a_killed_worker_restarts_and_the_job_ends_as_an_unbroken_one(smoke_networks, tmp_path):
     """Rank 0 (the lock holder, whose pid the lock file names) is killed with SIGKILL inside its second epoch;
     torchrun restarts both workers, which resume from their last finished epoch. Restarted workers used to read the
     killed attempt's gloo addresses from the agent's store and fail with "Connection refused" until 6 restarts
@@ -48,7 +43,7 @@ def test_a_killed_worker_restarts_and_the_job_ends_as_an_unbroken_one(reference,
         job.kill()
     assert job.returncode == 0, output[-3000:]
     assert "resuming from" in output and "after epoch 1/2" in output, output[-3000:]
-    two, one = extractors(run), extractors(reference)
+    two, one = extractors(run), extractors(smoke_networks)  # as one process trains them
     assert list(two) == list(one)
     for name in one:
         assert two[name]["history"] == one[name]["history"]
