@@ -187,7 +187,7 @@ def test_cifar10_fast_runs_end_to_end_with_small_overrides(tmp_path, capsys):
     """The GPU preset as a user runs it, shrunk by --set to a CPU minute: a JPEG training folder unpacked from its
     archive (real CIFAR-10 JPEGs, 32 per class and split, repacked as the real archive is: unpacking all 60,000
     cost 22 of this test's 70 s; the H100 check unpacks the real one) and the lossless test images, both
-    extractors, the merger, an evaluation with the light masking checks."""
+    extractors, the merger, an evaluation with the light masking checks (on 10 of its 20 examples)."""
     import tarfile
 
     from conftest import JPEG_ARCHIVE, MINI_NPZ
@@ -208,7 +208,7 @@ def test_cifar10_fast_runs_end_to_end_with_small_overrides(tmp_path, capsys):
     shrink = ["--set", f"data.spec={spec}", "--set", f"data.root={tmp_path / 'data'}", "--set", "data.train_limit=128",
               "--set", "budgets=0,8/255", "--set", "extractor.model=cnn-cifar", "--set", "extractor.epochs=1",
               "--set", "extractor.val_examples=50", "--set", "merger.epochs=1", "--set", "merger.attack_steps=2",
-              "--set", "evaluation.sanity_strength=light"]
+              "--set", "evaluation.sanity_strength=light", "--set", "evaluation.sanity_examples=10"]
     assert main(["train-extractors", "--preset", "cifar10-fast", "--run", run, "--quiet", *shrink, *device]) == 0
     assert main(["train-merger", "--run", run, "--subset", "all", "--quiet", *device]) == 0
     assert main(["evaluate", "--run", run, "--model", "afs", "--attacks", "clean,pgd10", "--n", "20", *device]) == 0
