@@ -11,7 +11,8 @@ CONSTRAINTS := constraints-cpu.txt
 # Python writes each module's .pyc the first time a process imports it, where PYTHONDONTWRITEBYTECODE lets it: a
 # machine that sets it (this one) would compile torch again in every process of the tests (`make test` 381 s ->
 # 595 s), so the recipes run without it. Compiling the whole venv at install instead (compileall on both cores)
-# took 39 s, twice what the tests' own imports compile.
+# took 39 s of the setup; compiled when first imported, torch, torchvision, SciPy, scikit-learn, matplotlib and
+# the kit cost about 15 s of one core, once.
 unexport PYTHONDONTWRITEBYTECODE
 
 # uv installs the same pins as pip in a fifth of the time (a fresh clone's setup: pip 2 to 2.6 minutes); where uv
