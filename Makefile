@@ -12,8 +12,7 @@ CONSTRAINTS := constraints-cpu.txt
 # machine that sets it (this one) would compile torch again in every process of the tests (`make test` 381 s ->
 # 595 s), so the recipes run without it. Compiling the whole venv at install instead (compileall on both cores)
 # took 39 s of the setup; compiled when first imported, torch, torchvision, SciPy, scikit-learn, matplotlib and
-# the kit cost about 15 s of one core, once. Setup imports what the kit's commands and notebook kernels import, so
-# the first `afs-kit report` (the demo) does not pay for it (uv, unlike pip, compiles nothing while installing).
+# the kit cost about 15 s of one core, once.
 unexport PYTHONDONTWRITEBYTECODE
 
 # uv installs the same pins as pip in a fifth of the time (a fresh clone's setup: pip 2 to 2.6 minutes); where uv
@@ -29,8 +28,6 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	  $(BIN)/python -m pip install -q --no-compile --no-deps torchattacks==3.5.1; \
 	fi
 	# (torchattacks pins requests~=2.25.1, which breaks jupyterlab-server: it goes in without its pins)
-	$(BIN)/python -c "import afs_kit.studies, afs_kit.widgets, afs_kit.app.reports, torchvision, papermill, nbconvert, \
-	  ipykernel.kernelapp"
 	touch $(STAMP)
 
 setup: $(STAMP)
