@@ -11,8 +11,10 @@ CONSTRAINTS := constraints-cpu.txt
 # Python writes each module's .pyc the first time a process imports it, where PYTHONDONTWRITEBYTECODE lets it: a
 # machine that sets it (this one) would compile torch again in every process of the tests (`make test` 381 s ->
 # 595 s), so the recipes run without it. Compiling the whole venv at install instead (compileall on both cores)
-# took 39 s of the setup; compiled when first imported, torch, torchvision, SciPy, scikit-learn, matplotlib and
-# the kit cost about 15 s of one core, once.
+# took 39 s of the setup; what the kit's commands and notebook kernels import (torch, torchvision, SciPy,
+# scikit-learn, matplotlib, papermill, ipykernel, the kit: a fifth of the files) costs 15 s of one core, or 12 s on
+# both: setup imports it once that way, so that a process run outside make, where PYTHONDONTWRITEBYTECODE is set (as
+# Docker images often do), finds it compiled. (uv, unlike pip, compiles nothing while installing.)
 unexport PYTHONDONTWRITEBYTECODE
 
 # uv installs the same pins as pip in a fifth of the time (a fresh clone's setup: pip 2 to 2.6 minutes); where uv
@@ -28,6 +30,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	  $(BIN)/python -m pip install -q --no-compile --no-deps torchattacks==3.5.1; \
 	fi
 	# (torchattacks pins requests~=2.25.1, which breaks jupyterlab-server: it goes in without its pins)
+	$(BIN)/python -c "import torchvision, afs_kit.studies, afs_kit.widgets, afs_kit.app.reports" & kit=$$!; \
+	  $(BIN)/python -c "import scipy.stats, sklearn.manifold, matplotlib.pyplot, seaborn, papermill, nbconvert, \
+	    ipykernel.kernelapp, ipywidgets" && wait $$kit
 	touch $(STAMP)
 
 setup: $(STAMP)
