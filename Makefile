@@ -30,9 +30,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	  $(BIN)/python -m pip install -q --no-compile --no-deps torchattacks==3.5.1; \
 	fi
 	# (torchattacks pins requests~=2.25.1, which breaks jupyterlab-server: it goes in without its pins)
-	$(BIN)/python -c "import torchvision, afs_kit.studies, afs_kit.widgets, afs_kit.app.reports" & kit=$$!; \
-	  $(BIN)/python -c "import scipy.stats, sklearn.manifold, matplotlib.pyplot, seaborn, papermill, nbconvert, \
-	    ipykernel.kernelapp, ipywidgets" && wait $$kit
+	$(BIN)/python -c "import torchvision, afs_kit.studies, afs_kit.analysis, afs_kit.widgets, afs_kit.app.reports" & \
+	  kit=$$!; $(BIN)/python -c "import scipy.stats, sklearn.manifold, matplotlib.pyplot, seaborn, openTSNE, papermill, \
+	    nbconvert, ipykernel.kernelapp, ipywidgets" && wait $$kit
 	touch $(STAMP)
 
 setup: $(STAMP)
