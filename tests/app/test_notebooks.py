@@ -154,8 +154,8 @@ def test_report_rejects_unknown_parameter_before_anything_runs(tmp_path, capsys)
 
 @pytest.fixture(scope="module")
 def smoke_report(tmp_path_factory, smoke_networks):
-    """`afs-kit report --preset smoke` once: every notebook through papermill into a tmp folder, on a run that
-    holds the smoke extractors (notebook 01 loads them: training is tested where it is the subject)."""
+    """`afs-kit report --preset smoke` once: every notebook through papermill into a tmp folder, on a copy of the
+    suite's trained smoke networks (the notebooks load them; training is tested where it is the subject)."""
     root = tmp_path_factory.mktemp("smoke-report")
     out, run_dir = root / "report", copy_run(smoke_networks, root / "run")
     # tiny models: one thread per kernel avoids oversubscribing a small shared machine

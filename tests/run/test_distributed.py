@@ -52,7 +52,8 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
 
 
 def smoke_extractors(run: Path, launch) -> Path:
-    """The smoke run's three extractors, 2 epochs each, trained by `launch` (one process or torchrun)."""
+    """The smoke run's three extractors, 2 epochs each, trained by `launch` (torchrun; the one-process side is the
+    suite's shared `smoke_networks`)."""
     out = launch("train-extractors", *SMOKE, "--run", str(run), "--set", "extractor.epochs=2", "--quiet")
     assert out.returncode == 0, out.stderr[-3000:]
     return run
