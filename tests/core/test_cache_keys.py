@@ -59,11 +59,11 @@ PINNED = {
         },
     },
     'cifar10-mini': {
-        'preset': 'b6f3bee92f2a',
+        'preset': '8ace3d45d3dc',
         'data': '8fc5736aff17',
         'extractor': '9c6b6813f46a',
         'merger': 'e1bb833393ec',
-        'evaluation': '00f43f2bdf0e',
+        'evaluation': 'f2a799229459',
         'budgets': {
             0.0: '9c6b6813f46a',
             0.00784313725490196: 'fae7e1f329df',
