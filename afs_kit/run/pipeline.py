@@ -26,7 +26,8 @@ from ..data.batches import data_fingerprint, limited
 from ..data.dataset import Dataset
 from ..data.datasets import load_dataset
 from ..errors import BadInput
-from ..eval.evaluation import add_attack, evaluate, load_partial, more_pgd_steps, save_partial, write_evaluation
+from ..eval.evaluation import (add_attack, evaluate, load_partial, more_pgd_steps, save_partial, summarize,
+                               write_evaluation)
 from ..eval.masking import aa_checks, attacks_joining_worst, checked_examples, sanity_checks
 from ..explain.selection import run_delta_z, run_selection
 from ..models.nets import check_model_name
@@ -50,6 +51,15 @@ def resolve_spec(spec: str) -> str:
         return spec
     candidate = PROJECT_ROOT / path
     return f"{kind}:{candidate}" if candidate.exists() else spec
+
+
+def checks_stale(checks: dict | None, cfg, model: torch.nn.Module) -> bool:
+    """Whether an evaluation record's masking checks must be made again: none, another strength, or made before
+    the smallest-margin check or (for a stack) the stack's own attacks."""
+    return (checks is None or checks.get("strength") != cfg.sanity_strength
+            or "smallest_margin_not_stronger" not in checks["checks"]
+            or (isinstance(model, AFSModel) and len(model.stack.extractors) > 1
+                and "stack_attacks_not_stronger" not in checks["checks"]))
 
 
 class Run:
@@ -386,6 +396,36 @@ class Run:
         return {"metrics": finished if held else {**finished, "attacks": []}, "partial": partial,
                 "flags": {a: f for a, f in flags.items() if a in metrics["attacks"]}}
 
+    def _record_cut_from_more(self, name: str, n: int, settings: dict, identity: dict, cfg,
+                              model: torch.nn.Module) -> tuple[dict | None, str | None]:
+        """The finished record of the same model under the same settings on the most test images above `n`, cut to
+        its first `n` (the same images: PGD's random starts are drawn per example), and that record's folder name;
+        (None, None) when there is none. AutoAttack on a subset (tables 4-5) then adds only its own attack to the
+        PGD flags and masking checks the full evaluation made: nothing is attacked twice, and one model's checks
+        read the same in both records. Only where those checks ran on examples among the first `n`; AutoAttack's
+        own flags are never cut (its per-attack counts are of the whole record), and never checks that would be
+        made again (another strength): the stronger attacks they added would then be added twice."""
+        root = self.dir.root / "eval"
+        prefix, suffix = f"{name}--n", f"--{config_hash(settings)[:6]}"
+        sizes = sorted((int(p.name[len(prefix):-len(suffix)]) for p in (root.iterdir() if root.is_dir() else ())
+                        if p.name.startswith(prefix) and p.name.endswith(suffix)
+                        and p.name[len(prefix):-len(suffix)].isdigit()), reverse=True)
+        for size in (s for s in sizes if s > n):
+            folder = self.dir.evaluation_name(name, size, config_hash(settings))
+            record = self._evaluation_record(self.dir.eval_dir(folder), config_hash(settings, identity, name, size))
+            if record is None or not record["flags"]:
+                continue
+            checks = record["metrics"].get("sanity")
+            if checks is not None and ((checks.get("n") or size) > n or checks_stale(checks, cfg, model)):
+                continue
+            kept = [a for a in record["metrics"]["attacks"] if a != "aa"]
+            flags = {a: record["flags"][a][:n] for a in kept}
+            metrics = {**summarize(dict(flags)), "attacks": kept}
+            if checks is not None:
+                metrics["sanity"] = checks
+            return {"metrics": metrics, "partial": None, "flags": flags}, folder
+        return None, None
+
     def evaluate(self, name: str, model: torch.nn.Module, attacks=None, n_examples=None, sanity: bool | None = None,
                  model_info: dict | None = None) -> dict:
         """Evaluate model `name` under the preset's protocol on the first `n_examples` test images.
@@ -411,18 +451,21 @@ class Run:
         key = config_hash(settings, identity, name, len(y))
         out_dir = self.dir.eval_dir(folder)
         record = self._evaluation_record(out_dir, key)
+        cut_from = None
+        if record is None and not (out_dir / "partial.pt").is_file():
+            record, cut_from = self._record_cut_from_more(name, len(y), settings, identity, cfg, model)
         held = record["metrics"]["attacks"] if record else []
         old_checks = (record or {}).get("metrics", {}).get("sanity")
         missing = [a for a in cfg.attacks if a not in held]
-        stale_checks = sanity and (old_checks is None or old_checks.get("strength") != cfg.sanity_strength
-                                   or "smallest_margin_not_stronger" not in old_checks["checks"] or (
-            isinstance(model, AFSModel) and len(model.stack.extractors) > 1  # checks made before a stack's own
-            and "stack_attacks_not_stronger" not in old_checks["checks"]))
+        stale_checks = sanity and checks_stale(old_checks, cfg, model)
         if not missing and not stale_checks:
             self.say(f"evaluation {folder}: found {', '.join(held)}")
             return record["metrics"]
         with self.writing():
-            if held:
+            if cut_from is not None:
+                self.say(f"evaluation {folder}: {', '.join(held)} and the masking checks from {cut_from} (its first "
+                         f"{len(y)} examples); adding {', '.join(missing) or 'nothing'}")
+            elif held:
                 self.say(f"evaluation {folder}: found {', '.join(held)}; adding "
                          f"{', '.join(missing) or 'masking checks'}")
             so_far = {"attacks": held, "code_version": code_version(), "name": folder,
@@ -433,6 +476,8 @@ class Run:
             result["flags"] = {a: f.cpu() for a, f in result["flags"].items()}  # as the record on disk holds them
             result["metrics"].update(key=key, name=folder, model_name=name, code_version=code_version(),
                                      world_size=self.world.size)
+            if cut_from is not None:
+                result["metrics"]["cut_from"] = cut_from
             if not self.world.main:  # under torchrun rank 0 alone runs the masking checks and writes the record
                 return self.world.broadcast(None)
             if sanity and (stale_checks or more_pgd_steps(held, missing)):
