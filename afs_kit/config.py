@@ -240,6 +240,9 @@ PRESETS: dict[str, Preset] = {
     # - extractors: FGSM with a random start and a cyclic rate (Wong et al. 2020), 15 epochs: 1.7 min at 8/255
     #   (val clean 43.5%, PGD-10 26.5%) where 10 epochs of PGD-5 took 3.5 min for 37.0% / 22.5%;
     #   20 epochs gained 2 points for 50% more time. cnn-cifar pools after its first conv (half the MACs).
+    # - training in fp32, extractors and mergers: on 2 Intel Xeon cores without AMX or AVX512-BF16 (bf16 emulated)
+    #   a bf16 training step of cnn-cifar took 1.65x an fp32 one (7.9 against 4.8 ms per image), and an extractor
+    #   about 4.5 min; fp32 also trains the same networks on every CPU.
     # - mergers: from the best member (lowest validation eq. 5 loss), 4 epochs against PGD-5 through the whole
     #   stack (one epoch of PGD-10 through five networks costs more than training one extractor), the rate
     #   divided by 10 for the last; the weights kept are the best of the 5 validation checks (the start among
@@ -255,9 +258,9 @@ PRESETS: dict[str, Preset] = {
         name="cifar10-mini",
         data=DataConfig(spec="npz:../shared/data/cifar10-mini.npz", **_CIFAR_DATA),
         extractor=ExtractorConfig(model="cnn-cifar", trainer="fgsm", lr_schedule="cyclic", epochs=15, batch_size=128,
-                                  lr=0.2, val_attack_steps=10, val_examples=200),
+                                  lr=0.2, val_attack_steps=10, val_examples=200, precision="fp32"),
         budgets=tuple(k255(k) for k in range(0, 9, 2)),
-        merger=MergerConfig(eps=k255(8), epochs=4, attack_steps=5, lr_drop_epoch=3, lr=0.5),
+        merger=MergerConfig(eps=k255(8), epochs=4, attack_steps=5, lr_drop_epoch=3, lr=0.5, precision="fp32"),
         evaluation=EvalConfig(eps=k255(8), n_examples=1000, aa_examples=250, aa_attacks=("apgd-ce", "apgd-dlr"),
                               sanity_strength="light", sanity_examples=100,
                               budgets=tuple(k255(k) for k in (0, 2, 4, 8, 12, 16))),
