@@ -452,13 +452,15 @@ class Run:
         out_dir = self.dir.eval_dir(folder)
         record = self._evaluation_record(out_dir, key)
         cut_from = None
-        if record is None and not (out_dir / "partial.pt").is_file():
-            record, cut_from = self._record_cut_from_more(name, len(y), settings, identity, cfg, model)
+        if record is None or not record["flags"]:  # none yet, or AutoAttack on a cut record killed: resumed
+            cut, cut_from = self._record_cut_from_more(name, len(y), settings, identity, cfg, model)
+            if cut is not None:
+                record = {**cut, "partial": (record or {}).get("partial")}
         held = record["metrics"]["attacks"] if record else []
         old_checks = (record or {}).get("metrics", {}).get("sanity")
         missing = [a for a in cfg.attacks if a not in held]
         stale_checks = sanity and checks_stale(old_checks, cfg, model)
-        if not missing and not stale_checks:
+        if not missing and not stale_checks and cut_from is None:
             self.say(f"evaluation {folder}: found {', '.join(held)}")
             return record["metrics"]
         with self.writing():

@@ -2,6 +2,8 @@
 checks are cut to those n, and only AutoAttack runs; the result is the one a direct evaluation on n gives."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -91,3 +93,41 @@ def test_a_record_is_not_cut_below_the_examples_its_checks_used(runs, monkeypatc
     attacks, checks = spy(monkeypatch)
     fewer = run.evaluate("net", model, attacks=WITH_AA, n_examples=40, sanity=True)
     assert "cut_from" not in fewer and attacks[:3] == ["pgd10", "pgd20", "aa"] and checks == [40]
+
+
+def test_pgd_alone_on_fewer_images_is_a_record_of_its_own_with_nothing_attacked(runs, monkeypatch):
+    run, _ = runs
+    model = run.extractor(0.1)[0]
+    whole = run.evaluate("net", model, attacks=PGD, n_examples=60, sanity=True)
+    attacks, checks = spy(monkeypatch)
+    cut = run.evaluate("net", model, attacks=PGD, n_examples=50, sanity=True)
+    assert attacks == [] and checks == [] and cut["cut_from"] == whole["name"] and cut["n"] == 50
+    assert torch.equal(flags_of(run, cut)["worst"], flags_of(run, whole)["worst"][:50])
+    assert run.evaluate("net", model, attacks=PGD, n_examples=50, sanity=True) == cut  # found on disk now
+
+
+def test_autoattack_on_a_cut_record_killed_between_chunks_resumes_there(tmp_path, smoke_networks, one_thread,
+                                                                         monkeypatch):
+    preset = dataclasses.replace(SMOKE, evaluation=dataclasses.replace(SMOKE.evaluation, chunk_size=20))
+    run, twin = (Run(copy_run(smoke_networks, tmp_path / name), preset, device="cpu", progress=False)
+                 for name in ("run", "twin"))
+    model = run.extractor(0.1)[0]
+    run.evaluate("net", model, attacks=PGD, n_examples=60, sanity=True)
+    real, calls = evaluation.attack_flags, []
+
+    def killed(*args, **kwargs):  # Ctrl-C while AutoAttack works on its second chunk of three
+        calls.append(args[3])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "attack_flags", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run.evaluate("net", model, attacks=WITH_AA, n_examples=50, sanity=True)
+    monkeypatch.setattr(evaluation, "attack_flags", real)
+    attacks, checks = spy(monkeypatch)
+    resumed = run.evaluate("net", model, attacks=WITH_AA, n_examples=50, sanity=True)
+    assert attacks == ["aa", "aa"] and checks == []  # chunks 2 and 3 of AutoAttack, nothing else
+    assert "cut_from" in resumed and resumed["attacks"].count("aa") == 1
+    direct = twin.evaluate("net", twin.extractor(0.1)[0], attacks=WITH_AA, n_examples=50, sanity=True)
+    assert torch.equal(flags_of(run, resumed)["aa"], flags_of(twin, direct)["aa"])
