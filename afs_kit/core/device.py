@@ -55,7 +55,8 @@ def autocast(precision: str, device: torch.device | str):
 
 
 def memory_format(precision: str) -> torch.memory_format:
-    """channels_last pays with bf16 convolutions (oneDNN/AMX, tensor cores); fp32 stays contiguous."""
+    """channels_last pays with bf16 convolutions (oneDNN/AMX, tensor cores): bf16 training hands its data and
+    weights over in that layout; on a CPU every network also takes its input in it (`FeatureNet.features`)."""
     return torch.channels_last if precision == "bf16" else torch.contiguous_format
 
 
