@@ -71,7 +71,7 @@ GPU_FULL = dataclasses.replace(GPU_QUICK, extractor_images=2048, merger_images=2
 TARGETS = {  # ratio = reference_s / kit_s must reach this
     "extractor_epoch": 3.0,
     "merger_epoch": 3.0,
-    "pgd_fp32_vs_torchattacks": 0.95,
+    "pgd_fp32_vs_torchattacks": 1.3,  # CPU: channels-last inside the kit's networks (1.62x on 2 Intel Xeon cores)
     "pgd_bf16_vs_torchattacks": 3.0,
     "autoattack_vs_pyautoattack": 1 / 1.1,
     "tsne_vs_sklearn": 3.0,  # 2.5 in --quick
@@ -212,8 +212,9 @@ def extractor_epoch(ctx: Context) -> dict:
     # FLOPs grow linearly with the batch: count one step on a few images and scale
     kit_flops = _count_flops(lambda: kit_run(xk[:FLOP_IMAGES], yk[:FLOP_IMAGES])) * batch // FLOP_IMAGES
 
-    # reference: the authors' loop
-    ref_model, ref_opt = fresh(torch.contiguous_format)
+    # reference: the authors' loop, NCHW throughout
+    ref_net, ref_opt = fresh(torch.contiguous_format)
+    ref_model = ref.PlainLayout(ref_net)
     loader = ref.authors_loader(x_u8, y, batch, ctx.workers, seed=0)
     warm_loader = ref.authors_loader(x_u8[:warm], y[:warm], warm, ctx.workers, seed=0)
     ref.authors_extractor_epoch(ref_model, warm_loader, ref_opt, EPS, STEP, 10, dev)  # warm-up: one step
@@ -296,7 +297,7 @@ def merger_epoch(ctx: Context) -> dict:
     peak_mib = round(torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else None
 
     # reference: the authors' merger loop over the same extractors and the same initial merger
-    ref_model = ref.AuthorsStack([copy.deepcopy(m) for m in extractors], num_classes)
+    ref_model = ref.AuthorsStack([ref.PlainLayout(copy.deepcopy(m)) for m in extractors], num_classes)
     torch.manual_seed(0)
     ref_model.merger = nn.Linear(stack.feature_dim, num_classes)
     ref_model = ref_model.to(dev)
@@ -337,6 +338,7 @@ def pgd_cases(ctx: Context) -> list[dict]:
     """pgd_fp32_vs_torchattacks and pgd_bf16_vs_torchattacks on the adversarially trained cnn-small."""
     s, dev = ctx.sizes, ctx.device
     model = ctx.cnn(EPS)
+    plain = ref.PlainLayout(model)  # torchattacks on the network as users run theirs: NCHW
     model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     x = to_float(ctx.data.x_test[:s.pgd_images]).to(dev)
     y = ctx.data.y_test[:s.pgd_images].to(dev)
@@ -350,7 +352,7 @@ def pgd_cases(ctx: Context) -> list[dict]:
         return run
 
     runs = {
-        "reference": ieee(lambda xs, ys: ref.torchattacks_pgd(model, xs, ys, EPS, STEP, 20)),
+        "reference": ieee(lambda xs, ys: ref.torchattacks_pgd(plain, xs, ys, EPS, STEP, 20)),
         "kit_fp32": ieee(lambda xs, ys: pgd(model, xs, ys, EPS, STEP, 20, precision="fp32", generator=gen)),
         "kit_bf16": lambda xs, ys: pgd(model_cl, xs.contiguous(memory_format=torch.channels_last), ys, EPS, STEP, 20,
                                        precision="bf16", generator=gen),
@@ -375,8 +377,9 @@ def pgd_cases(ctx: Context) -> list[dict]:
                   steps=20, ctx=ctx, attack="PGD-20 Linf eps 8/255 step 2/255, uniform random start",
                   accuracy_examples=n_acc)
     ref_set = _settings("torchattacks.PGD", dtype="fp32", memory_format="contiguous", **common)
+    kit_layout = "channels_last inside the network" if dev.type == "cpu" else "contiguous"
     fp32 = _result("pgd_fp32_vs_torchattacks", med["kit_fp32"], med["reference"],
-                   _settings("afs_kit.attacks.pgd", dtype="fp32", memory_format="contiguous", **common), ref_set,
+                   _settings("afs_kit.attacks.pgd", dtype="fp32", memory_format=kit_layout, **common), ref_set,
                    1.0 if dev.type == "cuda" else TARGETS["pgd_fp32_vs_torchattacks"], clean_acc=round(clean, 2), kit_acc=acc["kit_fp32"],
                    reference_acc=acc["reference"], kit_times_s=times["kit_fp32"], reference_times_s=times["reference"],
                    compile_s=None)

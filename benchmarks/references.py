@@ -84,6 +84,21 @@ def authors_extractor_epoch(model: nn.Module, loader: DataLoader, optimizer, eps
     return total / max(n, 1)
 
 
+class PlainLayout(nn.Module):
+    """A kit network run as the loops people use today run theirs: NCHW (contiguous) throughout. The kit's own
+    forward takes a CPU input in channels-last layout (`FeatureNet.features`); same weights, same arithmetic."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.trunk(self.net.normalize(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.classifier(self.features(x))
+
+
 class AuthorsStack(nn.Module):
     """The authors' stacked model: extractors' penultimate features concatenated, one linear merger.
 
