@@ -17,7 +17,8 @@ from afs_kit.run.pipeline import Run
 
 SMOKE = get_preset("smoke")  # 60 test digits, masking checks on the first 50
 PGD, WITH_AA = ("clean", "pgd10", "pgd20"), ("clean", "pgd10", "pgd20", "aa")
-BY_AA = ("aa_square_breaks_nothing", "aa_not_above_pgd")  # checks that compare AutoAttack with PGD, made again when AutoAttack is added
+# the checks that compare AutoAttack with PGD, made again when AutoAttack is added
+BY_AA = ("aa_square_breaks_nothing", "aa_not_above_pgd")
 
 
 @pytest.fixture
