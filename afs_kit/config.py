@@ -233,7 +233,13 @@ PRESETS: dict[str, Preset] = {
     # (500), the alpha sweep at 0 and 0.5 (0, 0.5, 1: alpha = 1 is the clean-only end, which the 0/255 single
     # network already marks), and the "light" masking checks (Square 200 queries, not 1,000; the converged check's
     # PGD-100 with one restart, not two, which also halves the stronger attack a failed check runs on every
-    # image), still on 100 images. Most of an evaluation is the
+    # image), still on 100 images. Measured with them (2 idle Intel Xeon cores without AMX, fp32 training, every
+    # network taking its input channels-last): notebook 01 for both seeds 43 min (10 extractors: 1.6 min at 0,
+    # 3.0-4.2 min adversarial; each evaluated on the 1,000 images in 30-50 s where its checks pass, 1.5-2 min where
+    # `converged` fails and its PGD-100 runs on every image left standing), 02 and 03 20 s; the rest (mergers,
+    # controls, table 6's networks, AutoAttack) estimated at 1.5-2 h more: about 2.5 h in all, so the committed
+    # report is still the one seed made by e44dd0d under the earlier settings (bf16, AutoAttack on 500, quick
+    # checks, alphas 0, 0.5, 1). Most of an evaluation is the
     # stronger PGD that a failed `converged` check runs (PGD-100, 2 restarts, CE and CW, only on the examples
     # PGD-10/20 left standing); `evaluate --estimate` says 8.4 min for the 6/255 extractor, 36 if the check fails.
     # Evaluations are saved chunk by chunk, so the report resumes across invocations. What was cut to fit, and
