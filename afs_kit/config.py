@@ -237,7 +237,8 @@ PRESETS: dict[str, Preset] = {
     # network taking its input channels-last): notebook 01 for both seeds 43 min (10 extractors: 1.6 min at 0,
     # 3.0-4.2 min adversarial; each evaluated on the 1,000 images in 30-50 s where its checks pass, 1.5-2 min where
     # `converged` fails and its PGD-100 runs on every image left standing), 02 and 03 20 s; the rest (mergers,
-    # controls, table 6's networks, AutoAttack) estimated at 1.5-2 h more: about 2.5 h in all, so the committed
+    # controls, table 6's networks, AutoAttack; one merger epoch through the rule's two networks took 2 min)
+    # estimated at 1.5-2 h more: about 2.5 h in all, so the committed
     # report is still the one seed made by e44dd0d under the earlier settings (bf16, AutoAttack on 500, quick
     # checks, alphas 0, 0.5, 1). Most of an evaluation is the
     # stronger PGD that a failed `converged` check runs (PGD-100, 2 restarts, CE and CW, only on the examples
