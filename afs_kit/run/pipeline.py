@@ -405,13 +405,9 @@ class Run:
         read the same in both records. Only where those checks ran on examples among the first `n`; AutoAttack's
         own flags are never cut (its per-attack counts are of the whole record), and never checks that would be
         made again (another strength): the stronger attacks they added would then be added twice."""
-        root = self.dir.root / "eval"
-        prefix, suffix = f"{name}--n", f"--{config_hash(settings)[:6]}"
-        sizes = sorted((int(p.name[len(prefix):-len(suffix)]) for p in (root.iterdir() if root.is_dir() else ())
-                        if p.name.startswith(prefix) and p.name.endswith(suffix)
-                        and p.name[len(prefix):-len(suffix)].isdigit()), reverse=True)
-        for size in (s for s in sizes if s > n):
-            folder = self.dir.evaluation_name(name, size, config_hash(settings))
+        settings_key = config_hash(settings)
+        for size in (s for s in self.dir.evaluation_sizes(name, settings_key) if s > n):
+            folder = self.dir.evaluation_name(name, size, settings_key)
             record = self._evaluation_record(self.dir.eval_dir(folder), config_hash(settings, identity, name, size))
             if record is None or not record["flags"]:
                 continue

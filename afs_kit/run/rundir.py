@@ -231,6 +231,13 @@ class RunDir:
         the notebooks call this alike, so each reuses the other's attacks."""
         return f"{model}--n{n_examples}--{settings_key[:6]}"
 
+    def evaluation_sizes(self, model: str, settings_key: str) -> list[int]:
+        """The example counts of `model`'s evaluation records under `settings_key`, largest first."""
+        root, prefix, suffix = self.root / "eval", f"{model}--n", f"--{settings_key[:6]}"
+        counts = (p.name[len(prefix):-len(suffix)] for p in (root.iterdir() if root.is_dir() else ())
+                  if p.name.startswith(prefix) and p.name.endswith(suffix))
+        return sorted((int(c) for c in counts if c.isdigit()), reverse=True)
+
     @property
     def figures(self) -> Path:
         return self.root / "figures"
