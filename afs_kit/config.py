@@ -223,28 +223,22 @@ PRESETS: dict[str, Preset] = {
         large_model="cnn-small-x2",
         tsne_examples=500,
     ),
-    # real CIFAR-10 (lossless 4,000 train / 1,000 test), five budgets 0..8/255, evaluated at 8/255. On 500 test
-    # images and 2 seeds the whole report took 96 min of wall time on 2 shared CPU cores. On all 1,000 test
-    # images ONE seed took about 2 h 40 min over four invocations on 2 cores shared with the test suite (the last
-    # session's ~40 min for extractors, selection and the alpha sweep; then 01 18.5 min with the second seed's
-    # extractors, 04 29 min, 05 13 min, 07 about 41 + 17 min: AutoAttack on 500 for three models, the same-budget
-    # ensemble's two extra networks and merger, table 6's two networks): over the 2 hours allowed for two seeds.
-    # Cut for two seeds, in this order (the merger's training untouched): AutoAttack on the first 250 test images
-    # (500), the alpha sweep at 0 and 0.5 (0, 0.5, 1: alpha = 1 is the clean-only end, which the 0/255 single
-    # network already marks), and the "light" masking checks (Square 200 queries, not 1,000; the converged check's
-    # PGD-100 with one restart, not two, which also halves the stronger attack a failed check runs on every
-    # image), still on 100 images. Measured with them (2 idle Intel Xeon cores without AMX, fp32 training, every
-    # network taking its input channels-last): notebook 01 for both seeds 43 min (10 extractors: 1.6 min at 0,
+    # real CIFAR-10 (lossless 4,000 train / 1,000 test), five budgets 0..8/255, evaluated at 8/255, 2 seeds.
+    # One seed on all 1,000 test images under the earlier settings (bf16, AutoAttack on 500, quick checks, alphas
+    # 0, 0.5, 1) took about 2 h 40 min on 2 shared cores, over the 2 hours allowed for two seeds. Cut, in this
+    # order (the merger's training untouched): AutoAttack on the first 250 test images (500), the alpha sweep at 0
+    # and 0.5 (alpha = 1 is the clean-only end, which the 0/255 single network already marks), and the "light"
+    # masking checks (Square 200 queries, not 1,000; the converged check's PGD-100 with one restart, not two,
+    # which also halves the stronger attack a failed check runs on every image), on 100 images. Measured with
+    # them for the committed two-seed report (2 idle Intel Xeon cores without AMX, fp32 training, inputs
+    # channels-last), in two invocations: notebook 01 for both seeds 43 min (10 extractors: 1.6 min at 0,
     # 3.0-4.2 min adversarial; each evaluated on the 1,000 images in 30-50 s where its checks pass, 1.5-2 min where
-    # `converged` fails and its PGD-100 runs on every image left standing), 02 and 03 20 s; the rest (mergers,
-    # controls, table 6's networks, AutoAttack; one merger epoch through the rule's two networks took 2 min)
-    # estimated at 1.5-2 h more: about 2.5 h in all, so the committed
-    # report is still the one seed made by e44dd0d under the earlier settings (bf16, AutoAttack on 500, quick
-    # checks, alphas 0, 0.5, 1). Most of an evaluation is the
-    # stronger PGD that a failed `converged` check runs (PGD-100, 2 restarts, CE and CW, only on the examples
-    # PGD-10/20 left standing); `evaluate --estimate` says 8.4 min for the 6/255 extractor, 36 if the check fails.
-    # Evaluations are saved chunk by chunk, so the report resumes across invocations. What was cut to fit, and
-    # why (each measured on 1 core):
+    # `converged` fails), 02 and 03 20 s, 04 11 min (resuming an alpha = 0 merger the first invocation had
+    # partly trained; a merger epoch through the rule's two networks takes 2 min), 05 18 min, 07 49 min (both
+    # seeds' controls, table 6's networks, AutoAttack): about 2 h 10 min in all, a little over the target. Most
+    # of an evaluation is the stronger PGD that a failed `converged` check runs (PGD-100, CE and CW, on the
+    # examples PGD-10/20 left standing). Evaluations are saved chunk by chunk, so the report resumes across
+    # invocations. What was cut earlier to fit, and why (each measured on 1 core):
     # - extractors: FGSM with a random start and a cyclic rate (Wong et al. 2020), 15 epochs: 1.7 min at 8/255
     #   (val clean 43.5%, PGD-10 26.5%) where 10 epochs of PGD-5 took 3.5 min for 37.0% / 22.5%;
     #   20 epochs gained 2 points for 50% more time. cnn-cifar pools after its first conv (half the MACs).
