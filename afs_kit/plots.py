@@ -204,11 +204,15 @@ def _own_points(ax, results: Mapping[str, tuple[float, float]], n: int | None,
         xs = np.concatenate([[corners[0, 1]], corners[:, 1]])
         ys = np.concatenate([[0.0], corners[:, 0]])
         ax.plot(xs, ys, "--", color="0.35", lw=1.2, label="single networks' frontier", zorder=1)
+    drawn: dict[tuple[float, float], str] = {}
     for name, (cx, ry) in results.items():
-        # one legend entry per model, with its interval; stacked models drawn above single ones
+        # one legend entry per model, with its interval; stacked models drawn above single ones; a model whose
+        # marker another one covers says so in its legend entry
         colour, marker = styles[name]
+        hidden = drawn.setdefault((round(cx, 6), round(ry, 6)), name)
+        label = name if hidden == name else f"{name} (the same point as {hidden})"
         ax.errorbar([cx], [ry], xerr=_wilson_yerr([cx], n), yerr=_wilson_yerr([ry], n), fmt=marker, color=colour,
-                    ms=12 if marker == HEADLINE_MARKER else 7, capsize=3, label=name,
+                    ms=12 if marker == HEADLINE_MARKER else 7, capsize=3, label=label,
                     zorder=3 if marker != "o" else 2, mec="black" if marker != "o" else None, mew=0.6)
 
 

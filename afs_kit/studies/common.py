@@ -191,6 +191,11 @@ def accuracy_row(metrics: dict, attacks: Sequence[str]) -> dict:
     merged = model.get("kind") in ("merger", "ensemble")
     out["floor"] = floor_label(model.get("floor")) if merged else "-"
     out["floor_verdict"] = model.get("floor") if merged else None
+    # which of its checked weights a merger kept: "start" (from the best member's head, it predicts as that
+    # member does) or "epoch N"; None where not a merger or not recorded
+    kept = model.get("kept_epoch") if merged else None
+    out["merger_kept"] = None if kept is None else "start" if kept == 0 else f"epoch {kept}"
+    out["merger_init"] = model.get("init") if merged else None
     out["eval"], out["examples_hash"] = metrics.get("name"), metrics.get("examples", {}).get("hash")
     return out
 

@@ -360,6 +360,10 @@ def comparison_text(rows: Sequence[dict], paired: Sequence[dict], frontier: dict
     if not any(p["attacks"] == "matched robustness" for p in paired):
         text += (f" No single extractor's worst case lies inside AFS's 95% interval [{ci_text(afs['worst_ci'])}], "
                  f"so none is compared at matched robustness.")
+    for r in rows:
+        if r.get("merger_kept") == "start" and r.get("merger_init") == "best-member":
+            text += (f" {r['method']}: its merger kept its start, the head of its best member on validation (no "
+                     f"epoch's weights scored higher), so it predicts exactly as that single network does.")
     if frontier is not None:
         text += " " + frontier_text(frontier, "robustness under every PGD attack")
     return text

@@ -63,6 +63,12 @@ def test_fig1_draws_the_singles_frontier_and_keeps_labels_apart():
     # x is clean, y robust: flat (vertical here) below the most accurate network, then its corners
     assert line[0].get_xdata().tolist() == [60.0, 60.0, 50.0, 30.0]
     assert line[0].get_ydata().tolist() == [0.0, 10.0, 20.0, 30.0]
+    # a model drawn on exactly another's point (a merger that kept its member's head) says so in the legend,
+    # since its marker is covered; models apart keep their plain names
+    fig = plots.plot_clean_vs_robust({"ensemble": (41.5, 19.1), "eps=8/255": (41.5, 19.1), "eps=0": (60.7, 1.2)},
+                                     reference=None, n=1000)
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["ensemble", "eps=8/255 (the same point as ensemble)", "eps=0"]
 
 
 def test_one_colour_per_extractor_in_every_figure_and_a_marker_only_stacked_models_use():
