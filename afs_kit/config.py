@@ -200,9 +200,9 @@ PRESETS: dict[str, Preset] = {
         tsne_examples=360,
         delta_z_examples=200,
     ),
-    # real Fashion-MNIST, small CNN: half an hour to an hour on 2 CPU cores (measured: 48 min for the whole report
-    # with the rule's stack and both controls, at one thread on cores shared with the cifar10-mini report and the
-    # test suite; 36 min before the controls; at most 1.7 GB). Cut from the first version (7 budgets, 10,000
+    # real Fashion-MNIST, small CNN: about an hour on 2 CPU cores (measured: 56 min for the whole report from
+    # nothing on 2 idle Intel Xeon cores in fp32 (01 16 min, 04 9 min, 05 12 min, 07 19 min); 48 min earlier, in
+    # bf16 at one thread on cores shared with other jobs; at most 1.7 GB). Cut from the first version (7 budgets, 10,000
     # images, 4 merger epochs of PGD-7, standard AutoAttack through 7 networks: its notebook 07 alone ran 25 min
     # before the job was stopped) as cifar10-mini was: 5,000 images, five budgets, mergers 2 epochs of PGD-5,
     # 500 test images with AutoAttack's APGD-CE and APGD-DLR, masking checks on 100. Trained in fp32, as cifar10-mini:

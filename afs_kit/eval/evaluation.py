@@ -173,6 +173,38 @@ def summarize(flags: dict[str, torch.Tensor]) -> dict:
     return out
 
 
+def protocol_attacks_beyond(held, attacks) -> list[str]:
+    """The protocol attacks (`config.ATTACKS`: PGD-10, PGD-20, AutoAttack) a record holds beyond those asked for;
+    the stronger attacks that failed masking checks joined to `worst` are never among them."""
+    return [a for a in held if a in ATTACKS and a != "clean" and a not in attacks]
+
+
+def flags_over(flags: dict[str, torch.Tensor], attacks) -> dict[str, torch.Tensor]:
+    """Per-example flags as if only `attacks` (and the attacks failed checks joined) had been run, `worst`
+    recomputed: a record that also holds AutoAttack, added for tables 4-5, gives a PGD table the same measure as
+    that table's other rows."""
+    extra = protocol_attacks_beyond(flags, attacks)
+    if not extra:
+        return flags
+    kept = {a: f for a, f in flags.items() if a not in extra and a != "worst"}
+    summarize(kept)
+    return kept
+
+
+def metrics_over(metrics: dict, flags: dict[str, torch.Tensor], attacks) -> dict:
+    """An evaluation record's metrics as if only `attacks` had been run (`flags_over`); "left_out" names the
+    protocol attacks it holds beyond them. The masking checks are the record's."""
+    extra = protocol_attacks_beyond(metrics["attacks"], attacks)
+    if not extra:
+        return metrics
+    dropped = {*extra, "worst", "ci95", "tradeoff", "aa_breakdown"}
+    out = {k: v for k, v in metrics.items() if k not in dropped}
+    out.update(summarize(flags_over(flags, attacks)))
+    out["attacks"] = [a for a in metrics["attacks"] if a not in extra]
+    out["left_out"] = extra
+    return out
+
+
 def add_attack(result: dict, name: str, robust: torch.Tensor) -> dict:
     """Add one more attack's robust flags to an `evaluate` result: accuracies, `worst` and intervals
     are recomputed from every flag, so the headline number stays the per-example worst case."""

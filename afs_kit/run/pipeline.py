@@ -26,8 +26,8 @@ from ..data.batches import data_fingerprint, limited
 from ..data.dataset import Dataset
 from ..data.datasets import load_dataset
 from ..errors import BadInput
-from ..eval.evaluation import (add_attack, evaluate, load_partial, more_pgd_steps, save_partial, summarize,
-                               write_evaluation)
+from ..eval.evaluation import (add_attack, evaluate, load_partial, metrics_over, more_pgd_steps, save_partial,
+                               summarize, write_evaluation)
 from ..eval.masking import aa_checks, attacks_joining_worst, checked_examples, sanity_checks
 from ..explain.selection import run_delta_z, run_selection
 from ..models.nets import check_model_name
@@ -427,8 +427,9 @@ class Run:
         """Evaluate model `name` under the preset's protocol on the first `n_examples` test images.
 
         One record per model and settings (RUN/eval/<name>--n<N>--<settings>): attacks it holds are reused, missing
-        ones added (never replacing it), `worst` recomputed over all; each finished chunk of examples is saved, so a
-        killed evaluation resumes there. `sanity` (the masking checks): None runs them for stacked models, which are
+        ones added (never replacing it), `worst` recomputed over all; the metrics returned are over the attacks
+        asked for (`metrics_over`: a PGD table's row leaves out the AutoAttack another table added). Each finished
+        chunk of examples is saved, so a killed evaluation resumes there. `sanity` (the masking checks): None runs them for stacked models, which are
         never reported without them. A record of another model under the same name (a retrained one) is replaced."""
         if sanity is None:
             sanity = isinstance(model, (AFSModel, LogitAverage))
@@ -458,7 +459,7 @@ class Run:
         stale_checks = sanity and checks_stale(old_checks, cfg, model)
         if not missing and not stale_checks and cut_from is None:
             self.say(f"evaluation {folder}: found {', '.join(held)}")
-            return record["metrics"]
+            return metrics_over(record["metrics"], record["flags"], cfg.attacks)
         with self.writing():
             if cut_from is not None:
                 self.say(f"evaluation {folder}: {', '.join(held)} and the masking checks from {cut_from} (its first "
@@ -506,4 +507,4 @@ class Run:
                 f"{a} {metrics[a]:.1f}% [{metrics['ci95'][a][0]:.1f}-{metrics['ci95'][a][1]:.1f}]" for a in shown)
                 + ("" if checks is None else "; masking checks " + (
                     "passed" if checks["passed"] else "FAILED: " + ", ".join(checks["failed"]))))
-            return self.world.broadcast(metrics)
+            return self.world.broadcast(metrics_over(metrics, result["flags"], cfg.attacks))

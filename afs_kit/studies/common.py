@@ -17,6 +17,7 @@ from ..core.checks import check_int
 from ..core.io import load_checkpoint, read_json
 from ..core.stats import compare
 from ..errors import BadInput
+from ..eval.evaluation import flags_over
 from ..models.stack import subset_vector
 from ..plots import extractor_colours, save_figure
 from ..run.pipeline import Run
@@ -197,6 +198,7 @@ def accuracy_row(metrics: dict, attacks: Sequence[str]) -> dict:
     out["merger_kept"] = None if kept is None else "start" if kept == 0 else f"epoch {kept}"
     out["merger_init"] = model.get("init") if merged else None
     out["eval"], out["examples_hash"] = metrics.get("name"), metrics.get("examples", {}).get("hash")
+    out["attacks"] = metrics.get("attacks")  # the attacks behind these numbers (a record may hold more)
     return out
 
 
@@ -217,15 +219,17 @@ def health_label(health: dict | None) -> str:
     return "FLAGGED: " + (", ".join(why) or "see checkpoint")
 
 
-def evaluation_flags(run: Run, name: str) -> dict[str, torch.Tensor]:
-    """The per-example flags saved beside evaluation `name`'s metrics.json (for paired tests)."""
-    return load_checkpoint(run.dir.eval_dir(name) / "flags.pt")["flags"]
+def evaluation_flags(run: Run, name: str, attacks: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """The per-example flags saved beside evaluation `name`'s metrics.json (for paired tests); with `attacks`, as
+    if only those had been run (`flags_over`), as the row's numbers are."""
+    flags = load_checkpoint(run.dir.eval_dir(name) / "flags.pt")["flags"]
+    return flags if attacks is None else flags_over(flags, attacks)
 
 
 def paired_sentence(run: Run, a: dict, b: dict, name_a: str, name_b: str, measure: str = "worst") -> str:
     """'A is better than B (...)' or 'no significant difference' for two table rows, by the exact
     McNemar test on their per-example flags (same examples, checked by the examples' hash)."""
-    fa, fb = evaluation_flags(run, a["eval"]), evaluation_flags(run, b["eval"])
+    fa, fb = evaluation_flags(run, a["eval"], a.get("attacks")), evaluation_flags(run, b["eval"], b.get("attacks"))
     if a["examples_hash"] != b["examples_hash"]:
         raise BadInput(f"rows {name_a!r} and {name_b!r} were evaluated on different examples; no paired test")
     return compare(fa[measure], fb[measure], name_a, name_b)["text"]

@@ -232,7 +232,8 @@ def paired_comparisons(run: Run, rows: Sequence[dict]) -> list[dict]:
     for other in rows[1:]:
         use_aa = afs["aa_eval"] is not None and other["aa_eval"] is not None
         key = "aa_eval" if use_aa else "pgd_eval"
-        a, b = evaluation_flags(run, afs[key]), evaluation_flags(run, other[key])
+        measured = None if use_aa else PGD_ATTACKS  # a PGD record may also hold AutoAttack, added for another row
+        a, b = evaluation_flags(run, afs[key], measured), evaluation_flags(run, other[key], measured)
         for what in ("clean", "worst"):
             verdict = compare(a[what], b[what], "AFS", other["method"])
             out.append({"against": other["method"], "role": other["role"], "measure": what,

@@ -132,3 +132,22 @@ def test_autoattack_on_a_cut_record_killed_between_chunks_resumes_there(tmp_path
     assert "cut_from" in resumed and resumed["attacks"].count("aa") == 1
     direct = twin.evaluate("net", twin.extractor(0.1)[0], attacks=WITH_AA, n_examples=50, sanity=True)
     assert torch.equal(flags_of(run, resumed)["aa"], flags_of(twin, direct)["aa"])
+
+
+def test_a_pgd_request_on_a_record_that_also_holds_autoattack_gets_pgd_numbers(runs, monkeypatch):
+    # tables 1-3 ask for PGD; tables 4-5 add AutoAttack to the same record when their example counts agree: a row of
+    # table 1 must not then be measured by more attacks than its neighbours, whatever order the notebooks ran in
+    run, _ = runs
+    model = run.extractor(0.1)[0]
+    pgd = run.evaluate("net", model, attacks=PGD, n_examples=60, sanity=True)
+    both = run.evaluate("net", model, attacks=WITH_AA, n_examples=60, sanity=True)
+    assert both["name"] == pgd["name"] and "aa" in both["attacks"] and both["worst"] <= pgd["worst"]
+    attacks, checks = spy(monkeypatch)
+    again = run.evaluate("net", model, attacks=PGD, n_examples=60, sanity=True)
+    assert attacks == [] and checks == []
+    assert again["left_out"] == ["aa"] and "aa" not in again and "tradeoff" not in again
+    assert (again["worst"], again["ci95"]["worst"], again["attacks"]) == (pgd["worst"], pgd["ci95"]["worst"],
+                                                                          pgd["attacks"])
+    held = flags_of(run, again)
+    assert torch.equal(evaluation.flags_over(held, PGD)["worst"], held["clean"] & held["pgd10"] & held["pgd20"])
+    assert run.evaluate("net", model, attacks=WITH_AA, n_examples=60, sanity=True)["worst"] == both["worst"]
