@@ -157,7 +157,8 @@ def plot_clean_vs_robust(results: Mapping[str, tuple[float, float]] | None = Non
     colours: extractor name -> colour (`extractor_colours`), the same in every figure of a run.
     markers: name -> matplotlib marker, overriding the defaults: circles for single extractors, a star for
         names starting "AFS", diamonds for other stacked models.
-    Each of the kit's models has its own legend entry (no labels on the points, so none overlap); both axes
+    Each of the kit's models has its own legend entry, beside the axes (no labels on the points, so none overlap,
+    and the legend covers none); both axes
     span at least `MIN_SPAN` points, so that a small gap is drawn small.
     """
     if robust not in ("pgd", "aa"):
@@ -169,7 +170,7 @@ def plot_clean_vs_robust(results: Mapping[str, tuple[float, float]] | None = Non
     quoted = [(r.method, r.clean, getattr(r, robust)) for r in reference or ()
               if r.clean is not None and getattr(r, robust) is not None]
     panels = int(bool(results) or not quoted) + int(bool(quoted))
-    fig, axes = _new_figure(1, panels, figsize=(6 * panels, 4.5))
+    fig, axes = _new_figure(1, panels, figsize=(6 * panels + (2.5 if results else 0), 4.5))
     ax = axes[0, 0]
     if results or not quoted:
         _own_points(ax, results, n, frontier, _styles(list(results), colours, markers))
@@ -190,7 +191,9 @@ def plot_clean_vs_robust(results: Mapping[str, tuple[float, float]] | None = Non
         own = i == 0 and bool(results)
         panel.set_xlabel("clean accuracy (%)" + (f", 95% CI over n={n}" if n and own else ""))
         panel.grid(alpha=0.3)
-        if panel.get_legend_handles_labels()[0]:
+        if own:  # beside the axes: inside, a legend of many models covers some of their points
+            panel.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7)
+        elif panel.get_legend_handles_labels()[0]:
             panel.legend(loc="best", fontsize=7)
     return fig
 
