@@ -202,8 +202,8 @@ PRESETS: dict[str, Preset] = {
     ),
     # real Fashion-MNIST, small CNN: about an hour on 2 CPU cores (measured: 56 min for the whole report from
     # nothing on 2 idle Intel Xeon cores in fp32 (01 16 min, 04 9 min, 05 12 min, 07 19 min); 48 min earlier, in
-    # bf16 at one thread on cores shared with other jobs; at most 1.7 GB). Cut from the first version (7 budgets, 10,000
-    # images, 4 merger epochs of PGD-7, standard AutoAttack through 7 networks: its notebook 07 alone ran 25 min
+    # bf16 at one thread on cores shared with other jobs; at most 1.7 GB). Cut from the first version (7 budgets,
+    # 10,000 images, 4 merger epochs of PGD-7, standard AutoAttack through 7 networks: its notebook 07 alone ran 25 min
     # before the job was stopped) as cifar10-mini was: 5,000 images, five budgets, mergers 2 epochs of PGD-5,
     # 500 test images with AutoAttack's APGD-CE and APGD-DLR, masking checks on 100. Trained in fp32, as cifar10-mini:
     # a bf16 training step of cnn-small took 1.3x an fp32 one on a CPU without AMX or AVX512-BF16.

@@ -212,8 +212,8 @@ def _own_points(ax, results: Mapping[str, tuple[float, float]], n: int | None,
         # one legend entry per model, with its interval; stacked models drawn above single ones; a model whose
         # marker another one covers says so in its legend entry
         colour, marker = styles[name]
-        hidden = drawn.setdefault((round(cx, 6), round(ry, 6)), name)
-        label = name if hidden == name else f"{name} (the same point as {hidden})"
+        first = drawn.setdefault((round(cx, 6), round(ry, 6)), name)
+        label = name if first == name else f"{name} (the same point as {first})"
         ax.errorbar([cx], [ry], xerr=_wilson_yerr([cx], n), yerr=_wilson_yerr([ry], n), fmt=marker, color=colour,
                     ms=12 if marker == HEADLINE_MARKER else 7, capsize=3, label=label,
                     zorder=3 if marker != "o" else 2, mec="black" if marker != "o" else None, mew=0.6)

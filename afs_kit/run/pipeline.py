@@ -429,8 +429,9 @@ class Run:
         One record per model and settings (RUN/eval/<name>--n<N>--<settings>): attacks it holds are reused, missing
         ones added (never replacing it), `worst` recomputed over all; the metrics returned are over the attacks
         asked for (`metrics_over`: a PGD table's row leaves out the AutoAttack another table added). Each finished
-        chunk of examples is saved, so a killed evaluation resumes there. `sanity` (the masking checks): None runs them for stacked models, which are
-        never reported without them. A record of another model under the same name (a retrained one) is replaced."""
+        chunk of examples is saved, so a killed evaluation resumes there. `sanity` (the masking checks): None runs
+        them for stacked models, which are never reported without them. A record of another model under the same
+        name (a retrained one) is replaced."""
         if sanity is None:
             sanity = isinstance(model, (AFSModel, LogitAverage))
         if n_examples is not None and not (is_int(n_examples) and n_examples >= 1):
